@@ -1,0 +1,56 @@
+# The README's commands. `make test` is what CI runs.
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+TORCH_CPU   ?= torch==2.13.0
+CUDA_VENV   ?= .venv-cuda
+TORCH_CUDA  ?= torch==2.14.1
+export MAX_JOBS ?= 2
+
+.PHONY: all setup install test test-fast demo bench bench-pytest cuda-check clean
+
+all: test
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Installs PyTorch (the CPU build when none is importable), then fastcur editable with the
+# C++ extension, without build isolation (the build needs the installed torch).
+setup: $(VENV)/bin/python
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_CPU)"
+	$(PIP) install -q ninja pybind11 "setuptools>=77" wheel
+	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	@$(PY) -m fastcur.cli info
+
+install: setup
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m fastcur.cli info
+	$(PY) -m fastcur.cli demo
+
+bench: setup
+	$(PY) -m fastcur.cli bench $(BENCH_ARGS)
+
+bench-pytest: setup
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+# Compile check of the CUDA kernels (no GPU needed): a second venv with a CUDA build of torch,
+# the toolkit on PATH, then assert every fastcur op has a CUDA kernel registered.
+cuda-check:
+	@command -v nvcc >/dev/null || { echo "cuda-check: nvcc not found on PATH"; exit 1; }
+	@test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	@$(CUDA_VENV)/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null || \
+		$(CUDA_VENV)/bin/python -m pip install -q "$(TORCH_CUDA)" numpy safetensors tqdm ninja pybind11 "setuptools>=77" wheel
+	CUDA_HOME=$$(dirname $$(dirname $$(command -v nvcc))) \
+	CPATH=$$($(CUDA_VENV)/bin/python -c "import site; print(site.getsitepackages()[0])")/nvidia/cu13/include$${CPATH:+:$$CPATH} \
+	FASTCUR_BUILD_CUDA=1 \
+		$(CUDA_VENV)/bin/python -m pip install -q --no-build-isolation -e .
+	$(CUDA_VENV)/bin/python -m fastcur.cli info --require-cuda-kernels
+
+clean:
+	rm -rf build *.egg-info python/fastcur/*.so
