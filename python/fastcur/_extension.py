@@ -5,8 +5,6 @@ loaded, `load_error()` why not, and `has_kernel()` which device kernels it regis
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 try:  # the .so registers its ops under torch.ops.fastcur as a side effect of loading
@@ -35,12 +33,22 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-@functools.lru_cache(maxsize=None)
+def _kernel_table() -> dict[str, frozenset[str]]:
+    """{op name: dispatch keys with a C++ kernel} for every op the extension registered."""
+    if _C is None:
+        return {}
+    table = {}
+    for name in torch._C._dispatch_get_all_op_names():
+        if name.startswith("fastcur::") and not name.endswith(("_triton", "_triton_bwd")):
+            table[name.split("::", 1)[1]] = frozenset(
+                key for key in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(name, key))
+    return table
+
+
+# Built once at import: a plain dict lookup is what torch.compile can trace in `resolve`.
+KERNELS: dict[str, frozenset[str]] = _kernel_table()
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether `fastcur::<op>` has a C++ kernel for `dispatch_key` ("CPU" or "CUDA")."""
-    if _C is None:
-        return False
-    name = f"fastcur::{op}"
-    if not torch._C._dispatch_has_kernel(name):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+    return dispatch_key in KERNELS.get(op, ())

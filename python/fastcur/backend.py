@@ -12,7 +12,6 @@ whole process with the environment variable FASTCUR_BACKEND.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib.util
 import os
@@ -25,7 +24,8 @@ from . import _extension
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
 _default = os.environ.get("FASTCUR_BACKEND", "auto").strip().lower() or "auto"
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastcur_backend", default=None)
+# A plain global, not a ContextVar: torch.compile traces global reads but not ContextVar.get.
+_override: str | None = None
 
 
 def _validate(name: str) -> str:
@@ -46,18 +46,19 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """The backend asked for right now (may be "auto"; see `resolve` for the concrete one)."""
-    override = _override.get()
-    return override if override is not None else _default
+    return _override if _override is not None else _default
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Context manager: run the ops inside the block on backend `name`."""
-    token = _override.set(_validate(name))
+    """Context manager: run the ops inside the block on backend `name` (process-wide, like
+    `set_backend`, restored on exit)."""
+    global _override
+    previous, _override = _override, _validate(name)
     try:
         yield
     finally:
-        _override.reset(token)
+        _override = previous
 
 
 def triton_interpreting() -> bool:

@@ -1,0 +1,1 @@
+"""fastcur benchmarks (installed as `fastcur.benchmarks`): one script per op family and the runner."""

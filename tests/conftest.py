@@ -1,0 +1,45 @@
+import os
+
+# The Triton interpreter must be switched on before any Triton kernel is imported; without a
+# GPU it is the only way Triton kernels run, so the tests turn it on for the whole session.
+if os.environ.get("FASTCUR_TEST_NO_INTERPRET") != "1":
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        pass
+
+import pytest
+import torch
+
+import fastcur
+from fastcur import _extension
+from fastcur.backend import triton_available, triton_interpreting
+
+
+def available_backends(op: str) -> list[str]:
+    """Backends that can run `op` here, on the device the tests use (CPU, or CUDA if present)."""
+    found = ["reference"]
+    if _extension.has_kernel(op, "CPU"):
+        found.append("cpp")
+    if triton_available() and triton_interpreting():
+        found.append("triton")
+    return found
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset_backend():
+    torch.manual_seed(0)
+    yield
+    fastcur.set_backend("auto")

@@ -1,0 +1,175 @@
+"""cur_linear on every backend present: forward and every gradient against the float64
+reference, opcheck, gradcheck, torch.compile, odd shapes, bad input."""
+import pytest
+import torch
+
+import fastcur
+from fastcur.ops import reference
+from fastcur.testing import check_against_reference
+
+from conftest import available_backends
+
+BACKENDS = available_backends("cur_linear")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# (leading dims of x, k, n, r): odd sizes, r = 1, M = 1, 3-D inputs.
+SHAPES = [((37,), 50, 45, 5), ((1,), 16, 16, 1), ((2, 3), 33, 70, 7), ((64,), 96, 80, 16)]
+
+
+def make_inputs(lead, k, n, r, *, tied, bias=True, grads="all", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    rows = torch.randperm(n, generator=g)[:r]
+    cols = torch.randperm(k, generator=g)[:r]
+    x = torch.randn(*lead, k, generator=g, dtype=torch.float64)
+    b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    U = torch.randn(r, r, generator=g, dtype=torch.float64) / r ** 0.5
+    C, R = W[:, cols].clone(), W[rows].clone()
+    if not tied:  # explicit C and R that are not slices of W
+        C = torch.randn(n, r, generator=g, dtype=torch.float64) / k ** 0.5
+        R = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
+    wants = {"all": "x W b C U R", "adapter": "x U", "U": "U"}[grads].split()
+    named = {"x": x, "W": W, "b": b, "C": C, "U": U, "R": R}
+    for name, t in named.items():
+        if t is not None and name in wants:
+            t.requires_grad_(True)
+    idx = (rows, cols) if tied else (None, None)
+    return [x, W, b, C, U, R], idx
+
+
+def run_backend(backend, rows, cols, scale):
+    def fn(x, W, b, C, U, R):
+        with fastcur.use_backend(backend):
+            return fastcur.ops.cur_linear(x, W, b, C, U, R, scale, rows=rows, cols=cols)
+    return fn
+
+
+def ref_fn(scale):
+    return lambda x, W, b, C, U, R: reference.cur_linear(x, W, b, C, U, R, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "explicit"])
+def test_matches_reference_all_grads(backend, dtype, shape, tied):
+    inputs, (rows, cols) = make_inputs(*shape, tied=tied, seed=hash((shape, tied)) % 1000)
+    check_against_reference(run_backend(backend, rows, cols, 0.75), ref_fn(0.75), inputs, dtype,
+                            names="x W b C U R".split())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grads", ["adapter", "U"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_adapter_only_grads(backend, grads, bias):
+    """The training case: frozen W, b, C, R; x may or may not need a gradient."""
+    inputs, (rows, cols) = make_inputs((2, 19), 40, 24, 4, tied=True, bias=bias, grads=grads)
+    check_against_reference(run_backend(backend, rows, cols, 2.0), ref_fn(2.0), inputs,
+                            torch.float32, names="x W b C U R".split())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    inputs, (rows, cols) = make_inputs((0,), 12, 10, 3, tied=True)
+    y = run_backend(backend, rows, cols, 1.0)(*[t.float() if t is not None else None for t in inputs])
+    assert y.shape == (0, 10)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "explicit"])
+def test_gradcheck_float64(tied):
+    for backend in BACKENDS:
+        inputs, (rows, cols) = make_inputs((3, 5), 7, 6, 2, tied=tied)
+        if tied:  # perturbing W or R would break the promise R == W[rows]; C stays free
+            inputs[1].requires_grad_(False)
+            inputs[5].requires_grad_(False)
+        assert torch.autograd.gradcheck(run_backend(backend, rows, cols, 0.5), inputs)
+
+
+def _cpp_args(tied):
+    inputs, (rows, cols) = make_inputs((9,), 12, 10, 3, tied=tied)
+    x, W, b, C, U, R = inputs
+    return (x.float().requires_grad_(), W.float(), b.float(), C.float(), U.float().requires_grad_(),
+            R.float(), 1.5, rows, cols)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "explicit"])
+def test_opcheck_cpp(tied):
+    torch.library.opcheck(torch.ops.fastcur.cur_linear.default, _cpp_args(tied))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton interpreter not available")
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "explicit"])
+def test_opcheck_triton(tied):
+    from fastcur.ops.cur_linear import _triton_op
+    torch.library.opcheck(_triton_op(), _cpp_args(tied))
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_torch_compile_fullgraph():
+    inputs, (rows, cols) = make_inputs((4, 8), 16, 12, 3, tied=True)
+    x, W, b, C, U, R = [t.float() if t is not None else None for t in inputs]
+    U = U.detach().requires_grad_()
+
+    def step(x, U):
+        return fastcur.ops.cur_linear(x, W, b, C, U, R, 0.5, rows=rows, cols=cols).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(x, U)
+    (gc,) = torch.autograd.grad(loss_c, U)
+    loss_e = step(x, U)
+    (ge,) = torch.autograd.grad(loss_e, U)
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(gc, ge)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_matches_reference(backend, dtype):
+    inputs, (rows, cols) = make_inputs((3, 130), 200, 150, 16, tied=True)
+    check_against_reference(run_backend(backend, rows.cuda(), cols.cuda(), 0.75), ref_fn(0.75),
+                            inputs, dtype, device="cuda", names="x W b C U R".split())
+
+
+BAD = [
+    (dict(x=torch.randn(4, 11)), "argument 'x' must have last dimension k = 12"),
+    (dict(C=torch.randn(10, 4)), "argument 'C' must have shape (10, 3)"),
+    (dict(R=torch.randn(3, 13)), "argument 'R' must have shape (3, 12)"),
+    (dict(U=torch.randn(3, 4)), "argument 'U' must have shape (3, 3)"),
+    (dict(bias=torch.randn(11)), "argument 'bias' must have shape (10,)"),
+    (dict(x=torch.randn(4, 12, dtype=torch.float64)), "argument 'x' must have the dtype of 'weight'"),
+    (dict(weight=torch.randint(0, 3, (10, 12))), "argument 'weight' must be float32"),
+    (dict(x=torch.randn(4, 12, device="meta")), "argument 'x' must be on the device of 'weight'"),
+    (dict(rows=torch.tensor([0, 1, 2], dtype=torch.int32)), "argument 'rows' must be an int64 tensor"),
+    (dict(cols=torch.tensor([0, 1])), "argument 'cols' must have shape (3,)"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_errors(override, message):
+    args = dict(x=torch.randn(4, 12), weight=torch.randn(10, 12), bias=torch.randn(10),
+                C=torch.randn(10, 3), U=torch.randn(3, 3), R=torch.randn(3, 12), rows=None, cols=None)
+    args.update(override)
+    rows, cols = args.pop("rows"), args.pop("cols")
+    with pytest.raises((ValueError, TypeError)) as info:
+        fastcur.ops.cur_linear(*args.values(), rows=rows, cols=cols)
+    assert message in str(info.value)
+    assert "fastcur.cur_linear" in str(info.value)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_cpp_kernel_checks_direct_calls():
+    """Calling the dispatcher op directly still gets a readable error, never a crash."""
+    x, W, b, C, U, R = torch.randn(4, 12), torch.randn(10, 12), None, torch.randn(10, 3), torch.randn(3, 3), torch.randn(3, 12)
+    with pytest.raises(RuntimeError, match=r"C must have shape \[10, 3\]"):
+        torch.ops.fastcur.cur_linear(x, W, b, torch.randn(9, 3), U, R, 1.0, None, None)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.fastcur.cur_linear(x, W, b, C, U, R, 1.0, torch.tensor([0, 1, 10]), None)
+
+
+def test_unknown_backend_and_unavailable_backend():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        fastcur.set_backend("cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        with fastcur.use_backend("fast"):
+            pass

@@ -1,0 +1,1 @@
+"""Triton kernels of fastcur, installed as the subpackage `fastcur.triton_kernels`."""
