@@ -1,7 +1,16 @@
-"""fastcur: fused kernels for continual fine-tuning adapters (CURLoRA, SECURA, JumpLoRA, LaLoRA, IMSM)."""
+"""fastcur: fused kernels for continual fine-tuning adapters (CURLoRA, SECURA, JumpLoRA, LaLoRA, IMSM).
+
+    import fastcur
+    layer = fastcur.CURLoRALinear.from_linear(nn.Linear(1024, 1024), rank=16)
+
+`fastcur.info()` / `fastcur info` tell what is built and which backend runs where.
+"""
 from . import ops
 from .backend import get_backend, set_backend, use_backend
+from .info import info
+from .modules import AdapterLinear, CURLoRALinear, LoRALinear
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "ops", "get_backend", "set_backend", "use_backend"]
+__all__ = ["__version__", "ops", "info", "get_backend", "set_backend", "use_backend",
+           "AdapterLinear", "CURLoRALinear", "LoRALinear"]

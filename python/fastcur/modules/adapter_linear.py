@@ -1,0 +1,80 @@
+"""The base of every fastcur adapter layer: a frozen nn.Linear-compatible weight and bias."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops._checks import FLOATING
+
+
+class AdapterLinear(nn.Module):
+    """A linear layer `y = x W^T + b` with frozen `weight` [out, in] and `bias` [out].
+
+    Subclasses add the adapter's tensors. The constructor takes nn.Linear's arguments, so a
+    model definition can swap the class; `from_linear` wraps an existing layer and reuses its
+    weight and bias storage (they are frozen in place, as PEFT does).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, *, _base: tuple[nn.Parameter, nn.Parameter | None] | None = None):
+        super().__init__()
+        name = type(self).__name__
+        for arg, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"fastcur.{name}: {arg} must be a positive int, got {value!r}")
+        if dtype is not None and dtype not in FLOATING:
+            raise TypeError(f"fastcur.{name}: dtype must be floating (float32, bfloat16, float16, "
+                            f"float64), got {dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.merged = False
+        if _base is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                       requires_grad=False)
+            self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+                         if bias else None)
+            self._reset_base_parameters()
+        else:
+            self.weight, self.bias = _base
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+
+    @torch.no_grad()
+    def _reset_base_parameters(self) -> None:
+        # nn.Linear's initialization, so a swapped-in class starts from the same distribution.
+        if self.weight.is_meta:
+            return
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options):
+        """Wrap `linear`: its weight and bias are reused (same storage) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"fastcur.{cls.__name__}.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.dtype not in FLOATING:
+            raise TypeError(f"fastcur.{cls.__name__}.from_linear: the layer's weight must be floating "
+                            f"(float32, bfloat16, float16, float64), got {linear.weight.dtype}")
+        return cls(linear.in_features, linear.out_features, linear.bias is not None,
+                   _base=(linear.weight, linear.bias), **options)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"fastcur.{name}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"fastcur.{name}: input must have last dimension in_features = "
+                             f"{self.in_features}, got shape {tuple(x.shape)}")
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"fastcur.{name}: input dtype {x.dtype} does not match the layer's dtype "
+                            f"{self.weight.dtype}; cast the input or the module (module.to(dtype))")
+        if x.device != self.weight.device:
+            raise ValueError(f"fastcur.{name}: input is on {x.device} but the layer is on "
+                             f"{self.weight.device}; move one of them")
+
+    def _base_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

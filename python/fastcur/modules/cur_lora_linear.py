@@ -1,0 +1,142 @@
+"""CURLoRALinear: the CUR-LoRA adapter of SPEC §2 (CURLoRA, arXiv 2408.14572)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.cur_linear import cur_linear
+from ..ops.cur_select import cur_select
+from .adapter_linear import AdapterLinear
+
+
+class CURLoRALinear(AdapterLinear):
+    """`y = x W^T + b + s * ((x R^T) U^T) C^T` with C = W[:, cols], R = W[rows], U trained.
+
+    Args (beyond nn.Linear's):
+        rank: r, the number of selected columns and rows (1 <= r <= min(in, out)).
+        scale: s (default 1, unscaled C and R as the paper's code).
+        select: "sample" (inverted-norm probabilities, seeded) or "lowest" (deterministic).
+        replace: sample with replacement (the reference code's behaviour; default False).
+        seed: seed of the selection's own generator (the global RNG is never touched).
+
+    Tensors: `U` [r, r] (the only trainable tensor, zeros at init, so the output equals the
+    base layer's until training moves it); buffers `rows` [r], `cols` [r] (int64), `C` [out, r],
+    `R` [r, in] (frozen copies, so the adapter stays valid when W changes).
+
+    Tied fast path: while C and R are exact slices of the current W, the fused op gathers
+    x R^T from x W^T and dy C from dy W. Any in-place change of W (merge, an optimizer step,
+    load_state_dict) is seen through W's version counter and switches to the explicit C, R.
+
+    Selection happens in `from_linear`; with the nn.Linear-style constructor it happens at the
+    first forward or at `.select()`, and again if base weights are loaded with
+    `load_state_dict` before U has been trained.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 *, rank: int = 8, scale: float = 1.0, select: str = "sample", replace: bool = False,
+                 seed: int = 0, _base=None):
+        super().__init__(in_features, out_features, bias, device, dtype, _base=_base)
+        limit = min(in_features, out_features)
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
+            raise ValueError(f"fastcur.CURLoRALinear: rank must be an int in [1, min(in_features, "
+                             f"out_features) = {limit}], got {rank!r}")
+        if select not in ("sample", "lowest"):
+            raise ValueError(f"fastcur.CURLoRALinear: select must be 'sample' or 'lowest', got {select!r}")
+        self.rank, self.scale, self.selection, self.replace, self.seed = rank, float(scale), select, replace, seed
+        factory = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.U = nn.Parameter(torch.zeros(rank, rank, **factory))
+        self.register_buffer("rows", torch.zeros(rank, dtype=torch.long, device=self.weight.device))
+        self.register_buffer("cols", torch.zeros(rank, dtype=torch.long, device=self.weight.device))
+        self.register_buffer("C", torch.zeros(out_features, rank, **factory))
+        self.register_buffer("R", torch.zeros(rank, in_features, **factory))
+        self._selected = False
+        self._tied_key: tuple | None = None      # (id, version) of W when C, R were verified slices
+        self._u_version_at_select = None
+        if _base is not None:
+            self.select()
+
+    # -- selection and the tied fast path ------------------------------------------------------
+    @torch.no_grad()
+    def select(self) -> "CURLoRALinear":
+        """(Re)select rows and columns from the current W and copy C, R; returns self."""
+        if self.weight.is_meta:
+            raise RuntimeError("fastcur.CURLoRALinear.select: the weight is on the meta device; "
+                               "materialize it (to_empty + load) first")
+        generator = torch.Generator().manual_seed(self.seed)
+        rows, cols = cur_select(self.weight, self.rank, self.selection, replace=self.replace, generator=generator)
+        self.rows.copy_(rows)
+        self.cols.copy_(cols)
+        self.C.copy_(self.weight[:, cols])
+        self.R.copy_(self.weight[rows])
+        self._selected = True
+        self._u_version_at_select = self.U._version
+        self._tied_key = self._weight_key()
+        return self
+
+    def _weight_key(self) -> tuple:
+        return (id(self.weight), self.weight._version)
+
+    @property
+    def tied(self) -> bool:
+        """True while C and R are known to be exact slices of the current W."""
+        return self._selected and self._tied_key == self._weight_key()
+
+    @torch.no_grad()
+    def _verify_tied(self) -> None:
+        """Re-establish the tied fast path if C and R are (still) exact slices of W."""
+        exact = (torch.equal(self.C, self.weight[:, self.cols]) and torch.equal(self.R, self.weight[self.rows]))
+        self._tied_key = self._weight_key() if exact else None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if prefix + "rows" in state_dict and prefix + "cols" in state_dict:
+            self._selected = True             # a saved adapter: keep its indices, C and R
+            self._u_version_at_select = self.U._version
+            self._verify_tied()
+        elif prefix + "weight" in state_dict and self._selected and self.U._version == self._u_version_at_select:
+            self._selected = False            # new base weights, untrained U: select again lazily
+
+    # -- forward, merge ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]."""
+        self._check_input(x)
+        if not self._selected:
+            self.select()
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        tied = self.tied
+        return cur_linear(x, self.weight, self.bias, self.C, self.U, self.R, self.scale,
+                          rows=self.rows if tied else None, cols=self.cols if tied else None)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s C U R, [out, in], in float32 or wider (for merging only)."""
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
+        return self.scale * (self.C.to(acc) @ self.U.to(acc) @ self.R.to(acc))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into W; the forward then runs the plain linear. Undo with `unmerge`."""
+        if self.merged:
+            raise RuntimeError("fastcur.CURLoRALinear.merge: the adapter is already merged")
+        if not self._selected:
+            self.select()
+        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ΔW again. W is restored up to its dtype's rounding; the tied fast path
+        comes back only if C and R are exact slices of the restored W."""
+        if not self.merged:
+            raise RuntimeError("fastcur.CURLoRALinear.unmerge: the adapter is not merged")
+        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        self.merged = False
+        self._verify_tied()
+
+    def extra_repr(self) -> str:
+        state = ("tied" if self.tied else "explicit C, R") if self._selected else "not selected yet"
+        return (f"{self._base_repr()}, rank={self.rank}, scale={self.scale:g}, select={self.selection!r}, "
+                f"replace={self.replace}, seed={self.seed}, {state}" + (", merged=True" if self.merged else ""))
