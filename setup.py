@@ -46,7 +46,9 @@ def _extensions():
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 for
+    # torch 2.13/2.14, whose ATen headers refuse C++17); a flag here would override it.
+    cxx = ["-O3", "-fopenmp"]
     macros = []
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -57,7 +59,7 @@ def _extensions():
         ext = CUDAExtension(
             "fastcur._C", sources, define_macros=macros,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
     else:
