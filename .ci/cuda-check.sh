@@ -48,8 +48,10 @@ git ls-files -z --cached --others --exclude-standard |
 # edits; forcing build_ext hands the decision to ninja, which tracks headers.
 printf '[build_ext]\nforce = 1\n' > "$SRC/setup.cfg"
 
-# 4. Build and install (non-editable) into the CUDA venv.
+# 4. Build and install (non-editable) into the CUDA venv; the venv's bin/ on PATH so torch
+# runs the ninja installed above, whatever the system has.
 (cd "$SRC" &&
+  PATH=$(dirname "$VPY"):$PATH \
   CUDA_HOME=$CUDA_HOME \
   CPATH=$SITE/nvidia/cu13/include${CPATH:+:$CPATH} \
   FASTCUR_BUILD_CUDA=1 \
