@@ -35,12 +35,6 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
-    from .benchmarks.runner import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastcur", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,10 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_demo)
 
-    p = sub.add_parser("bench", help="run benchmarks (see `fastcur bench --help`)", add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=_cmd_bench)
+    # `fastcur bench ...` hands every argument to the benchmark runner (its own --help).
+    sub.add_parser("bench", help="run benchmarks (see `fastcur bench --help`)", add_help=False)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .benchmarks.runner import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     return args.fn(args)
 
