@@ -18,8 +18,6 @@ from ..backend import resolve
 from . import reference
 from ._checks import ArgChecker
 
-_FWD_SCHEMA_ARGS = ("x", "weight", "bias", "C", "U", "R", "scale", "rows", "cols")
-
 
 def _fwd_fake(x, weight, bias, C, U, R, scale, rows, cols):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], U.shape[0])
