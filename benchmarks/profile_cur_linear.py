@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcur
-from fastcur.benchmarks.runner import DTYPES, cpu_model
+from fastcur.benchmarks.runner import DTYPES, OthersMonitor, cpu_model
 
 
 def _timeit(fns: dict, reps: int, warmup: float = 0.5) -> dict:
@@ -112,9 +112,12 @@ def main(argv=None) -> int:
         # the module as trained
         "CURLoRALinear fwd+bwd (module, autograd)": module_step,
     }
+    monitor = OthersMonitor().start()
     times = _timeit(pieces, args.reps)
+    others = monitor.stop()
     print(f"cur_linear pieces: M={M} n={n} k={k} r={r} {args.dtype}, {args.threads} threads, "
-          f"{cpu_model()}, torch {torch.__version__}, median of {args.reps}")
+          f"{cpu_model()}, torch {torch.__version__}, median of {args.reps}; other processes used "
+          f"{'?' if others is None else f'{others:.0%}'} of the cores meanwhile")
     floor = times["floor fwd+bwd (nn.Linear, autograd)"]
     for name, ms in times.items():
         print(f"  {name:<45s} {ms:9.3f} ms   {ms / floor * 100:6.1f} % of floor fwd+bwd")

@@ -16,12 +16,13 @@ HAS_PEFT = importlib.util.find_spec("peft") is not None
 def test_runner_tiny_case(tmp_path, capsys):
     code = runner.main(["cur_linear", "--shapes", "64,32,32,4", "--reps", "5", "--warmup", "0",
                         "--dtype", "float32", "--modes", "fwd", "fwd+bwd", "--threads", "1",
-                        "--out", str(tmp_path), "--no-progress"])
+                        "--out", str(tmp_path), "--no-progress", "--no-lock"])
     out = capsys.readouterr().out
     assert code == 0, out
     report = json.loads((tmp_path / "cur_linear.json").read_text())
     assert (tmp_path / "cur_linear.png").stat().st_size > 0
-    assert report["floor"] == "nn.Linear (frozen)"
+    assert report["floor"] == "nn.Linear (frozen)" and report["complete"] is True
+    assert report["machine"]["threads"] == 1 and report["machine"]["torch"]
     assert len(report["results"]) == 2
     assert {r["case"]["mode"] for r in report["results"]} == {"fwd", "fwd+bwd"}
     for res in report["results"]:
