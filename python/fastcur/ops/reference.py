@@ -42,11 +42,17 @@ def signorm(y0: torch.Tensor, delta: torch.Tensor, k: float = 6.0, eps: float = 
     `L = |Δ| / (|y0| + eps)`, computed in float32 or wider; max per row of the last dimension
     (scope="token") or over the whole tensor (scope="tensor"). Returns [..., n].
     """
-    acc = torch.promote_types(y0.dtype, torch.float32)
-    with torch.no_grad():
-        L = delta.detach().to(acc).abs() / (y0.detach().to(acc).abs() + eps)
-        S = _signorm_scale(L, k, eps, norm, -1 if scope == "token" else None)
+    S = signorm_scales(y0, delta, k, eps, norm, scope)
     return ((y0 + (y0 + delta)) / S).to(y0.dtype)
+
+
+@torch.no_grad()
+def signorm_scales(y0: torch.Tensor, delta: torch.Tensor, k: float = 6.0, eps: float = 1e-10,
+                   norm: str = "max", scope: str = "token") -> torch.Tensor:
+    """The detached scales S of `signorm` ([..., n], float32 or float64)."""
+    acc = torch.promote_types(y0.dtype, torch.float32)
+    L = delta.to(acc).abs() / (y0.to(acc).abs() + eps)
+    return _signorm_scale(L, k, eps, norm, -1 if scope == "token" else None)
 
 
 def secura_delta(x: torch.Tensor, C: torch.Tensor, A_c: torch.Tensor, B_c: torch.Tensor,
