@@ -2,6 +2,7 @@
 //
 //   y0 = x W^T                       ATen GEMM, bias NOT added yet
 //   h  = x R^T                       tied fast path: gathered from y0 (columns `rows`), else a GEMM
+//                                    (16-bit dtypes with a bias: b goes into the GEMM, see below)
 //   z  = (h B_c) A_c                 the r x a x r core, [M, r]
 //   y  = signorm(y0 + b, s z C^T + lora_bias)    the device's fused epilogue, in place over y0:
 //                                    Δ exists only per row block (CPU) / per tile (CUDA)
@@ -40,11 +41,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> secura_linear_forward(
   check_index(cols, "cols", C.size(1), weight);
   const bool raw = parse_norm_raw(std::string(norm));
   const bool tensor_scope = parse_scope_tensor(std::string(scope), "token");
-  at::Tensor y = at::mm(x, weight.t());
-  at::Tensor h = rows.has_value() ? y.index_select(1, *rows) : at::mm(x, R.t());
+  // SigNorm's ratio |Δ| / |y0| is most sensitive where y0 = x W^T + b is near 0, i.e. where
+  // x W^T and b cancel. In 16-bit dtypes, rounding x W^T before adding b (what the tied gather
+  // needs: it must read x W^T without b, SPEC §2) loses exactly those elements' precision and
+  // moves the scope's max L. So with a bias and a 16-bit dtype the bias rides in the GEMM
+  // (one rounding, as nn.Linear) and x R^T is the skinny GEMM (r / n of the base GEMM's work);
+  // float32 / float64 keep the tied gather and add b in the epilogue.
+  const bool low_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  const bool bias_in_gemm = bias.has_value() && low_precision;
+  at::Tensor y = bias_in_gemm ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  at::Tensor h = (rows.has_value() && !bias_in_gemm) ? y.index_select(1, *rows) : at::mm(x, R.t());
   at::Tensor z = at::mm(at::mm(h, B_c), A_c);
   at::Tensor S = at::empty(y.sizes(), y.options().dtype(signorm_acc_type(y.scalar_type())));
-  epilogue(y, bias, z, C, lora_bias, scale, k, eps, raw, tensor_scope, S);
+  const c10::optional<at::Tensor> epilogue_bias = bias_in_gemm ? c10::optional<at::Tensor>() : bias;
+  epilogue(y, epilogue_bias, z, C, lora_bias, scale, k, eps, raw,
+           tensor_scope, S);
   return {y, S, h};
 }
 
