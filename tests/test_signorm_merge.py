@@ -71,15 +71,21 @@ def test_formula_by_hand():
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
-def test_cpp_peak_memory_at_most_one_output():
-    """The kernel allocates the output and per-block buffers only: measured with the CPU
-    allocator's profiler, peak extra memory stays below 1.25 x one n x k tensor."""
+@pytest.mark.parametrize("scope", ["row", "tensor"])
+def test_cpp_peak_memory_at_most_one_output(scope):
+    """Peak extra memory of one call (every allocation of c10's CPU allocator, replayed in time
+    order by the benchmark runner's profiler pass) is the output plus small operands: at most
+    1.25 x one n x k tensor, where the eager composite needs several. (The kernel's per-thread
+    block buffers, 2 x 128 KiB, come from std::vector, outside c10's allocator.)"""
+    from fastcur.benchmarks.runner import peak_memory_cpu
     W, C, U, R = [t.float() for t in make_inputs(512, 768, 8)]
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = merge("cpp", W, C, U, R, scope="tensor")
-    peak = max(e.cpu_memory_usage for e in prof.key_averages())
-    assert out.numel() * 4 <= peak <= 1.25 * W.numel() * 4 + (1 << 20)
+    peak, method = peak_memory_cpu(lambda: merge("cpp", W, C, U, R, scope=scope))
+    if peak is None:
+        pytest.skip(method)
+    one = W.numel() * 4
+    assert one <= peak <= 1.25 * one
+    eager, _ = peak_memory_cpu(lambda: reference.signorm_merge(W, C, U, R, scope=scope))
+    assert eager > 2 * one  # the measurement sees temporaries: the bound above is meaningful
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
