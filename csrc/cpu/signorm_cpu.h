@@ -46,11 +46,11 @@ void signorm_ratios(const scalar_t* y0, const scalar_t* b, const acc_t* D, int64
   }
 }
 
-// In place: L -> S = 2 - σ(N) (S = 2 where the scope's max is 0). `mx` holds one max per row
-// (mx_stride 1) or one for the whole tensor (mx_stride 0).
+// In place: L -> σ(N). `mx` holds one max per row (mx_stride 1) or one for the whole tensor
+// (mx_stride 0). S = 2 - σ(N) (or 2 where the max is 0) is formed by signorm_apply.
 template <typename acc_t>
-void signorm_scales_inplace(acc_t* L, int64_t mb, int64_t n, const acc_t* mx, int64_t mx_stride,
-                            acc_t k, acc_t eps, bool raw) {
+void signorm_sigmoid_inplace(acc_t* L, int64_t mb, int64_t n, const acc_t* mx, int64_t mx_stride,
+                             acc_t k, acc_t eps, bool raw) {
   for (int64_t i = 0; i < mb; ++i) {
     const acc_t m = mx[i * mx_stride];
     acc_t* lr = L + i * n;
@@ -58,6 +58,13 @@ void signorm_scales_inplace(acc_t* L, int64_t mb, int64_t n, const acc_t* mx, in
   }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::from_blob(L, {mb * n}, opts).sigmoid_();
+}
+
+// In place: L -> S = 2 - σ(N) (S = 2 where the scope's max is 0).
+template <typename acc_t>
+void signorm_scales_inplace(acc_t* L, int64_t mb, int64_t n, const acc_t* mx, int64_t mx_stride,
+                            acc_t k, acc_t eps, bool raw) {
+  signorm_sigmoid_inplace(L, mb, n, mx, mx_stride, k, eps, raw);
   for (int64_t i = 0; i < mb; ++i) {
     const acc_t m = mx[i * mx_stride];
     acc_t* lr = L + i * n;
@@ -65,18 +72,30 @@ void signorm_scales_inplace(acc_t* L, int64_t mb, int64_t n, const acc_t* mx, in
   }
 }
 
-// out[i, j] = (2 Y + D) / S, rounded to scalar_t.
+// sig holds σ(N) on entry; S = 2 - σ(N) (2 where the max is 0) is written back over it, and
+// out[i, j] = (2 Y + D) / S, rounded to scalar_t: one pass.
 template <typename scalar_t, typename acc_t>
-void signorm_apply(const scalar_t* y0, const scalar_t* b, const acc_t* D, const acc_t* S,
-                   int64_t mb, int64_t n, scalar_t* out) {
+void signorm_apply(const scalar_t* y0, const scalar_t* b, const acc_t* D, acc_t* sig,
+                   const acc_t* mx, int64_t mx_stride, int64_t mb, int64_t n, scalar_t* out) {
   for (int64_t i = 0; i < mb; ++i) {
     const scalar_t* yr = y0 + i * n;
     const acc_t* dr = D + i * n;
-    const acc_t* sr = S + i * n;
+    acc_t* sr = sig + i * n;
     scalar_t* orow = out + i * n;
+    const acc_t m = mx[i * mx_stride];
+    if (m == acc_t(0)) {  // Δ = 0 over the whole scope: S = 2, y = y0 (+ b) exactly
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t y = static_cast<acc_t>(yr[j]) + (b ? static_cast<acc_t>(b[j]) : acc_t(0));
+        sr[j] = acc_t(2);
+        orow[j] = static_cast<scalar_t>((y + y + dr[j]) / acc_t(2));
+      }
+      continue;
+    }
     for (int64_t j = 0; j < n; ++j) {
       const acc_t y = static_cast<acc_t>(yr[j]) + (b ? static_cast<acc_t>(b[j]) : acc_t(0));
-      orow[j] = static_cast<scalar_t>((y + y + dr[j]) / sr[j]);
+      const acc_t S = acc_t(2) - sr[j];
+      sr[j] = S;
+      orow[j] = static_cast<scalar_t>((y + y + dr[j]) / S);
     }
   }
 }
@@ -115,15 +134,16 @@ void signorm_epilogue(const scalar_t* y0, const scalar_t* b, int64_t M, int64_t 
       const int64_t mb = std::min(mb_max, end - m0);
       acc_t* L = S_out ? S_out + m0 * n : Lbuf.data();
       fill_delta(m0, mb, D.data());
+      const acc_t* mx = tensor_scope ? &gmax : rowmax + m0;
+      const int64_t mx_stride = tensor_scope ? 0 : 1;
       if (tensor_scope) {
         std::vector<acc_t> unused(mb);
         signorm_ratios(y0 + m0 * n, b, D.data(), mb, n, eps, L, unused.data());
-        signorm_scales_inplace(L, mb, n, &gmax, 0, k, eps, raw);
       } else {
         signorm_ratios(y0 + m0 * n, b, D.data(), mb, n, eps, L, rowmax + m0);
-        signorm_scales_inplace(L, mb, n, rowmax + m0, 1, k, eps, raw);
       }
-      signorm_apply(y0 + m0 * n, b, D.data(), L, mb, n, out + m0 * n);
+      signorm_sigmoid_inplace(L, mb, n, mx, mx_stride, k, eps, raw);
+      signorm_apply(y0 + m0 * n, b, D.data(), L, mx, mx_stride, mb, n, out + m0 * n);
     }
   });
 }
