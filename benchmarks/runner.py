@@ -140,12 +140,21 @@ def available_benchmarks() -> list[str]:
 
 
 def load_benchmark(name: str) -> Benchmark:
-    if name not in available_benchmarks():
+    """`name` is a module's name (its BENCHMARK), or `module:part` for one of the extra
+    benchmarks a module lists in `BENCHMARKS = {part: Benchmark(...)}` (e.g. `secura:signorm`)."""
+    module_name, _, part = name.partition(":")
+    if module_name not in available_benchmarks():
         raise LookupError(f"unknown benchmark {name!r}; available: {', '.join(available_benchmarks()) or 'none'}")
-    module = importlib.import_module(f"{__package__ or 'fastcur.benchmarks'}.bench_{name}")
+    module = importlib.import_module(f"{__package__ or 'fastcur.benchmarks'}.bench_{module_name}")
+    if part:
+        extra = getattr(module, "BENCHMARKS", {})
+        if part not in extra:
+            raise LookupError(f"benchmark module bench_{module_name}.py has no part {part!r}; "
+                              f"parts: {', '.join(extra) or 'none'}")
+        return extra[part]
     bench = getattr(module, "BENCHMARK", None)
     if not isinstance(bench, Benchmark):
-        raise LookupError(f"benchmark module bench_{name}.py defines no BENCHMARK = Benchmark(...)")
+        raise LookupError(f"benchmark module bench_{module_name}.py defines no BENCHMARK = Benchmark(...)")
     return bench
 
 

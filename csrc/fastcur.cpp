@@ -20,6 +20,33 @@ TORCH_LIBRARY(fastcur, m) {
   m.def(
       "cur_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor C, Tensor U, Tensor R, "
       "Tensor h, float scale, Tensor? cols, bool need_dx) -> (Tensor, Tensor, Tensor)");
+
+  // SECURA (SPEC §3). signorm: y = (2 y0 + delta) / S; returns (y [M, n], rowmax [M]), the row
+  // maxima of L = |delta| / (|y0| + eps) (float32; float64 for float64), which the backward
+  // uses to recompute S. norm: "max" | "raw"; scope: "token" | "tensor".
+  m.def("signorm(Tensor y0, Tensor delta, float k, float eps, str norm, str scope) -> (Tensor, Tensor)");
+  // (dy0, ddelta) = (2 dy / S, dy / S).
+  m.def(
+      "signorm_bwd(Tensor grad_y, Tensor y0, Tensor delta, Tensor rowmax, float k, float eps, "
+      "str norm, str scope) -> (Tensor, Tensor)");
+  // y = signorm(x W^T + b, scale (((x R^T) B_c) A_c) C^T + lora_bias); returns (y [M, n],
+  // S [M, n] float32/float64, h = x R^T [M, r]). x [M, k], weight [n, k], C [n, r],
+  // A_c [a, r], B_c [r, a], R [r, k]. rows, cols: the tied fast path (R == weight[rows],
+  // C == weight[:, cols]); the forward uses rows, cols only travels to the backward.
+  m.def(
+      "secura_linear(Tensor x, Tensor weight, Tensor? bias, Tensor C, Tensor A_c, Tensor B_c, "
+      "Tensor R, Tensor? lora_bias, float scale, float k, float eps, str norm, str scope, "
+      "Tensor? rows, Tensor? cols) -> (Tensor, Tensor, Tensor)");
+  // Returns (dx [M, k] or empty, dDelta = dy / S [M, n], z [M, r], dA_c [a, r], dB_c [r, a],
+  // dh [M, r]). cols: tied fast path (C == weight[:, cols]), used when need_dx.
+  m.def(
+      "secura_linear_bwd(Tensor grad_y, Tensor S, Tensor x, Tensor weight, Tensor C, Tensor A_c, "
+      "Tensor B_c, Tensor R, Tensor h, float scale, Tensor? cols, bool need_dx) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (2 W + ΔW) / S_w with ΔW = scale C U R, never materialized; scope: "row" | "tensor".
+  m.def(
+      "signorm_merge(Tensor weight, Tensor C, Tensor U, Tensor R, float scale, float k, "
+      "float eps, str scope) -> Tensor");
 }
 
 namespace {

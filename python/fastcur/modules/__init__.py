@@ -2,5 +2,6 @@
 from .adapter_linear import AdapterLinear
 from .cur_lora_linear import CURLoRALinear
 from .lora_linear import LoRALinear
+from .secura_linear import MergeSchedule, SecuraLinear
 
-__all__ = ["AdapterLinear", "CURLoRALinear", "LoRALinear"]
+__all__ = ["AdapterLinear", "CURLoRALinear", "LoRALinear", "MergeSchedule", "SecuraLinear"]

@@ -2,5 +2,8 @@
 from . import reference
 from .cur_linear import cur_linear
 from .cur_select import cur_select
+from .secura_linear import secura_linear
+from .signorm import signorm
+from .signorm_merge import signorm_merge
 
-__all__ = ["reference", "cur_linear", "cur_select"]
+__all__ = ["reference", "cur_linear", "cur_select", "signorm", "secura_linear", "signorm_merge"]

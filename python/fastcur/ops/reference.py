@@ -16,3 +16,77 @@ def cur_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     x [..., k], weight [n, k], bias [n] or None, C [n, r], U [r, r], R [r, k] -> [..., n]
     """
     return F.linear(x, weight, bias) + scale * (((x @ R.mT) @ U.mT) @ C.mT)
+
+
+# -- SECURA (SPEC §3) ---------------------------------------------------------------------------
+def _signorm_scale(L: torch.Tensor, k: float, eps: float, norm: str, dim) -> torch.Tensor:
+    """`S = 2 - σ(N)` from the ratios L (detached); max over `dim` (None = the whole tensor).
+
+    norm="max": N = k (L / (max L + eps) - 1/2); norm="raw": N = k L (the released code).
+    Where every L of the scope is 0 (Δ = 0, e.g. at init), S = 2 for both norms.
+    """
+    if dim is None:
+        mx = L.amax() if L.numel() else L.new_zeros(())
+    else:
+        mx = L.amax(dim=dim, keepdim=True)
+    N = k * (L / (mx + eps) - 0.5) if norm == "max" else k * L
+    S = 2.0 - torch.sigmoid(N)
+    return torch.where(mx == 0, torch.full_like(S, 2.0), S)
+
+
+def signorm(y0: torch.Tensor, delta: torch.Tensor, k: float = 6.0, eps: float = 1e-10,
+            norm: str = "max", scope: str = "token") -> torch.Tensor:
+    """SigNorm in output space (SPEC §3): `(y0 + (y0 + Δ)) / S`, S detached.
+
+    y0 [..., n] the base output (bias included), delta [..., n] the adapter's output.
+    `L = |Δ| / (|y0| + eps)`, computed in float32 or wider; max per row of the last dimension
+    (scope="token") or over the whole tensor (scope="tensor"). Returns [..., n].
+    """
+    S = signorm_scales(y0, delta, k, eps, norm, scope)
+    return ((y0 + (y0 + delta)) / S).to(y0.dtype)
+
+
+@torch.no_grad()
+def signorm_scales(y0: torch.Tensor, delta: torch.Tensor, k: float = 6.0, eps: float = 1e-10,
+                   norm: str = "max", scope: str = "token") -> torch.Tensor:
+    """The detached scales S of `signorm` ([..., n], float32 or float64)."""
+    acc = torch.promote_types(y0.dtype, torch.float32)
+    L = delta.to(acc).abs() / (y0.to(acc).abs() + eps)
+    return _signorm_scale(L, k, eps, norm, -1 if scope == "token" else None)
+
+
+def secura_delta(x: torch.Tensor, C: torch.Tensor, A_c: torch.Tensor, B_c: torch.Tensor,
+                 R: torch.Tensor, lora_bias: torch.Tensor | None = None,
+                 scale: float = 1.0) -> torch.Tensor:
+    """`Δ(x) = s * (((x R^T) B_c) A_c) C^T + lora_bias` (SPEC §3).
+
+    x [..., k], C [n, r], A_c [a, r], B_c [r, a], R [r, k], lora_bias [n] or None -> [..., n]
+    """
+    d = scale * ((((x @ R.mT) @ B_c) @ A_c) @ C.mT)
+    return d if lora_bias is None else d + lora_bias
+
+
+def secura_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor,
+                  A_c: torch.Tensor, B_c: torch.Tensor, R: torch.Tensor,
+                  lora_bias: torch.Tensor | None = None, scale: float = 1.0, k: float = 6.0,
+                  eps: float = 1e-10, norm: str = "max", scope: str = "token") -> torch.Tensor:
+    """`signorm(x W^T + b, Δ(x))` (SPEC §3, §7). x [..., k], weight [n, k] -> [..., n]."""
+    y0 = F.linear(x, weight, bias)
+    return signorm(y0, secura_delta(x, C, A_c, B_c, R, lora_bias, scale), k, eps, norm, scope)
+
+
+def signorm_merge(weight: torch.Tensor, C: torch.Tensor, U: torch.Tensor, R: torch.Tensor,
+                  scale: float = 1.0, k: float = 6.0, eps: float = 1e-10,
+                  scope: str = "row") -> torch.Tensor:
+    """SigNorm-scaled merge in weight space (SPEC §3): `(W + (W + ΔW)) / S_w`, ΔW = s C U R.
+
+    weight [n, k], C [n, r], U [r, r], R [r, k] -> [n, k] in weight's dtype; the ratios are
+    computed in float32 or wider, max per output row (scope="row") or over the matrix
+    ("tensor"). Where every ratio of the scope is 0, S_w = 2 (W is returned unchanged).
+    """
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    W = weight.to(acc)
+    dW = scale * (C.to(acc) @ U.to(acc) @ R.to(acc))
+    L = dW.abs() / (W.abs() + eps)
+    S = _signorm_scale(L, k, eps, "max", -1 if scope == "row" else None)
+    return ((W + (W + dW)) / S).to(weight.dtype)

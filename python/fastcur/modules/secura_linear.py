@@ -1,0 +1,280 @@
+"""SecuraLinear: the SECURA adapter of SPEC §3 (CABR-LoRA + SigNorm; arXiv 2502.18168)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops.cur_linear import cur_linear
+from ..ops.cur_select import cur_select
+from ..ops.secura_linear import secura_linear
+from ..ops.secura_restrain import secura_linear_restrained
+from ..ops.signorm_merge import signorm_merge
+from .adapter_linear import AdapterLinear
+
+
+class SecuraLinear(AdapterLinear):
+    """`y = signorm(x W^T + b, s (((x R^T) B_c) A_c) C^T + lora_bias)`: SECURA's layer.
+
+    Args (beyond nn.Linear's):
+        rank: r, the number of columns/rows of W in C and R (the r lowest-norm ones).
+        inner_rank: a (default 4 r); `A_c` [a, r] and `B_c` [r, a] are trained,
+            `U = A_c^T B_c^T` [r, r], `ΔW = s C U R`.
+        scale: s (default 1).
+        init: "svd" (default) or "kaiming" for `A_c`. "svd" reproduces the released code:
+            its SVD-based product reduces to exactly `A_c = W[:r, :a]^T`, so no SVD is run
+            (needs a <= in_features). "kaiming": kaiming-uniform (a = sqrt(5)) as LoRA's A.
+            `B_c` starts at zero, so ΔW = 0 and the output equals the base layer's exactly.
+        lora_bias: add a trainable output bias `lora_bias` [out] (zeros) to Δ.
+        signorm: "output" (default; SigNorm in output space) or "off" (plain CABR-LoRA,
+            `y = x W^T + b + Δ(x)`).
+        norm, scope, k, eps: SigNorm's options (see `fastcur.ops.signorm`): "max"/"raw",
+            "token"/"tensor", 6, 1e-10.
+        restrain: the released code's restrain rule (SPEC §3), with `restrain_min` (1.2),
+            `restrain_ratio` (0.9), `restrain_decay` (0.99). In training mode, every forward
+            draws `max((n - r) // 2, n // 4)` output channels (weights = row norms of W,
+            without replacement) from the module's own generator seeded by `seed`; the rule
+            fires, on the device, when the share of `S <= restrain_min` exceeds
+            `restrain_ratio`. Eval mode never draws and never restrains. Runs the unfused path.
+        merge_mode: "plain" (default, `W + ΔW`) or "signorm" (`(2W + ΔW) / S_w`, scope
+            `merge_scope` "row"/"tensor") for `merge()` and the merge schedule.
+        merge_every: N: `fastcur.MergeSchedule` folds this layer every N optimizer steps.
+        reselect_on_merge: after a merge, select C, R again from the new W (default True:
+            the tied fast path comes back); False keeps C, R and runs the explicit path.
+        seed: seed of the restrain generator (the global RNG is never touched).
+
+    Tensors: parameters `A_c`, `B_c` (and `lora_bias`); buffers `rows`, `cols` (int64 [r]),
+    `C` [out, r], `R` [r, in]. Tied fast path as CURLoRALinear: while C, R are exact slices
+    of W (tracked by W's version counter) the fused op gathers x R^T from x W^T.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 *, rank: int = 8, inner_rank: int | None = None, scale: float = 1.0, init: str = "svd",
+                 lora_bias: bool = False, signorm: str = "output", norm: str = "max", scope: str = "token",
+                 k: float = 6.0, eps: float = 1e-10, restrain: bool = False, restrain_min: float = 1.2,
+                 restrain_ratio: float = 0.9, restrain_decay: float = 0.99, merge_mode: str = "plain",
+                 merge_scope: str = "row", merge_every: int | None = None, reselect_on_merge: bool = True,
+                 seed: int = 0, _base=None):
+        super().__init__(in_features, out_features, bias, device, dtype, _base=_base)
+        name = "fastcur.SecuraLinear"
+        limit = min(in_features, out_features)
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
+            raise ValueError(f"{name}: rank must be an int in [1, min(in_features, out_features) = "
+                             f"{limit}], got {rank!r}")
+        a = 4 * rank if inner_rank is None else inner_rank
+        if not isinstance(a, int) or isinstance(a, bool) or a < 1:
+            raise ValueError(f"{name}: inner_rank must be a positive int, got {inner_rank!r}")
+        if init not in ("svd", "kaiming"):
+            raise ValueError(f"{name}: init must be 'svd' or 'kaiming', got {init!r}")
+        if init == "svd" and a > in_features:
+            raise ValueError(f"{name}: init='svd' takes A_c = W[:rank, :inner_rank]^T and needs "
+                             f"inner_rank <= in_features = {in_features}, got {a}; use init='kaiming'")
+        for arg, value, allowed in (("signorm", signorm, ("output", "off")), ("norm", norm, ("max", "raw")),
+                                    ("scope", scope, ("token", "tensor")),
+                                    ("merge_mode", merge_mode, ("plain", "signorm")),
+                                    ("merge_scope", merge_scope, ("row", "tensor"))):
+            if value not in allowed:
+                raise ValueError(f"{name}: {arg} must be {' or '.join(map(repr, allowed))}, got {value!r}")
+        if merge_every is not None and (not isinstance(merge_every, int) or isinstance(merge_every, bool)
+                                        or merge_every < 1):
+            raise ValueError(f"{name}: merge_every must be None or a positive int, got {merge_every!r}")
+        self.rank, self.inner_rank, self.scale, self.init = rank, a, float(scale), init
+        self.signorm, self.norm, self.scope, self.k, self.eps = signorm, norm, scope, float(k), float(eps)
+        self.restrain, self.restrain_min = bool(restrain), float(restrain_min)
+        self.restrain_ratio, self.restrain_decay = float(restrain_ratio), float(restrain_decay)
+        self.merge_mode, self.merge_scope, self.merge_every = merge_mode, merge_scope, merge_every
+        self.reselect_on_merge, self.seed = reselect_on_merge, seed
+        factory = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.A_c = nn.Parameter(torch.zeros(a, rank, **factory))
+        self.B_c = nn.Parameter(torch.zeros(rank, a, **factory))
+        self.lora_bias = nn.Parameter(torch.zeros(out_features, **factory)) if lora_bias else None
+        self.register_buffer("rows", torch.zeros(rank, dtype=torch.long, device=self.weight.device))
+        self.register_buffer("cols", torch.zeros(rank, dtype=torch.long, device=self.weight.device))
+        self.register_buffer("C", torch.zeros(out_features, rank, **factory))
+        self.register_buffer("R", torch.zeros(rank, in_features, **factory))
+        self._generator = torch.Generator().manual_seed(seed)
+        self.restrain_fired: torch.Tensor | None = None  # bool scalar of the last restrained forward
+        self._selected = False
+        self._tied_key: tuple | None = None
+        self._a_version_at_select = None
+        if _base is not None:
+            self.select()
+
+    # -- selection, initialization and the tied fast path -------------------------------------
+    @torch.no_grad()
+    def select(self, *, init_adapter: bool = True) -> "SecuraLinear":
+        """Select C, R (the r lowest-norm columns / rows of the current W); with `init_adapter`
+        also initialize A_c (per `init`) and zero B_c (and lora_bias). Returns self."""
+        if self.weight.is_meta:
+            raise RuntimeError("fastcur.SecuraLinear.select: the weight is on the meta device; "
+                               "materialize it (to_empty + load) first")
+        rows, cols = cur_select(self.weight, self.rank, "lowest")
+        self.rows.copy_(rows)
+        self.cols.copy_(cols)
+        self.C.copy_(self.weight[:, cols])
+        self.R.copy_(self.weight[rows])
+        if init_adapter:
+            self.reset_adapter()
+        self._selected = True
+        self._a_version_at_select = self.A_c._version
+        self._tied_key = self._weight_key()
+        return self
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """A_c per `init`, B_c = 0 (and lora_bias = 0): ΔW = 0, the output equals the base's."""
+        if self.init == "svd":
+            # The released code builds A_c from an SVD whose factors multiply back to exactly
+            # the leading block of W: A_c = W[:r, :a]^T.
+            self.A_c.copy_(self.weight[: self.rank, : self.inner_rank].mT)
+        else:
+            nn.init.kaiming_uniform_(self.A_c, a=math.sqrt(5))
+        self.B_c.zero_()
+        if self.lora_bias is not None:
+            self.lora_bias.zero_()
+
+    def _weight_key(self) -> tuple:
+        return (id(self.weight), self.weight._version)
+
+    @property
+    def tied(self) -> bool:
+        """True while C and R are known to be exact slices of the current W."""
+        return self._selected and self._tied_key == self._weight_key()
+
+    @torch.no_grad()
+    def _verify_tied(self) -> None:
+        exact = torch.equal(self.C, self.weight[:, self.cols]) and torch.equal(self.R, self.weight[self.rows])
+        self._tied_key = self._weight_key() if exact else None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if prefix + "rows" in state_dict and prefix + "cols" in state_dict:
+            self._selected = True             # a saved adapter: keep its indices, C, R, A_c, B_c
+            self._a_version_at_select = self.A_c._version
+            self._verify_tied()
+        elif prefix + "weight" in state_dict and self._selected and self.A_c._version == self._a_version_at_select:
+            self._selected = False            # new base weights, untrained adapter: select again
+
+    # -- forward ------------------------------------------------------------------------------
+    def _restrain_channels(self) -> torch.Tensor:
+        n, r = self.out_features, self.rank
+        count = min(n, max((n - r) // 2, n // 4))
+        weights = self.weight.detach().float().norm(dim=1).cpu()
+        if count == 0:
+            return torch.zeros(0, dtype=torch.long, device=self.weight.device)
+        if not bool((weights > 0).sum() >= count):
+            weights = weights + 1e-12          # an all-zero W: uniform draw instead of an error
+        idx = torch.multinomial(weights, count, replacement=False, generator=self._generator)
+        return idx.to(self.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]."""
+        self._check_input(x)
+        if not self._selected:
+            self.select()
+        tied = self.tied
+        rows, cols = (self.rows, self.cols) if tied else (None, None)
+        if self.signorm == "off":
+            U = self.A_c.mT @ self.B_c.mT
+            b = self.bias
+            if self.lora_bias is not None:
+                b = self.lora_bias if b is None else b + self.lora_bias
+            return cur_linear(x, self.weight, b, self.C, U, self.R, self.scale, rows=rows, cols=cols)
+        if self.restrain and self.training:
+            y, self.restrain_fired = secura_linear_restrained(
+                x, self.weight, self.bias, self.C, self.A_c, self.B_c, self.R, self.lora_bias,
+                self.scale, self.k, self.eps, self.norm, self.scope, self._restrain_channels(),
+                self.restrain_min, self.restrain_ratio, self.restrain_decay)
+            return y
+        return secura_linear(x, self.weight, self.bias, self.C, self.A_c, self.B_c, self.R,
+                             self.lora_bias, self.scale, self.k, self.eps, self.norm, self.scope,
+                             rows=rows, cols=cols)
+
+    # -- merging ------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s C (A_c^T B_c^T) R, [out, in], in float32 or wider (for merging only)."""
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
+        U = self.A_c.to(acc).mT @ self.B_c.to(acc).mT
+        return self.scale * (self.C.to(acc) @ U @ self.R.to(acc))
+
+    @torch.no_grad()
+    def merge(self, mode: str | None = None) -> None:
+        """Fold the adapter into W and reset B_c (and lora_bias) to zero ("M1" of the released
+        code); training continues from ΔW = 0. mode: "plain" (`W + ΔW`) or "signorm"
+        (`(2W + ΔW) / S_w`); default `merge_mode`. lora_bias is added to the layer's bias
+        (one is created, frozen, if the layer had none and lora_bias is nonzero). Not
+        reversible. Afterwards C, R are selected again from the new W (`reselect_on_merge`),
+        else the layer runs the explicit C, R path."""
+        mode = self.merge_mode if mode is None else mode
+        if mode not in ("plain", "signorm"):
+            raise ValueError(f"fastcur.SecuraLinear.merge: mode must be 'plain' or 'signorm', got {mode!r}")
+        if not self._selected:
+            self.select()
+        if mode == "plain":
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        else:
+            U = self.A_c.mT @ self.B_c.mT
+            self.weight.copy_(signorm_merge(self.weight, self.C, U, self.R, self.scale, self.k,
+                                            self.eps, self.merge_scope))
+        if self.lora_bias is not None:
+            if self.bias is None and bool(self.lora_bias.ne(0).any()):
+                self.bias = nn.Parameter(torch.zeros_like(self.lora_bias), requires_grad=False)
+            if self.bias is not None:
+                self.bias.add_(self.lora_bias)
+            self.lora_bias.zero_()
+        self.B_c.zero_()
+        if self.reselect_on_merge:
+            self.select(init_adapter=False)
+        else:
+            self._verify_tied()
+
+    def extra_repr(self) -> str:
+        state = ("tied" if self.tied else "explicit C, R") if self._selected else "not selected yet"
+        return (f"{self._base_repr()}, rank={self.rank}, inner_rank={self.inner_rank}, scale={self.scale:g}, "
+                f"init={self.init!r}, signorm={self.signorm!r}, norm={self.norm!r}, scope={self.scope!r}"
+                + (", lora_bias=True" if self.lora_bias is not None else "")
+                + (", restrain=True" if self.restrain else "")
+                + (f", merge_every={self.merge_every}, merge_mode={self.merge_mode!r}" if self.merge_every else "")
+                + f", {state}")
+
+
+class MergeSchedule:
+    """Fold SecuraLinear layers into their W every N optimizer steps ("M1" of SECURA's code).
+
+        sched = fastcur.MergeSchedule(model, optimizer)           # each layer's merge_every
+        sched = fastcur.MergeSchedule(model, optimizer, every=100, mode="signorm")
+
+    With an optimizer, a step post-hook counts steps; without one, call `step()` after each
+    optimizer step. `every` overrides the layers' `merge_every` (layers with neither are never
+    merged); `mode` overrides their `merge_mode`. `remove()` detaches the hook.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 every: int | None = None, mode: str | None = None):
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ValueError(f"fastcur.MergeSchedule: every must be None or a positive int, got {every!r}")
+        if mode not in (None, "plain", "signorm"):
+            raise ValueError(f"fastcur.MergeSchedule: mode must be None, 'plain' or 'signorm', got {mode!r}")
+        self.layers = [m for m in model.modules() if isinstance(m, SecuraLinear)]
+        if not self.layers:
+            raise ValueError("fastcur.MergeSchedule: the model has no SecuraLinear layer")
+        self.every, self.mode, self.steps, self.merges = every, mode, 0, 0
+        self._handle = (optimizer.register_step_post_hook(lambda *_: self.step())
+                        if optimizer is not None else None)
+
+    def step(self) -> None:
+        """Count one optimizer step; fold the layers whose period has come."""
+        self.steps += 1
+        for layer in self.layers:
+            period = self.every or layer.merge_every
+            if period and self.steps % period == 0:
+                layer.merge(self.mode)
+                self.merges += 1
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

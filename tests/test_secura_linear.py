@@ -1,0 +1,215 @@
+"""secura_linear (the op) on every backend present: forward and every gradient against the
+float64 reference, tied and explicit C/R, both norms and scopes, lora_bias, opcheck,
+gradcheck, torch.compile, the SPEC's properties, bad input. Module tests live in
+tests/test_secura_linear_module.py."""
+import pytest
+import torch
+
+import fastcur
+from fastcur.ops import reference
+from fastcur.testing import check_against_reference
+
+from conftest import available_backends
+
+BACKENDS = available_backends("secura_linear")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# (leading dims of x, k, n, r, a): odd sizes, r = 1, M = 1, 3-D inputs.
+SHAPES = [((37,), 50, 45, 5, 20), ((1,), 16, 16, 1, 4), ((2, 3), 33, 70, 7, 9), ((24,), 40, 48, 4, 16)]
+NAMES = "x W b C A_c B_c R lb".split()
+
+
+def make_inputs(lead, k, n, r, a, *, tied, bias=True, lora_bias=True, grads="all", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    rows = torch.randperm(n, generator=g)[:r]
+    cols = torch.randperm(k, generator=g)[:r]
+    x = torch.randn(*lead, k, generator=g, dtype=torch.float64)
+    b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    A_c = torch.randn(a, r, generator=g, dtype=torch.float64) / r ** 0.5
+    B_c = torch.randn(r, a, generator=g, dtype=torch.float64) / a ** 0.5
+    lb = 0.1 * torch.randn(n, generator=g, dtype=torch.float64) if lora_bias else None
+    C, R = W[:, cols].clone(), W[rows].clone()
+    if not tied:
+        C = torch.randn(n, r, generator=g, dtype=torch.float64) / k ** 0.5
+        R = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
+    wants = {"all": NAMES, "adapter": ["x", "A_c", "B_c"], "core": ["A_c", "B_c"]}[grads]
+    inputs = [x, W, b, C, A_c, B_c, R, lb]
+    for name, t in zip(NAMES, inputs):
+        if t is not None and name in wants:
+            t.requires_grad_(True)
+    return inputs, ((rows, cols) if tied else (None, None))
+
+
+def run_backend(backend, rows, cols, scale, norm="max", scope="token"):
+    def fn(x, W, b, C, A_c, B_c, R, lb):
+        with fastcur.use_backend(backend):
+            return fastcur.ops.secura_linear(x, W, b, C, A_c, B_c, R, lb, scale, 6.0, 1e-10, norm, scope,
+                                             rows=rows, cols=cols)
+    return fn
+
+
+def ref_fn(scale, norm="max", scope="token"):
+    return lambda x, W, b, C, A_c, B_c, R, lb: reference.secura_linear(x, W, b, C, A_c, B_c, R, lb, scale, 6.0,
+                                                                       1e-10, norm, scope)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "explicit"])
+def test_matches_reference_all_grads(backend, dtype, shape, tied):
+    inputs, (rows, cols) = make_inputs(*shape, tied=tied, seed=hash((shape, tied)) % 1000)
+    check_against_reference(run_backend(backend, rows, cols, 0.75), ref_fn(0.75), inputs, dtype, names=NAMES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm,scope", [("raw", "token"), ("max", "tensor"), ("raw", "tensor")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_norms_and_scopes(backend, norm, scope, dtype):
+    inputs, (rows, cols) = make_inputs((3, 11), 30, 26, 3, 12, tied=True, seed=7)
+    check_against_reference(run_backend(backend, rows, cols, 1.5, norm, scope), ref_fn(1.5, norm, scope),
+                            inputs, dtype, names=NAMES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grads", ["adapter", "core"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_adapter_only_grads(backend, grads, bias):
+    """The training case: frozen W, b, C, R; only A_c, B_c (and maybe x) need gradients."""
+    inputs, (rows, cols) = make_inputs((2, 19), 40, 24, 4, 16, tied=True, bias=bias, lora_bias=False,
+                                       grads=grads)
+    check_against_reference(run_backend(backend, rows, cols, 2.0), ref_fn(2.0), inputs, torch.float32,
+                            names=NAMES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_adapter_gives_base_output_exactly(backend):
+    """B_c = 0 (init): Δ = 0, S = 2, y = x W^T + b exactly (as the backend's own base GEMM)."""
+    inputs, (rows, cols) = make_inputs((9,), 20, 14, 3, 12, tied=True, lora_bias=False)
+    x, W, b, C, A_c, B_c, R, _ = [t.detach().float() if t is not None else None for t in inputs]
+    y = run_backend(backend, rows, cols, 1.0)(x, W, b, C, A_c, torch.zeros_like(B_c), R, None)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, W, b), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_scope_rows_independent(backend):
+    inputs, (rows, cols) = make_inputs((10,), 24, 18, 2, 8, tied=True)
+    x, W, b, C, A_c, B_c, R, lb = [t.detach().float() if t is not None else None for t in inputs]
+    fn = run_backend(backend, rows, cols, 1.0)
+    full = fn(x, W, b, C, A_c, B_c, R, lb)
+    other = x.clone()
+    other[1:] *= 7
+    torch.testing.assert_close(fn(other, W, b, C, A_c, B_c, R, lb)[0], full[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fn(x[3:4], W, b, C, A_c, B_c, R, lb), full[3:4], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    inputs, (rows, cols) = make_inputs((0,), 12, 10, 3, 6, tied=True)
+    y = run_backend(backend, rows, cols, 1.0)(*[t.float() if t is not None else None for t in inputs])
+    assert y.shape == (0, 10)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "explicit"])
+def test_gradcheck_float64(tied):
+    """S is detached, so finite differences match only where S cannot move: norm="raw" with a
+    huge eps keeps S = 1.5 to double precision (see tests/test_signorm.py)."""
+    for backend in BACKENDS:
+        inputs, (rows, cols) = make_inputs((3, 5), 7, 6, 2, 3, tied=tied)
+        if tied:  # perturbing W or R would break the promise R == W[rows]
+            inputs[1].requires_grad_(False)
+            inputs[6].requires_grad_(False)
+
+        def fn(x, W, b, C, A_c, B_c, R, lb):
+            with fastcur.use_backend(backend):
+                return fastcur.ops.secura_linear(x, W, b, C, A_c, B_c, R, lb, 0.5, 6.0, 1e30, "raw", "token",
+                                                 rows=rows, cols=cols)
+        assert torch.autograd.gradcheck(fn, inputs)
+
+
+def _op_args(tied, norm="max", scope="token"):
+    inputs, (rows, cols) = make_inputs((9,), 12, 10, 3, 5, tied=tied)
+    x, W, b, C, A_c, B_c, R, lb = inputs
+    return (x.detach().float().requires_grad_(), W.detach().float(), b.detach().float(), C.detach().float(),
+            A_c.detach().float().requires_grad_(), B_c.detach().float().requires_grad_(), R.detach().float(),
+            lb.detach().float().requires_grad_(), 1.5, 6.0, 1e-10, norm, scope, rows, cols)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "explicit"])
+@pytest.mark.parametrize("scope", ["token", "tensor"])
+def test_opcheck_cpp(tied, scope):
+    torch.library.opcheck(torch.ops.fastcur.secura_linear.default, _op_args(tied, scope=scope))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton interpreter not available")
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "explicit"])
+def test_opcheck_triton(tied):
+    from fastcur.ops.secura_linear import _triton_op
+    torch.library.opcheck(_triton_op(), _op_args(tied, "raw", "tensor"))
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_torch_compile_fullgraph():
+    inputs, (rows, cols) = make_inputs((4, 8), 16, 12, 3, 6, tied=True)
+    x, W, b, C, A_c, B_c, R, lb = [t.detach().float() for t in inputs]
+    B_c.requires_grad_()
+
+    def step(x, B_c):
+        return fastcur.ops.secura_linear(x, W, b, C, A_c, B_c, R, lb, 0.5, rows=rows, cols=cols).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    (gc,) = torch.autograd.grad(compiled(x, B_c), B_c)
+    (ge,) = torch.autograd.grad(step(x, B_c), B_c)
+    torch.testing.assert_close(gc, ge)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scope", ["token", "tensor"])
+def test_cuda_matches_reference(backend, dtype, scope):
+    inputs, (rows, cols) = make_inputs((3, 130), 200, 150, 16, 64, tied=True)
+    check_against_reference(run_backend(backend, rows.cuda(), cols.cuda(), 0.75, "max", scope),
+                            ref_fn(0.75, "max", scope), inputs, dtype, device="cuda", names=NAMES)
+
+
+BAD = [
+    (dict(x=torch.randn(4, 11)), "argument 'x' must have last dimension k = 12"),
+    (dict(C=torch.randn(9, 3)), "argument 'C' must have shape (10, '*')"),
+    (dict(R=torch.randn(3, 13)), "argument 'R' must have shape (3, 12)"),
+    (dict(B_c=torch.randn(4, 5)), "argument 'B_c' must have shape (3, '*')"),
+    (dict(A_c=torch.randn(5, 4)), "argument 'A_c' must have shape (5, 3)"),
+    (dict(bias=torch.randn(11)), "argument 'bias' must have shape (10,)"),
+    (dict(lora_bias=torch.randn(11)), "argument 'lora_bias' must have shape (10,)"),
+    (dict(x=torch.randn(4, 12, dtype=torch.float64)), "argument 'x' must have the dtype of 'weight'"),
+    (dict(weight=torch.randint(0, 3, (10, 12))), "argument 'weight' must be float32"),
+    (dict(x=torch.randn(4, 12, device="meta")), "argument 'x' must be on the device of 'weight'"),
+    (dict(norm="l2"), "argument 'norm' must be 'max' or 'raw'"),
+    (dict(scope="row"), "argument 'scope' must be 'token' or 'tensor'"),
+    (dict(rows=torch.tensor([0, 1, 2], dtype=torch.int32)), "argument 'rows' must be an int64 tensor"),
+    (dict(cols=torch.tensor([0, 1])), "argument 'cols' must have shape (3,)"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_errors(override, message):
+    args = dict(x=torch.randn(4, 12), weight=torch.randn(10, 12), bias=torch.randn(10), C=torch.randn(10, 3),
+                A_c=torch.randn(5, 3), B_c=torch.randn(3, 5), R=torch.randn(3, 12), lora_bias=None, scale=1.0,
+                k=6.0, eps=1e-10, norm="max", scope="token", rows=None, cols=None)
+    args.update(override)
+    with pytest.raises((ValueError, TypeError)) as info:
+        fastcur.ops.secura_linear(**args)
+    assert message in str(info.value) and "fastcur.secura_linear" in str(info.value)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_cpp_kernel_checks_direct_calls():
+    x, W, C, A, B, R = (torch.randn(4, 12), torch.randn(10, 12), torch.randn(10, 3), torch.randn(5, 3),
+                        torch.randn(3, 5), torch.randn(3, 12))
+    with pytest.raises(RuntimeError, match=r"A_c must have shape \[5, 3\]"):
+        torch.ops.fastcur.secura_linear(x, W, None, C, torch.randn(4, 3), B, R, None, 1.0, 6.0, 1e-10, "max",
+                                        "token", None, None)
+    with pytest.raises(RuntimeError, match="out of range|out of DATA bounds"):
+        torch.ops.fastcur.secura_linear(x, W, None, C, A, B, R, None, 1.0, 6.0, 1e-10, "max", "token",
+                                        torch.tensor([0, 1, 10]), None)
