@@ -8,9 +8,10 @@
 from . import ops
 from .backend import get_backend, set_backend, use_backend
 from .info import info
+from .lalora import LaplaceRegularizer
 from .modules import AdapterLinear, CURLoRALinear, LoRALinear
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "ops", "info", "get_backend", "set_backend", "use_backend",
-           "AdapterLinear", "CURLoRALinear", "LoRALinear"]
+           "AdapterLinear", "CURLoRALinear", "LoRALinear", "LaplaceRegularizer"]

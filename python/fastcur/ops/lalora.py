@@ -316,3 +316,20 @@ def kfac_penalty(delta: Tensor, S: Tensor, G: Tensor) -> Tensor:
     if backend == "reference":
         return reference.kfac_penalty(delta, S, G)
     return _op("kfac_penalty", backend)(delta, S, G)
+
+
+def kfac_penalty_grad(grad: Tensor, delta: Tensor, S: Tensor, G: Tensor) -> Tensor:
+    """`grad * (G delta S + G^T delta S^T)` [a, b]: d/d delta of `grad * kfac_penalty(delta, S, G)`
+    without autograd (grad a 0-dim tensor; shapes as `kfac_penalty`)."""
+    c = ArgChecker("kfac_penalty_grad")
+    c.tensor("delta", delta, (None, None), dims="(a, b)", anchor=True)
+    backend = resolve("kfac_penalty", delta.device)
+    with torch.no_grad():
+        if backend == "reference":
+            d = delta.detach().requires_grad_(True)
+            with torch.enable_grad():
+                v = reference.kfac_penalty(d, S, G)
+            return torch.autograd.grad(v, d, grad.to(v.dtype))[0]
+        op = torch.ops.fastcur.kfac_penalty_bwd.default if backend == "cpp" else (
+            _triton_ops() and torch.ops.fastcur.kfac_penalty_bwd_triton.default)
+        return op(grad, delta, S, G)
