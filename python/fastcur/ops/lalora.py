@@ -247,8 +247,8 @@ def laplace_diag_penalty(params: Sequence[Tensor], anchors: Sequence[Tensor], pr
         0-dim tensor in params' dtype (accumulated in float32, float64 for float64).
         Differentiable in every input (params' gradient is `lam * prec * (p - a)`).
     """
-    params, anchors, precisions = list(params), list(anchors), list(precisions)
     _check_lists("laplace_diag_penalty", params, anchors, precisions)
+    params, anchors, precisions = list(params), list(anchors), list(precisions)
     backend = resolve("laplace_diag_penalty", params[0].device)
     if backend == "reference":
         return reference.laplace_diag_penalty(params, anchors, precisions, lam)
@@ -265,8 +265,8 @@ def laplace_diag_penalty_grad_(grads: Sequence[Tensor], params: Sequence[Tensor]
     Returns:
         0-dim tensor in params' dtype, the penalty value (detached).
     """
-    grads, params, anchors, precisions = list(grads), list(params), list(anchors), list(precisions)
     _check_lists("laplace_diag_penalty_grad_", params, anchors, precisions, grads)
+    grads, params, anchors, precisions = list(grads), list(params), list(anchors), list(precisions)
     with torch.no_grad():
         backend = resolve("laplace_diag_penalty_grad_", params[0].device)
         if backend == "reference":
