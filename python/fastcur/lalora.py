@@ -272,7 +272,7 @@ class LaplaceRegularizer:
         else:
             for name, p in current.items():
                 S, G = self.factors[name]
-                delta = (p - self.anchors[name].to(p.device, p.dtype)).float()
+                delta = (p - self.anchors[name].to(p.device, p.dtype)).to(S.dtype)
                 v = (0.5 * self.lam) * (self.n_samples * ops.kfac_penalty(delta, S.to(p.device), G.to(p.device))
                                         + self.prior_precision * delta.square().sum())
                 total = v if total is None else total + v
@@ -294,9 +294,9 @@ class LaplaceRegularizer:
         else:
             for name, p in current.items():
                 S, G = self.factors[name]
-                delta = (p - self.anchors[name].to(p.device, p.dtype)).float()
+                delta = (p - self.anchors[name].to(p.device, p.dtype)).to(S.dtype)
                 S, G = S.to(p.device), G.to(p.device)
-                half = torch.tensor(0.5 * self.lam * self.n_samples, dtype=torch.float32, device=p.device)
+                half = torch.tensor(0.5 * self.lam * self.n_samples, dtype=S.dtype, device=p.device)
                 g = ops.kfac_penalty_grad(half, delta, S, G).add_(delta, alpha=self.lam * self.prior_precision)
                 p.grad.add_(g.to(p.grad.dtype))
                 total += (0.5 * self.lam) * (self.n_samples * ops.kfac_penalty(delta, S, G)
