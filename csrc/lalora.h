@@ -121,12 +121,12 @@ inline at::Tensor kfac_factor_impl(const at::Tensor& x, bool diagonal) {
   check_matrix(x, "x", -1, -1);
   const int64_t M = x.size(0), d = x.size(1);
   const auto acc = lalora_acc_type(x.scalar_type());
-  at::Tensor out = diagonal ? at::zeros({d}, x.options().dtype(acc)) : at::zeros({d, d}, x.options().dtype(acc));
-  if (M == 0 || d == 0) return out;
-  if (x.scalar_type() == acc) {  // nothing to upcast: one GEMM (row chunks measured 1.1x slower)
+  if (x.scalar_type() == acc && M > 0) {  // nothing to upcast: one GEMM, no zero-filled output
     if (diagonal) return x.square().sum(0);
     return at::mm(x.t(), x);
   }
+  at::Tensor out = diagonal ? at::zeros({d}, x.options().dtype(acc)) : at::zeros({d, d}, x.options().dtype(acc));
+  if (M == 0 || d == 0) return out;
   const int64_t chunk = std::max<int64_t>(256, (int64_t(1) << 20) / std::max<int64_t>(d, 1));
   for (int64_t m0 = 0; m0 < M; m0 += chunk) {
     const at::Tensor xc = x.slice(0, m0, std::min(M, m0 + chunk)).to(acc);
