@@ -47,6 +47,22 @@ TORCH_LIBRARY(fastcur, m) {
   m.def(
       "signorm_merge(Tensor weight, Tensor C, Tensor U, Tensor R, float scale, float k, "
       "float eps, str scope) -> Tensor");
+  // LaLoRA (SPEC §5). x [E, T, k], grad_out [E, T, n], A [r, k], B [n, r] ->
+  // (F_A [r, k], F_B [n, r]): sums over examples of squared per-example gradients, float32
+  // (float64 for float64 inputs).
+  m.def("lora_fisher_diag(Tensor x, Tensor grad_out, Tensor A, Tensor B, float scale) -> (Tensor, Tensor)");
+  // (lam/2) sum_i sum precisions[i] * (params[i] - anchors[i])^2, a 0-dim tensor of params' dtype.
+  m.def("laplace_diag_penalty(Tensor[] params, Tensor[] anchors, Tensor[] precisions, float lam) -> Tensor");
+  // The same value; also grads[i] += lam * precisions[i] * (params[i] - anchors[i]), one launch.
+  m.def(
+      "laplace_diag_penalty_grad_(Tensor(a!)[] grads, Tensor[] params, Tensor[] anchors, "
+      "Tensor[] precisions, float lam) -> Tensor");
+  // x [M, d] -> x^T x [d, d] (diagonal: [d]), float32 (float64 for float64 x).
+  m.def("kfac_factor(Tensor x, bool diagonal) -> Tensor");
+  // tr(G delta S delta^T); delta [a, b], S [b, b] or [b] (diagonal), G [a, a] or [a].
+  m.def("kfac_penalty(Tensor delta, Tensor S, Tensor G) -> Tensor");
+  // grad * (G delta S + G^T delta S^T) [a, b].
+  m.def("kfac_penalty_bwd(Tensor grad, Tensor delta, Tensor S, Tensor G) -> Tensor");
 }
 
 namespace {

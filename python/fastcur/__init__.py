@@ -8,10 +8,11 @@
 from . import ops
 from .backend import get_backend, set_backend, use_backend
 from .info import info
+from .lalora import LaplaceRegularizer
 from .modules import AdapterLinear, CURLoRALinear, LoRALinear, MergeSchedule, SecuraLinear
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "ops", "info", "get_backend", "set_backend", "use_backend",
-           "AdapterLinear", "CURLoRALinear", "LoRALinear", "MergeSchedule",
+           "AdapterLinear", "CURLoRALinear", "LoRALinear", "LaplaceRegularizer", "MergeSchedule",
            "SecuraLinear"]

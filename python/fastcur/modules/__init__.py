@@ -1,7 +1,8 @@
 """Adapter layers: thin modules that own their tensors and call the fused ops."""
-from .adapter_linear import AdapterLinear
+from .adapter_linear import AdapterLinear, LinearTap, LowRankTap
 from .cur_lora_linear import CURLoRALinear
 from .lora_linear import LoRALinear
 from .secura_linear import MergeSchedule, SecuraLinear
 
-__all__ = ["AdapterLinear", "CURLoRALinear", "LoRALinear", "MergeSchedule", "SecuraLinear"]
+__all__ = ["AdapterLinear", "CURLoRALinear", "LoRALinear", "LinearTap", "LowRankTap", "MergeSchedule",
+           "SecuraLinear"]

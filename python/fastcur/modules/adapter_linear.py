@@ -2,11 +2,40 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..ops._checks import FLOATING
+
+
+@dataclass
+class LowRankTap:
+    """A LoRA-shaped adapter term `scale * (x A^T) B^T` read from the layer input `x`.
+
+    x [E, T, in], grad_out [E, T, out] (the layer's output gradient, per example), A [r, in]
+    and B [out, r] the tensors named `a_name`, `b_name` in `adapter_parameters()`.
+    Curvature: per-example gradients `g_B,e = scale G_e^T (X_e A^T)`, `g_A,e = scale (G_e B)^T X_e`.
+    """
+    a_name: str
+    b_name: str
+    x: torch.Tensor
+    grad_out: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+
+@dataclass
+class LinearTap:
+    """A trainable tensor P [out_p, in_p] used as a linear map inside the adapter: its
+    per-example gradient is `out_grads_e^T inputs_e` with inputs [E, T, in_p] (what P is applied
+    to) and out_grads [E, T, out_p] (the loss gradient at P's output). Cheapest when in_p is small
+    (the diagonal Fisher runs through `lora_fisher_diag` with an identity of size in_p)."""
+    name: str
+    inputs: torch.Tensor
+    out_grads: torch.Tensor
 
 
 class AdapterLinear(nn.Module):
@@ -61,6 +90,23 @@ class AdapterLinear(nn.Module):
                             f"(float32, bfloat16, float16, float64), got {linear.weight.dtype}")
         return cls(linear.in_features, linear.out_features, linear.bias is not None,
                    _base=(linear.weight, linear.bias), **options)
+
+    # -- what regularizers (fastcur.LaplaceRegularizer) read --------------------------------------
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The adapter's trainable tensors, {name relative to this module: parameter}.
+
+        Every adapter class declares its own (LoRA: `lora_A.weight`, `lora_B.weight`; CUR-LoRA:
+        `U`), so model-level tools find adapters by this method, never by class name.
+        """
+        raise NotImplementedError(f"fastcur.{type(self).__name__} does not declare its adapter tensors "
+                                  f"(implement adapter_parameters())")
+
+    def curvature_taps(self, x: torch.Tensor, grad_y: torch.Tensor) -> list:
+        """How the adapter tensors' per-example gradients follow from this layer's input
+        x [E, T, in] and output gradient grad_y [E, T, out]: a list of `LowRankTap` /
+        `LinearTap` covering every tensor of `adapter_parameters()` exactly once."""
+        raise NotImplementedError(f"fastcur.{type(self).__name__} does not describe its curvature "
+                                  f"(implement curvature_taps())")
 
     def _check_input(self, x: torch.Tensor) -> None:
         name = type(self).__name__

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..ops.cur_linear import cur_linear
 from ..ops.cur_select import cur_select
-from .adapter_linear import AdapterLinear
+from .adapter_linear import AdapterLinear, LinearTap
 
 
 class CURLoRALinear(AdapterLinear):
@@ -110,6 +110,21 @@ class CURLoRALinear(AdapterLinear):
         tied = self.tied
         return cur_linear(x, self.weight, self.bias, self.C, self.U, self.R, self.scale,
                           rows=self.rows if tied else None, cols=self.cols if tied else None)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """{"U": U [r, r]}: the only trainable tensor."""
+        return {"U": self.U}
+
+    def curvature_taps(self, x: torch.Tensor, grad_y: torch.Tensor) -> list:
+        """U is a linear map between the r-dim projections: inputs h = x R^T [E, T, r], output
+        gradients s * grad_y C [E, T, r], so `g_U,e = s (dy_e C)^T (x_e R^T)` (SPEC §2's dU per
+        example). x [E, T, in], grad_y [E, T, out]."""
+        if not self._selected:
+            self.select()
+        with torch.no_grad():
+            h = x @ self.R.mT
+            p = (grad_y @ self.C) * self.scale
+        return [LinearTap("U", h, p)]
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s C U R, [out, in], in float32 or wider (for merging only)."""

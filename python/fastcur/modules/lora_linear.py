@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_linear import AdapterLinear
+from .adapter_linear import AdapterLinear, LowRankTap
 
 
 class LoRALinear(AdapterLinear):
@@ -39,6 +39,16 @@ class LoRALinear(AdapterLinear):
         """PEFT's init: A kaiming-uniform (a = sqrt(5)), B zeros, so the adapter starts at 0."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """{"lora_A.weight": A [r, in], "lora_B.weight": B [out, r]}."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
+    def curvature_taps(self, x: torch.Tensor, grad_y: torch.Tensor) -> list:
+        """One `LowRankTap`: y += s (x A^T) B^T (x [E, T, in], grad_y [E, T, out]); dropout is
+        read as off (curvature is collected in eval mode)."""
+        return [LowRankTap("lora_A.weight", "lora_B.weight", x, grad_y, self.lora_A.weight.detach(),
+                           self.lora_B.weight.detach(), self.scaling)]
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s B A, [out, in], in float32 or wider (for merging only)."""

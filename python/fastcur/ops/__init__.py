@@ -2,8 +2,12 @@
 from . import reference
 from .cur_linear import cur_linear
 from .cur_select import cur_select
+from .lalora import (kfac_factor, kfac_penalty, laplace_diag_penalty, laplace_diag_penalty_grad_,
+                     lora_fisher_diag)
 from .secura_linear import secura_linear
 from .signorm import signorm
 from .signorm_merge import signorm_merge
 
-__all__ = ["reference", "cur_linear", "cur_select", "signorm", "secura_linear", "signorm_merge"]
+__all__ = ["reference", "cur_linear", "cur_select", "signorm", "secura_linear", "signorm_merge",
+           "lora_fisher_diag", "laplace_diag_penalty", "laplace_diag_penalty_grad_", "kfac_factor",
+           "kfac_penalty"]

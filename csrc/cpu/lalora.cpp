@@ -1,0 +1,174 @@
+// LaLoRA on the CPU: ATen GEMMs (csrc/lalora.h) plus two fused loops, the per-example
+// square-accumulate of lora_fisher_diag and the multi-tensor Laplace penalty (+ gradient).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "lalora.h"
+
+namespace fastcur {
+namespace {
+
+// acc[i] += c * g[i]^2 over one example's gradient (contiguous, same dtype).
+template <typename scalar_t>
+void square_add(scalar_t* __restrict__ acc, const scalar_t* __restrict__ g, int64_t N, scalar_t c) {
+  for (int64_t i = 0; i < N; ++i) acc[i] += c * g[i] * g[i];
+}
+
+// The CPU schedule: parallel over examples, one example at a time per thread, with per-thread
+// accumulators. One example's X_e [T, k] and G_e [T, n] stay in cache between the two GEMMs
+// that read each (x A^T then P^T X; G B then G^T H), so x and grad_out are read from memory
+// about once. Measured here (E 32, T 128, n = k = 1024, r 16, 1 thread): ~2x faster than the
+// grouped batched-GEMM schedule of csrc/lalora.h (whose 8-example groups, 4 MB per operand,
+// fall out of cache between the two reads). Memory: (threads + 1) x (n r + r k) accumulators
+// plus one example's gradients per thread, independent of E.
+std::tuple<at::Tensor, at::Tensor> lora_fisher_diag_cpu(const at::Tensor& x, const at::Tensor& grad_out,
+                                                        const at::Tensor& A, const at::Tensor& B, double scale) {
+  check_lora_fisher_args(x, grad_out, A, B);
+  const int64_t E = x.size(0), T = x.size(1), k = x.size(2), r = A.size(0), n = B.size(0);
+  const auto acc = lalora_acc_type(A.scalar_type());
+  const auto opts = A.options().dtype(acc);
+  at::Tensor FA = at::zeros({r, k}, opts), FB = at::zeros({n, r}, opts);
+  if (E == 0 || T == 0 || r == 0) return {FA, FB};
+  const at::Tensor Af = A.to(acc).contiguous(), Bf = B.to(acc).contiguous();
+  const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
+  const int nthreads = at::get_num_threads();
+  std::vector<at::Tensor> accA(nthreads), accB(nthreads);
+  AT_DISPATCH_FLOATING_TYPES(acc, "fastcur_lora_fisher_diag_cpu", [&] {
+    const scalar_t c = static_cast<scalar_t>(scale * scale);
+    at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
+      const int tid = at::get_thread_num();
+      if (!accA[tid].defined()) {
+        accA[tid] = at::zeros({r, k}, opts);
+        accB[tid] = at::zeros({n, r}, opts);
+      }
+      at::Tensor H = at::empty({T, r}, opts), P = at::empty({T, r}, opts);
+      at::Tensor gA = at::empty({r, k}, opts), gB = at::empty({n, r}, opts);
+      for (int64_t e = begin; e < end; ++e) {
+        const at::Tensor Xe = xc[e].to(acc), Ge = gc[e].to(acc);  // views for float32 / float64
+        at::mm_out(H, Xe, Af.t());           // X_e A^T      [T, r]
+        at::mm_out(P, Ge, Bf);               // G_e B        [T, r]
+        at::mm_out(gB, Ge.t(), H);           // G_e^T H_e    [n, r]
+        at::mm_out(gA, P.t(), Xe);           // P_e^T X_e    [r, k]
+        square_add<scalar_t>(accB[tid].data_ptr<scalar_t>(), gB.data_ptr<scalar_t>(), n * r, c);
+        square_add<scalar_t>(accA[tid].data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(), r * k, c);
+      }
+    });
+  });
+  for (int t = 0; t < nthreads; ++t) {
+    if (accA[t].defined()) {
+      FA.add_(accA[t]);
+      FB.add_(accB[t]);
+    }
+  }
+  return {FA, FB};
+}
+
+// One work item: elements [begin, end) of tensor t.
+struct Work {
+  int64_t t, begin, end;
+};
+
+constexpr int64_t kPenaltyChunk = 16384;
+constexpr int kLanes = 16;
+
+// sum_i prec_i (p_i - a_i)^2 over the chunk (float32 / float64 lanes, then double), and, when
+// grad is given, grad_i += lam * prec_i * (p_i - a_i).
+template <typename scalar_t, bool HAS_GRAD>
+double penalty_chunk(const scalar_t* __restrict__ p, const scalar_t* __restrict__ a, const scalar_t* __restrict__ q,
+                     scalar_t* __restrict__ grad, int64_t begin, int64_t end, double lam) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t lanes[kLanes] = {};
+  const acc_t l = static_cast<acc_t>(lam);
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t d = static_cast<acc_t>(p[i + j]) - static_cast<acc_t>(a[i + j]);
+      const acc_t qd = static_cast<acc_t>(q[i + j]) * d;
+      lanes[j] += qd * d;
+      if (HAS_GRAD) grad[i + j] = static_cast<scalar_t>(static_cast<acc_t>(grad[i + j]) + l * qd);
+    }
+  }
+  double total = 0.0;
+  for (; i < end; ++i) {
+    const acc_t d = static_cast<acc_t>(p[i]) - static_cast<acc_t>(a[i]);
+    const acc_t qd = static_cast<acc_t>(q[i]) * d;
+    total += static_cast<double>(qd * d);
+    if (HAS_GRAD) grad[i] = static_cast<scalar_t>(static_cast<acc_t>(grad[i]) + l * qd);
+  }
+  for (int j = 0; j < kLanes; ++j) total += static_cast<double>(lanes[j]);
+  return total;
+}
+
+// The whole list as ONE flattened work list and one at::parallel_for; partial sums per work
+// item, added in order (the value does not depend on the thread count).
+at::Tensor multi_tensor_penalty_cpu(const at::TensorList* grads, at::TensorList params, at::TensorList anchors,
+                                    at::TensorList precisions, double lam) {
+  check_penalty_lists(params, anchors, precisions, grads);
+  const size_t L = params.size();
+  std::vector<at::Tensor> p(L), a(L), q(L);
+  std::vector<Work> work;
+  for (size_t t = 0; t < L; ++t) {
+    p[t] = params[t].contiguous();
+    a[t] = anchors[t].contiguous();
+    q[t] = precisions[t].contiguous();
+    const int64_t N = p[t].numel();
+    for (int64_t b = 0; b < N; b += kPenaltyChunk) work.push_back({int64_t(t), b, std::min(N, b + kPenaltyChunk)});
+  }
+  std::vector<double> partial(work.size(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fastcur_laplace_penalty", [&] {
+    // Small lists run on one thread (waking a second costs more than the work).
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / kPenaltyChunk);
+    at::parallel_for(0, int64_t(work.size()), grain, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const Work& it = work[w];
+        scalar_t* g = grads ? (*grads)[it.t].data_ptr<scalar_t>() : nullptr;
+        partial[w] = g ? penalty_chunk<scalar_t, true>(p[it.t].data_ptr<scalar_t>(), a[it.t].data_ptr<scalar_t>(),
+                                                       q[it.t].data_ptr<scalar_t>(), g, it.begin, it.end, lam)
+                       : penalty_chunk<scalar_t, false>(p[it.t].data_ptr<scalar_t>(), a[it.t].data_ptr<scalar_t>(),
+                                                        q[it.t].data_ptr<scalar_t>(), g, it.begin, it.end, lam);
+      }
+    });
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return at::scalar_tensor(0.5 * lam * total, params[0].options());
+}
+
+at::Tensor laplace_diag_penalty_cpu(at::TensorList params, at::TensorList anchors, at::TensorList precisions,
+                                   double lam) {
+  return multi_tensor_penalty_cpu(nullptr, params, anchors, precisions, lam);
+}
+
+at::Tensor laplace_diag_penalty_grad_cpu(at::TensorList grads, at::TensorList params, at::TensorList anchors,
+                                         at::TensorList precisions, double lam) {
+  return multi_tensor_penalty_cpu(&grads, params, anchors, precisions, lam);
+}
+
+at::Tensor kfac_factor_cpu(const at::Tensor& x, bool diagonal) { return kfac_factor_impl(x, diagonal); }
+
+at::Tensor kfac_penalty_cpu(const at::Tensor& delta, const at::Tensor& S, const at::Tensor& G) {
+  return kfac_penalty_impl(delta, S, G);
+}
+
+at::Tensor kfac_penalty_bwd_cpu(const at::Tensor& grad, const at::Tensor& delta, const at::Tensor& S,
+                                const at::Tensor& G) {
+  return kfac_penalty_bwd_impl(grad, delta, S, G);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcur, CPU, m) {
+  m.impl("lora_fisher_diag", &lora_fisher_diag_cpu);
+  m.impl("laplace_diag_penalty", &laplace_diag_penalty_cpu);
+  m.impl("laplace_diag_penalty_grad_", &laplace_diag_penalty_grad_cpu);
+  m.impl("kfac_factor", &kfac_factor_cpu);
+  m.impl("kfac_penalty", &kfac_penalty_cpu);
+  m.impl("kfac_penalty_bwd", &kfac_penalty_bwd_cpu);
+}
+
+}  // namespace fastcur

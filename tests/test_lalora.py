@@ -1,0 +1,277 @@
+"""LaLoRA ops on every backend present: lora_fisher_diag, laplace_diag_penalty (+ the in-place
+multi-tensor gradient), kfac_factor, kfac_penalty. Against the float64 reference, against
+independent formulas (torch.func per-example gradients, explicit outer products, the explicit
+Kronecker quadratic form), opcheck, gradcheck, odd shapes, bad input."""
+import pytest
+import torch
+from torch.func import grad, vmap
+
+import fastcur
+from fastcur.ops import reference
+from fastcur.testing import assert_close_to_reference, check_against_reference
+
+from conftest import available_backends
+
+BACKENDS = available_backends("lora_fisher_diag")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# (E, T, k, n, r): odd sizes, r = 1, T = 1, E = 1.
+FISHER_SHAPES = [(3, 5, 13, 11, 3), (1, 1, 16, 16, 1), (4, 2, 33, 20, 7), (2, 37, 9, 5, 2)]
+
+
+def rand(*shape, gen, scale=1.0):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+
+def fisher_inputs(E, T, k, n, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return rand(E, T, k, gen=g), rand(E, T, n, gen=g), rand(r, k, gen=g, scale=k ** -0.5), rand(n, r, gen=g)
+
+
+def flat_fisher(backend, scale):
+    def fn(x, go, A, B):
+        with fastcur.use_backend(backend):
+            FA, FB = fastcur.ops.lora_fisher_diag(x, go, A, B, scale)
+        return torch.cat([FA.flatten(), FB.flatten()])
+    return fn
+
+
+def flat_fisher_ref(scale):
+    return lambda x, go, A, B: torch.cat([t.flatten() for t in reference.lora_fisher_diag(x, go, A, B, scale)])
+
+
+# -- lora_fisher_diag ------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", FISHER_SHAPES, ids=str)
+def test_fisher_matches_reference(backend, dtype, shape):
+    inputs = fisher_inputs(*shape, seed=sum(shape))
+    with torch.no_grad():
+        check_against_reference(flat_fisher(backend, 0.5), flat_fisher_ref(0.5), inputs, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fisher_equals_torch_func_per_example_gradients(backend):
+    """Independent ground truth: vmap over grad of each example's own loss term."""
+    x, go, A, B = fisher_inputs(4, 6, 10, 7, 3, seed=5)
+    s = 1.7
+
+    def example_loss(A, B, xe, ge):  # <G_e, s (X_e A^T) B^T>: its gradient is g_A,e, g_B,e
+        return (ge * (s * (xe @ A.mT) @ B.mT)).sum()
+
+    gA, gB = vmap(grad(example_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0))(A, B, x, go)
+    with fastcur.use_backend(backend):
+        FA, FB = fastcur.ops.lora_fisher_diag(x, go, A, B, s)
+    torch.testing.assert_close(FA, gA.square().sum(0), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(FB, gB.square().sum(0), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fisher_of_A_is_zero_while_B_is_zero(backend):
+    x, go, A, B = (t.float() for t in fisher_inputs(3, 4, 12, 9, 2))
+    with fastcur.use_backend(backend):
+        FA, FB = fastcur.ops.lora_fisher_diag(x, go, A, torch.zeros_like(B), 1.0)
+    assert torch.equal(FA, torch.zeros_like(FA))
+    assert FB.abs().max() > 0
+
+
+def test_fisher_many_groups_and_2d_input():
+    """Per-example gradients bigger than one group's budget (one example per group), and the
+    [E, k] input form (T = 1)."""
+    backends = [b for b in BACKENDS if b != "triton"]  # large shapes: not under the interpreter
+    x, go, A, B = (t.float() for t in fisher_inputs(3, 2, 300, 300, 500, seed=2))
+    truth = reference.lora_fisher_diag(x.double(), go.double(), A.double(), B.double(), 0.3)
+    for backend in backends:
+        with fastcur.use_backend(backend):
+            got = fastcur.ops.lora_fisher_diag(x, go, A, B, 0.3)
+        for t, u in zip(got, truth):
+            torch.testing.assert_close(t.double(), u, rtol=1e-4, atol=1e-4 * u.abs().max().item())
+    x2, go2 = x[:, 0], go[:, 0]
+    for backend in BACKENDS:
+        with fastcur.use_backend(backend):
+            got = fastcur.ops.lora_fisher_diag(x2[:, :16], go2[:, :16], A[:, :16], B[:16], 1.0)
+        want = reference.lora_fisher_diag(x2[:, None, :16], go2[:, None, :16], A[:, :16], B[:16], 1.0)
+        for t, u in zip(got, want):
+            torch.testing.assert_close(t, u, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fisher_empty_batch(backend):
+    x, go, A, B = (t.float() for t in fisher_inputs(0, 3, 8, 6, 2))
+    with fastcur.use_backend(backend):
+        FA, FB = fastcur.ops.lora_fisher_diag(x, go, A, B, 1.0)
+    assert FA.shape == (2, 8) and FB.shape == (6, 2) and not FA.any() and not FB.any()
+
+
+# -- laplace_diag_penalty ----------------------------------------------------------------------------
+PENALTY_SHAPES = [(7, 3), (1,), (33, 17), (2, 3, 5), (20000,)]
+
+
+def penalty_inputs(shapes, seed=0, grads=True):
+    g = torch.Generator().manual_seed(seed)
+    params = [rand(*s, gen=g).requires_grad_(grads) for s in shapes]
+    anchors = [rand(*s, gen=g).requires_grad_(grads) for s in shapes]
+    precisions = [rand(*s, gen=g).abs().requires_grad_(grads) for s in shapes]
+    return params, anchors, precisions
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_penalty_matches_reference_all_grads(backend, dtype):
+    params, anchors, precisions = penalty_inputs(PENALTY_SHAPES, seed=3)
+    L = len(params)
+
+    def fn(*t):
+        with fastcur.use_backend(backend):
+            return fastcur.ops.laplace_diag_penalty(list(t[:L]), list(t[L:2 * L]), list(t[2 * L:]), 0.7)
+
+    def ref(*t):
+        return reference.laplace_diag_penalty(t[:L], t[L:2 * L], t[2 * L:], 0.7)
+
+    check_against_reference(fn, ref, params + anchors + precisions, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_penalty_grad_inplace_equals_autograd(backend, dtype):
+    """grads[i] += lam * q * (p - a) for the whole list, and the same value as the penalty."""
+    params, anchors, precisions = penalty_inputs(PENALTY_SHAPES, seed=4, grads=False)
+    gen = torch.Generator().manual_seed(9)
+    start = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    leaves = [p.clone().requires_grad_(True) for p in params]
+    truth_v = reference.laplace_diag_penalty(leaves, anchors, precisions, 0.4)
+    truth_g = torch.autograd.grad(truth_v, leaves)
+    cast = lambda ts: [t.to(dtype) for t in ts]  # noqa: E731
+    ref_grads = cast(start)
+    ref_v = reference.laplace_diag_penalty_grad_(ref_grads, cast(params), cast(anchors), cast(precisions), 0.4)
+    grads = cast(start)
+    with fastcur.use_backend(backend):
+        v = fastcur.ops.laplace_diag_penalty_grad_(grads, cast(params), cast(anchors), cast(precisions), 0.4)
+    assert_close_to_reference(v, ref_v, truth_v.detach(), "value")
+    for i, (g, rg, s, tg) in enumerate(zip(grads, ref_grads, start, truth_g)):
+        assert_close_to_reference(g, rg, s + tg, f"grads[{i}]")
+
+
+def test_penalty_gradcheck_float64():
+    for backend in BACKENDS:
+        params, anchors, precisions = penalty_inputs([(3, 4), (5,)], seed=1)
+        with fastcur.use_backend(backend):
+            assert torch.autograd.gradcheck(
+                lambda p0, p1, a0, a1, q0, q1: fastcur.ops.laplace_diag_penalty([p0, p1], [a0, a1], [q0, q1], 0.3),
+                (*params, *anchors, *precisions))
+
+
+def test_penalty_opcheck():
+    if "cpp" not in BACKENDS:
+        pytest.skip("C++ extension not built")
+    params, anchors, precisions = penalty_inputs([(3, 4), (5,)], seed=1)
+    torch.library.opcheck(torch.ops.fastcur.laplace_diag_penalty.default, (params, anchors, precisions, 0.3))
+    grads = [torch.randn_like(p) for p in params]
+    d = lambda ts: [t.detach() for t in ts]  # noqa: E731
+    torch.library.opcheck(torch.ops.fastcur.laplace_diag_penalty_grad_.default,
+                          (grads, d(params), d(anchors), d(precisions), 0.3))
+
+
+def test_penalty_bad_input():
+    p = [torch.randn(3, 4)]
+    with pytest.raises(ValueError, match="'params' must be a non-empty list"):
+        fastcur.ops.laplace_diag_penalty([], [], [], 1.0)
+    with pytest.raises(ValueError, match="'anchors' must have 1 tensors"):
+        fastcur.ops.laplace_diag_penalty(p, [], [torch.ones(3, 4)], 1.0)
+    with pytest.raises(ValueError, match=r"'precisions\[0\]' must have shape \(3, 4\), got \(4, 3\)"):
+        fastcur.ops.laplace_diag_penalty(p, [torch.zeros(3, 4)], [torch.ones(4, 3)], 1.0)
+    with pytest.raises(TypeError, match=r"'anchors\[0\]' must have the dtype of 'params\[0\]'"):
+        fastcur.ops.laplace_diag_penalty(p, [torch.zeros(3, 4, dtype=torch.float64)], [torch.ones(3, 4)], 1.0)
+    with pytest.raises(ValueError, match=r"'grads\[0\]' must be contiguous"):
+        fastcur.ops.laplace_diag_penalty_grad_([torch.zeros(4, 3).t()], p, [torch.zeros(3, 4)], [torch.ones(3, 4)], 1.0)
+    with pytest.raises(TypeError, match="'params' must be a list"):
+        fastcur.ops.laplace_diag_penalty(p[0], p, p, 1.0)
+
+
+# -- kfac_factor ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(37, 13), (1, 1), (2, 5, 17)], ids=str)
+def test_kfac_factor_equals_outer_products(backend, dtype, shape):
+    g = torch.Generator().manual_seed(len(shape))
+    x = rand(*shape, gen=g)
+    rows = x.reshape(-1, shape[-1])
+    truth = sum(torch.outer(v, v) for v in rows)  # explicit sum of outer products, float64
+    ref = reference.kfac_factor(x.to(dtype))
+    with fastcur.use_backend(backend):
+        got = fastcur.ops.kfac_factor(x.to(dtype))
+        diag = fastcur.ops.kfac_factor(x.to(dtype), diagonal=True)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_to_reference(got, ref, truth, "factor")
+    assert_close_to_reference(diag, reference.kfac_factor(x.to(dtype), True), truth.diagonal(), "diagonal")
+
+
+# -- kfac_penalty --------------------------------------------------------------------------------------
+def kfac_inputs(a, b, seed=0, diag_s=False, diag_g=False):
+    g = torch.Generator().manual_seed(seed)
+    delta = rand(a, b, gen=g)
+    Xs, Xg = rand(b + 3, b, gen=g), rand(a + 3, a, gen=g)
+    S = (Xs.mT @ Xs).diagonal().clone() if diag_s else Xs.mT @ Xs
+    G = (Xg.mT @ Xg).diagonal().clone() if diag_g else Xg.mT @ Xg
+    return [t.requires_grad_(True) for t in (delta, S, G)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(3, 7, False, False), (1, 1, False, False), (16, 33, True, False),
+                                  (5, 4, False, True)], ids=str)
+def test_kfac_penalty_matches_reference_all_grads(backend, dtype, case):
+    a, b, ds, dg = case
+    inputs = kfac_inputs(a, b, seed=a * b, diag_s=ds, diag_g=dg)
+
+    def fn(d, S, G):
+        with fastcur.use_backend(backend):
+            return fastcur.ops.kfac_penalty(d, S, G)
+
+    check_against_reference(fn, reference.kfac_penalty, inputs, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kfac_penalty_equals_kronecker_quadratic_form(backend):
+    """vec(Δ)^T (G ⊗ S^T) vec(Δ) (row-major vec) with the Kronecker product formed explicitly;
+    S and G not symmetric, so a transposition slip shows."""
+    g = torch.Generator().manual_seed(11)
+    delta, S, G = rand(4, 6, gen=g), rand(6, 6, gen=g), rand(4, 4, gen=g)
+    v = delta.reshape(-1)
+    want = v @ torch.kron(G, S.mT.contiguous()) @ v
+    with fastcur.use_backend(backend):
+        got = fastcur.ops.kfac_penalty(delta, S, G)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_kfac_penalty_gradcheck_and_opcheck():
+    for backend in BACKENDS:
+        for ds, dg in ((False, False), (True, False), (False, True)):
+            inputs = kfac_inputs(3, 5, seed=2, diag_s=ds, diag_g=dg)
+            with fastcur.use_backend(backend):
+                assert torch.autograd.gradcheck(fastcur.ops.kfac_penalty, inputs)
+    if "cpp" in BACKENDS:
+        d, S, G = (t.detach() for t in kfac_inputs(3, 5))
+        torch.library.opcheck(torch.ops.fastcur.kfac_penalty.default, (d, S, G))
+        torch.library.opcheck(torch.ops.fastcur.kfac_factor.default, (torch.randn(7, 3), False))
+        x, go, A, B = fisher_inputs(2, 3, 5, 4, 2)
+        torch.library.opcheck(torch.ops.fastcur.lora_fisher_diag.default, (x, go, A, B, 0.5))
+
+
+def test_kfac_and_fisher_bad_input():
+    with pytest.raises(ValueError, match=r"'S' must have shape \(5, 5\)"):
+        fastcur.ops.kfac_penalty(torch.randn(3, 5), torch.randn(4, 4), torch.randn(3, 3))
+    with pytest.raises(ValueError, match=r"'G' must have shape \(3,\)"):
+        fastcur.ops.kfac_penalty(torch.randn(3, 5), torch.randn(5), torch.randn(4))
+    with pytest.raises(ValueError, match=r"'delta' must have shape"):
+        fastcur.ops.kfac_penalty(torch.randn(3), torch.randn(3), torch.randn(3))
+    with pytest.raises(TypeError, match="'x' must be float32"):
+        fastcur.ops.kfac_factor(torch.ones(3, 3, dtype=torch.int64))
+    x, go, A, B = (t.float() for t in fisher_inputs(2, 3, 5, 4, 2))
+    with pytest.raises(ValueError, match=r"'grad_out' must have shape \(2, 3, 4\)"):
+        fastcur.ops.lora_fisher_diag(x, go[:, :2], A, B)
+    with pytest.raises(ValueError, match=r"'B' must have shape \('\*', 2\)"):
+        fastcur.ops.lora_fisher_diag(x, go, A, B.mT)
+    with pytest.raises(ValueError, match=r"'x' must have shape \('\*', '\*', 5\)"):
+        fastcur.ops.lora_fisher_diag(x[..., :4], go, A, B)
+    with pytest.raises(TypeError, match="'x' must have the dtype of 'A'"):
+        fastcur.ops.lora_fisher_diag(x.double(), go, A, B)
