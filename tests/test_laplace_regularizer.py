@@ -324,3 +324,75 @@ def test_two_task_tradeoff_lam_lowers_forgetting_and_learning(one_thread):
     print("lam -> (task-1 forgetting, task-2 loss):", results)
     assert forgetting[0] > forgetting[1] > forgetting[2], results
     assert task2_loss[0] < task2_loss[1] < task2_loss[2], results
+
+
+def make_secura_model(seed=0):
+    """SECURA layer -> tanh -> LoRA layer; B_c moved off zero so SigNorm scales are not all 2."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(fastcur.SecuraLinear.from_linear(nn.Linear(6, 5), rank=2, inner_rank=3, scale=0.7),
+                          nn.Tanh(), fastcur.LoRALinear(5, 4, rank=2))
+    with torch.no_grad():
+        model[0].B_c.normal_()
+        model[0].A_c.normal_()
+        model[2].lora_B.weight.normal_()
+    return model.double()
+
+
+def test_secura_adapters_discovered_and_diag_fisher_equals_torch_func():
+    model, batches = make_secura_model(), data()
+    reg = fastcur.LaplaceRegularizer(model, kind="diag", prior_precision=0.5)
+    assert sorted(reg._adapter_tensors()) == ["0.A_c", "0.B_c", "2.lora_A.weight", "2.lora_B.weight"]
+    reg.fit(batches, loss_mean, progress=False)
+    want = per_example_fisher(model, batches)  # S is detached in the layer, as in the regularizer
+    for name, F in want.items():
+        assert reg.precisions[name].shape == F.shape
+        torch.testing.assert_close(reg.precisions[name].double(), F + 0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_secura_kfac_factors_follow_the_parameter_orientation():
+    model, batches = make_secura_model(), data(n_batches=2)
+    reg = fastcur.LaplaceRegularizer(model, kind="kfac").fit(batches, loss_mean, progress=False)
+    layer = model[0]
+    xs, outs, gys = [], [], []
+    def record(module, inputs, output):
+        xs.append(inputs[0].detach())
+        outs.append(output)
+
+    hook = layer.register_forward_hook(record)
+    for batch in batches:
+        loss = loss_mean(model, batch) * batch[0].shape[0]
+        gys.append(torch.autograd.grad(loss, outs[-1])[0])
+    hook.remove()
+    x, gy = torch.cat(xs), torch.cat(gys)
+    E, T = x.shape[:2]
+    with torch.no_grad():
+        y0 = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        delta = fastcur.ops.reference.secura_delta(x, layer.C, layer.A_c, layer.B_c, layer.R, None, layer.scale)
+        S = fastcur.ops.reference.signorm_scales(y0, delta)
+        h = x @ layer.R.mT                               # input of B_c       [E, T, r]
+        u = h @ layer.B_c                                # input of A_c       [E, T, a]
+        gv = layer.scale * (gy / S) @ layer.C            # grad at v = u A_c  [E, T, r]
+        gu = gv @ layer.A_c.mT                           # grad at u          [E, T, a]
+
+    def outer(t):
+        rows = t.reshape(-1, t.shape[-1])
+        return rows.mT @ rows
+
+    # B_c [r, a] maps h to u as `h @ B_c`: its gradient is h^T gu, so in tr(G Δ S Δ^T) the
+    # [r, r] factor (G slot) is the input side and the [a, a] factor (S slot) the gradient side.
+    torch.testing.assert_close(reg.factors["0.B_c"][0], outer(gu) / E)
+    torch.testing.assert_close(reg.factors["0.B_c"][1], outer(h) / (E * T))
+    torch.testing.assert_close(reg.factors["0.A_c"][0], outer(gv) / E)
+    torch.testing.assert_close(reg.factors["0.A_c"][1], outer(u) / (E * T))
+    # and the penalty is the quadratic form of the per-example gradients' second moment
+    with torch.no_grad():
+        layer.B_c.add_(torch.randn_like(layer.B_c) * 0.1)
+    d = (layer.B_c - reg.anchors["0.B_c"]).detach()
+    G_in, S_g = outer(h) / (E * T), outer(gu) / E
+    explicit = reg.n_samples * torch.trace(G_in @ d @ S_g @ d.mT)
+    got = reg.penalty() * 2 / reg.lam - reg.prior_precision * d.square().sum()
+    got -= reg.n_samples * fastcur.ops.kfac_penalty((layer.A_c - reg.anchors["0.A_c"]).detach(), *reg.factors["0.A_c"])
+    for n in ("2.lora_A.weight", "2.lora_B.weight"):
+        p = dict(model.named_parameters())[n]
+        got -= reg.n_samples * fastcur.ops.kfac_penalty((p - reg.anchors[n]).detach(), *reg.factors[n])
+    torch.testing.assert_close(got, explicit.to(got.dtype), rtol=1e-6, atol=1e-8)

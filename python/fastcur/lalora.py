@@ -19,7 +19,9 @@ Curvature, per adapted tensor P (shape [out_p, in_p]; per-example gradient g_e):
   (out_p x out_p), i.e. token sums of output-gradient outer products averaged over examples
   (exact for T = 1; cross-token terms dropped for sequences). LoRA A: i = x, o = s dy B;
   LoRA B: i = x A^T, o = s dy (the SPEC's G_B with the scale s included, which makes G ⊗ S a
-  Fisher of B's gradient); CUR-LoRA U: i = x R^T, o = s dy C. A factor wider than
+  Fisher of B's gradient); CUR-LoRA U: i = x R^T, o = s dy C; SECURA B_c, A_c: the LoRA pair
+  of the chain `x R^T -> B_c -> A_c`, with output gradient `s (dy / S) C` (S the layer's
+  detached SigNorm scales; restrain's channel decay is ignored). A factor wider than
   `kfac_max_dim` keeps its diagonal only. Penalty `(λ/2) [n tr(G Δ S Δ^T) + δ ||Δ||^2]`.
 Per-example gradients: the examples are the leading dimension of each adapted layer's input
 ([E, T, in], or [E, in] with T = 1). `reduction="mean"` (default) means `loss_fn` averages over
@@ -141,7 +143,7 @@ class LaplaceRegularizer:
         tensors = self._adapter_tensors()
         adapters = find_adapters(self.model)
         sums: dict[str, object] = {}
-        counts = {"examples": 0, "tokens": {}}
+        counts = {"examples": 0, "tokens": {}, "transposed": set()}
         captured: list = []
 
         def hook(module, inputs, output):
@@ -198,7 +200,10 @@ class LaplaceRegularizer:
             else:
                 S, G = sums[name]
                 tokens = counts["tokens"][name]
-                self.factors[name] = (S / max(tokens, 1), G / max(self.n_samples, 1))
+                S, G = S / max(tokens, 1), G / max(self.n_samples, 1)
+                # A parameter holding P^T: tr(G Δ S Δ^T) with Δ = Δp^T equals tr(S Δp G Δp^T),
+                # so the factors trade places and every penalty formula below stays as it is.
+                self.factors[name] = (G, S) if name in counts["transposed"] else (S, G)
         self._cache = None
         return self
 
@@ -220,10 +225,12 @@ class LaplaceRegularizer:
         for tap in module.curvature_taps(x3, gy3):
             if isinstance(tap, LowRankTap):
                 a_name, b_name = prefix + tap.a_name, prefix + tap.b_name
+                if tap.transposed:
+                    counts["transposed"].update((a_name, b_name))
                 if self.kind == "diag":
                     FA, FB = ops.lora_fisher_diag(tap.x, tap.grad_out, tap.A, tap.B, tap.scale)
-                    add(a_name, FA)
-                    add(b_name, FB)
+                    add(a_name, FA.mT if tap.transposed else FA)
+                    add(b_name, FB.mT if tap.transposed else FB)
                 else:
                     with torch.no_grad():
                         h = tap.x @ tap.A.mT
@@ -232,12 +239,14 @@ class LaplaceRegularizer:
                         add(b_name, (self._factor(h), self._factor(tap.grad_out * tap.scale)))
             elif isinstance(tap, LinearTap):
                 name = prefix + tap.name
+                if tap.transposed:
+                    counts["transposed"].add(name)
                 if self.kind == "diag":
                     i_dim, o_dim = tap.inputs.shape[-1], tap.out_grads.shape[-1]
                     eye = torch.eye(i_dim, dtype=tap.inputs.dtype, device=tap.inputs.device)
                     dummy = torch.zeros(o_dim, i_dim, dtype=tap.inputs.dtype, device=tap.inputs.device)
                     _, F = ops.lora_fisher_diag(tap.inputs, tap.out_grads, eye, dummy, 1.0)  # g = O^T I
-                    add(name, F)
+                    add(name, F.mT if tap.transposed else F)
                 else:
                     add(name, (self._factor(tap.inputs), self._factor(tap.out_grads)))
             else:

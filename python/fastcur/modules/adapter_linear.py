@@ -17,6 +17,7 @@ class LowRankTap:
     x [E, T, in], grad_out [E, T, out] (the layer's output gradient, per example), A [r, in]
     and B [out, r] the tensors named `a_name`, `b_name` in `adapter_parameters()`.
     Curvature: per-example gradients `g_B,e = scale G_e^T (X_e A^T)`, `g_A,e = scale (G_e B)^T X_e`.
+    `transposed=True`: the parameters named `a_name`, `b_name` hold A^T and B^T (SECURA's B_c, A_c).
     """
     a_name: str
     b_name: str
@@ -25,6 +26,7 @@ class LowRankTap:
     A: torch.Tensor
     B: torch.Tensor
     scale: float
+    transposed: bool = False
 
 
 @dataclass
@@ -36,6 +38,7 @@ class LinearTap:
     name: str
     inputs: torch.Tensor
     out_grads: torch.Tensor
+    transposed: bool = False  # the parameter holds P^T ([in_p, out_p]), applied as `inputs @ param`
 
 
 class AdapterLinear(nn.Module):

@@ -4,14 +4,16 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..ops import reference
 from ..ops.cur_linear import cur_linear
 from ..ops.cur_select import cur_select
 from ..ops.secura_linear import secura_linear
 from ..ops.secura_restrain import secura_linear_restrained
 from ..ops.signorm_merge import signorm_merge
-from .adapter_linear import AdapterLinear
+from .adapter_linear import AdapterLinear, LowRankTap
 
 
 class SecuraLinear(AdapterLinear):
@@ -192,6 +194,30 @@ class SecuraLinear(AdapterLinear):
         return secura_linear(x, self.weight, self.bias, self.C, self.A_c, self.B_c, self.R,
                              self.lora_bias, self.scale, self.k, self.eps, self.norm, self.scope,
                              rows=rows, cols=cols)
+
+    # -- what regularizers (fastcur.LaplaceRegularizer) read -----------------------------------
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """{"A_c": [a, r], "B_c": [r, a]}. (`lora_bias`, when enabled, is not declared: it is
+        not regularized.)"""
+        return {"A_c": self.A_c, "B_c": self.B_c}
+
+    def curvature_taps(self, x: torch.Tensor, grad_y: torch.Tensor) -> list:
+        """The chain `h = x R^T -> u = h B_c -> v = u A_c -> Δ = s v C^T` is a LoRA pair on h with
+        A = B_c^T, B = A_c^T (`transposed`), output gradient at v: `s (dy / S) C`, S the detached
+        SigNorm scales of this input (S = 1 with signorm="off"). x [E, T, in], grad_y [E, T, out]."""
+        if not self._selected:
+            self.select()
+        with torch.no_grad():
+            h = x @ self.R.mT
+            g_delta = grad_y
+            if self.signorm != "off":
+                y0 = F.linear(x, self.weight, self.bias)
+                delta = reference.secura_delta(x, self.C, self.A_c, self.B_c, self.R, self.lora_bias, self.scale)
+                S = reference.signorm_scales(y0, delta, self.k, self.eps, self.norm, self.scope)
+                g_delta = (grad_y / S).to(grad_y.dtype)
+            p = (g_delta @ self.C) * self.scale
+        return [LowRankTap("B_c", "A_c", h, p, self.B_c.detach().mT.contiguous(),
+                           self.A_c.detach().mT.contiguous(), 1.0, transposed=True)]
 
     # -- merging ------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
