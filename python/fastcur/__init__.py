@@ -8,9 +8,12 @@
 from . import ops
 from .backend import get_backend, set_backend, use_backend
 from .info import info
-from .modules import AdapterLinear, CURLoRALinear, LoRALinear
+from .inclora import IncLoRA, ella_penalty
+from .modules import (AdapterLinear, CURLoRALinear, JumpLoRALinear, JumpThreshold, LoRALinear,
+                      f_schedule, reset_thresholds)
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "ops", "info", "get_backend", "set_backend", "use_backend",
-           "AdapterLinear", "CURLoRALinear", "LoRALinear"]
+           "AdapterLinear", "CURLoRALinear", "LoRALinear", "JumpLoRALinear", "JumpThreshold",
+           "IncLoRA", "ella_penalty", "f_schedule", "reset_thresholds"]
