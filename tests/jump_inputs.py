@@ -27,7 +27,7 @@ def place_theta(values: torch.Tensor, *, gap: bool, margin: float = 0.012, lo: f
     b = min(b, v.numel() - 1)
     if b <= a:   # a single value: θ at 70 % of it
         lt = _bf16_exact((0.7 * v[0]).log())
-        return lt, 1e-3 * lt.exp().item(), 0.3
+        return lt, 0.1 * lt.exp().item(), 0.3
     mids = (v[a:b] * v[a + 1:b + 1]).sqrt()
     lts = _bf16_exact(mids.log())
     ths = lts.exp()
@@ -37,7 +37,8 @@ def place_theta(values: torch.Tensor, *, gap: bool, margin: float = 0.012, lo: f
     good = (near >= 2 * margin).nonzero()
     i = int(good[0]) if good.numel() else int(near.argmax())
     m, lt = near[i].item(), lts[i]
-    return lt, 1e-3 * lt.exp().item() * min(m, 1.0), m
+    # window half-width m θ / 4: no value inside it
+    return lt, 0.5 * lt.exp().item() * min(m, 1.0), m
 
 
 def jump_inputs(lead, k, n, r, *, gap: bool, seed: int = 0, bias: bool = True,
@@ -84,12 +85,13 @@ def rank_inputs(lead, k, n, r, *, gap: bool, seed: int = 0, bias: bool = True, g
             pos = col[col > 0]
             if pos.numel() < 2:
                 lt = _bf16_exact(torch.tensor(-1.0))
-                m = ((col - lt.exp()).abs() / lt.exp()).min().item()
-                bw = 1e-3
+                m = ((col - lt.exp()).abs() / lt.exp()).min().item() if col.numel() else 1.0
+                bw = 0.5 * m * lt.exp().item() if m < 1.0 else 1e-3
             else:
                 lt, bw, m = place_theta(pos, gap=gap, lo=0.0, hi=1.0)
-            if gap:
+            if gap and col.numel():
                 m = ((col - lt.exp()).abs() / lt.exp()).min().item()
+                bw = 0.5 * m * lt.exp().item()
                 ok = ok and m >= margin
             lts.append(lt)
             bws.append(bw)
