@@ -1,5 +1,7 @@
-// jump_linear and ella_penalty (SPEC §4): the device-generic, row-block schedule shared by the
-// CPU and CUDA kernels.
+// jump_linear and ella_penalty (SPEC §4): the device-generic, row-block schedule. The CUDA
+// kernels use it for both ops and the CPU for ella_penalty; the CPU jump_linear runs the same
+// steps with the same primitives inside one parallel region (csrc/cpu/jump_linear.cpp, where
+// the reason is measured).
 //
 // Z = B A (n x k) is never stored whole: W is walked in blocks of `rows` output rows, and for
 // each block the Z tile B[blk] A is recomputed by a rank-r GEMM into a tile buffer (acc dtype:
