@@ -63,6 +63,35 @@ TORCH_LIBRARY(fastcur, m) {
   m.def("kfac_penalty(Tensor delta, Tensor S, Tensor G) -> Tensor");
   // grad * (G delta S + G^T delta S^T) [a, b].
   m.def("kfac_penalty_bwd(Tensor grad, Tensor delta, Tensor S, Tensor G) -> Tensor");
+  // JumpLoRA (SPEC §4). x [M, k], weight [n, k], bias [n]?, A [r, k], B [n, r].
+  // Weight-gated: y = x (W + ΔW)^T + b, ΔW = scale (f J(B A) + (1 - f) B A), log_theta [].
+  m.def(
+      "jump_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor log_theta, "
+      "float scale, float f, float bandwidth, bool mean) -> Tensor");
+  // Returns (dx [M, k] or empty when need_dx is false, dA [r, k], dB [n, r], dlog_theta);
+  // mean: the straight-through θ term is averaged over the n k entries (else summed);
+  // bandwidth and mean ride along in the forward's schema only for autograd to see them.
+  // need_adapter false: only dx is computed (dA, dB, dlog_theta come back as zeros).
+  m.def(
+      "jump_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor A, Tensor B, "
+      "Tensor log_theta, float scale, float f, float bandwidth, bool mean, bool need_dx, "
+      "bool need_adapter) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Rank-gated: y = x W^T + b + scale g B^T, g = h 1[h > θ_j], h = x A^T; log_theta [r].
+  // Returns (y, h) (h saved for the backward).
+  m.def(
+      "jump_rank_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, "
+      "Tensor log_theta, float scale, float bandwidth) -> (Tensor, Tensor)");
+  // Returns (dx or empty, dA, dB, dlog_theta [r]).
+  m.def(
+      "jump_rank_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor A, Tensor B, "
+      "Tensor log_theta, Tensor h, float scale, float bandwidth, bool need_dx) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // ELLA: ‖scale J(B A) ⊙ W_past‖², W_past [n, k], hard mask; bwd returns (dA, dB) times grad.
+  m.def("ella_penalty(Tensor A, Tensor B, Tensor log_theta, Tensor W_past, float scale) -> Tensor");
+  m.def(
+      "ella_penalty_bwd(Tensor grad, Tensor A, Tensor B, Tensor log_theta, Tensor W_past, "
+      "float scale) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -396,3 +396,38 @@ def test_secura_kfac_factors_follow_the_parameter_orientation():
         p = dict(model.named_parameters())[n]
         got -= reg.n_samples * fastcur.ops.kfac_penalty((p - reg.anchors[n]).detach(), *reg.factors[n])
     torch.testing.assert_close(got, explicit.to(got.dtype), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("gate", ["rank", "weight"])
+def test_jumplora_adapters_diag_fisher_equals_torch_func(gate):
+    torch.manual_seed(0)
+    model = nn.Sequential(fastcur.JumpLoRALinear.from_linear(nn.Linear(6, 5), rank=3, gate=gate, f=0.0),
+                          nn.Tanh(), fastcur.LoRALinear(5, 4, rank=2)).double()
+    with torch.no_grad():
+        model[0].lora_B.weight.normal_()
+        model[0].lora_A.weight.normal_()
+        model[0].threshold.log_theta.fill_(-0.5)  # θ ≈ 0.6: the rank gate closes on some channels
+        model[2].lora_B.weight.normal_()
+    model[0].threshold.log_theta.requires_grad_(False)
+    batches = data()
+    reg = fastcur.LaplaceRegularizer(model, kind="diag", prior_precision=0.5).fit(batches, loss_mean, progress=False)
+    assert sorted(reg._adapter_tensors()) == ["0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight",
+                                             "2.lora_B.weight"]
+    # torch.func cannot vmap the gates' straight-through autograd Functions: the per-example
+    # truth here is one plain backward per example.
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    want = {n: torch.zeros_like(p) for n, p in params.items()}
+    with fastcur.use_backend("reference"):
+        for x, y in batches:
+            for e in range(x.shape[0]):
+                g = torch.autograd.grad(example_loss(model(x[e:e + 1])[0], y[e]), list(params.values()))
+                for n, ge in zip(params, g):
+                    want[n] += ge.square()
+    for name, F in want.items():
+        torch.testing.assert_close(reg.precisions[name].double(), F + 0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_jumplora_weight_gate_with_open_schedule_is_refused_clearly():
+    model = nn.Sequential(fastcur.JumpLoRALinear.from_linear(nn.Linear(6, 4), rank=2, f=0.5)).double()
+    with pytest.raises(ValueError, match="weight gate with f = 0.5 > 0"):
+        fastcur.LaplaceRegularizer(model).fit(data(n_batches=1), loss_mean, progress=False)

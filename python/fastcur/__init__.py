@@ -8,11 +8,14 @@
 from . import ops
 from .backend import get_backend, set_backend, use_backend
 from .info import info
+from .inclora import IncLoRA, ella_penalty
 from .lalora import LaplaceRegularizer
-from .modules import AdapterLinear, CURLoRALinear, LoRALinear, MergeSchedule, SecuraLinear
+from .modules import (AdapterLinear, CURLoRALinear, JumpLoRALinear, JumpThreshold, LoRALinear,
+                      MergeSchedule, SecuraLinear, f_schedule, reset_thresholds)
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "ops", "info", "get_backend", "set_backend", "use_backend",
-           "AdapterLinear", "CURLoRALinear", "LoRALinear", "LaplaceRegularizer", "MergeSchedule",
-           "SecuraLinear"]
+           "AdapterLinear", "LoRALinear", "CURLoRALinear", "SecuraLinear", "MergeSchedule",
+           "JumpLoRALinear", "JumpThreshold", "IncLoRA", "ella_penalty", "f_schedule",
+           "reset_thresholds", "LaplaceRegularizer"]

@@ -1,0 +1,253 @@
+"""Benchmark of JumpLoRA (SPEC §4): jump_linear / jump_rank_linear through JumpLoRALinear,
+against the floor and the baselines.
+
+    fastcur bench jumplora [--quick] [--dtype float32] [--shapes 2048,2048,2048,8] ...
+    python benchmarks/bench_jumplora.py [same arguments]
+
+Providers (each a layer `y = x W^T + b (+ adapter)` with a bias, W frozen; in fwd+bwd the
+adapter's A, B and log_theta are trained, x requires grad):
+  nn.Linear (frozen)        the floor: x W^T and dy W, nothing else
+  JumpLoRALinear (weight)   fastcur's module, gate="weight", f = 1, θ from the exact reset
+                            (about numel(A) + numel(B) entries of Z survive), auto backend
+  JumpLoRALinear (rank)     gate="rank" (the cheaper variant), auto backend
+  reference (unfused)       fastcur.ops.reference.jump_linear: B A, the straight-through
+                            JumpReLU, the interpolation and W + ΔW as separate n x k tensors,
+                            one F.linear, plain autograd
+  seed-code-style           the released JumpLoRA code's pattern: delta_W = B A, JumpReLU as
+                            two autograd Functions (the positive and the negative side),
+                            the interpolation f J + (1 - f) Z, and x @ delta_W^T as a second
+                            full GEMM next to the base layer
+  PEFT LoRA                 peft's LoRA layer at the same rank (no gating)
+Shape fields: M tokens, n out features, k in features, r rank.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if __package__ in (None, ""):          # run as a script: use the installed package's runner
+    from fastcur.benchmarks.runner import Benchmark, Case, Prepared, main
+else:
+    from .runner import Benchmark, Case, Prepared, main
+
+FLOOR = "nn.Linear (frozen)"
+FOCUS = "JumpLoRALinear (weight)"
+RANK_GATE = "JumpLoRALinear (rank)"
+REFERENCE = "reference (unfused)"
+SEED_CODE = "seed-code-style"
+PEFT_LORA = "PEFT LoRA"
+ALPHA = 32.0
+F_VALUE = 1.0
+BANDWIDTH = 1e-3
+
+
+@functools.lru_cache(maxsize=1)
+def _host_data(M: int, n: int, k: int, r: int, seed: int):
+    """W [n, k], b [n], x [M, k], A [r, k], B [n, r] (float32, CPU), shared by the providers."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, k, generator=g) / math.sqrt(k)
+    b = torch.randn(n, generator=g) * 0.1
+    x = torch.randn(M, k, generator=g)
+    A = torch.randn(r, k, generator=g) / math.sqrt(k)
+    B = torch.randn(n, r, generator=g) * 0.02      # a trained-looking, nonzero B
+    return W, b, x, A, B
+
+
+def _linear(case: Case) -> tuple[nn.Linear, torch.Tensor]:
+    M, n, k, r = (case.shape[f] for f in ("M", "n", "k", "r"))
+    W, b, x, _, _ = _host_data(M, n, k, r, case.seed)
+    lin = nn.Linear(k, n, bias=True, device=case.device, dtype=case.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        lin.bias.copy_(b)
+    lin.requires_grad_(False)
+    x = x.to(device=case.device, dtype=case.dtype).requires_grad_(case.requires_grad)
+    return lin, x
+
+
+def _jump_module(case: Case, gate: str):
+    import fastcur
+
+    lin, x = _linear(case)
+    M, n, k, r = (case.shape[f] for f in ("M", "n", "k", "r"))
+    _, _, _, A, B = _host_data(M, n, k, r, case.seed)
+    module = fastcur.JumpLoRALinear.from_linear(lin, rank=r, alpha=ALPHA, gate=gate, f=F_VALUE,
+                                                bandwidth=BANDWIDTH)
+    with torch.no_grad():
+        module.lora_A.weight.copy_(A)
+        module.lora_B.weight.copy_(B)
+        if gate == "weight":
+            fastcur.reset_thresholds([module])
+        else:   # θ_j at the median of h_j: half of each rank channel passes
+            h = x.detach()[:256] @ module.lora_A.weight.T
+            module.threshold.log_theta.copy_(h.median(0).values.clamp_min(1e-6).log())
+    return module, x
+
+
+def _trainable(module, x, case):
+    if not case.requires_grad:
+        return []
+    return [x, module.lora_A.weight, module.lora_B.weight, module.threshold.log_theta]
+
+
+def nn_linear(case: Case) -> Prepared:
+    lin, x = _linear(case)
+    return Prepared(lambda: lin(x), leaves=[x])
+
+
+def _jump(case: Case, gate: str) -> Prepared:
+    from fastcur.backend import resolve
+
+    module, x = _jump_module(case, gate)
+    op = "jump_linear" if gate == "weight" else "jump_rank_linear"
+    return Prepared(lambda: module(x), leaves=_trainable(module, x, case),
+                    note=f"backend={resolve(op, case.device)}")
+
+
+def jump_weight(case: Case) -> Prepared:
+    return _jump(case, "weight")
+
+
+def jump_rank(case: Case) -> Prepared:
+    return _jump(case, "rank")
+
+
+def reference_unfused(case: Case) -> Prepared:
+    from fastcur.ops import reference
+
+    module, x = _jump_module(case, "weight")
+    W, b, A, B, lt = (module.weight, module.bias, module.lora_A.weight, module.lora_B.weight,
+                      module.threshold.log_theta)
+    s = module.scaling
+    return Prepared(lambda: reference.jump_linear(x, W, b, A, B, lt, s, F_VALUE, BANDWIDTH),
+                    leaves=_trainable(module, x, case))
+
+
+def _rect(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLUFunction(torch.autograd.Function):
+    """The released code's JumpReLU: z 1[z > θ], straight-through θ gradient (mean)."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        z_grad = (z > threshold).to(z.dtype) * grad
+        t_grad = (-(threshold / bw) * _rect((z - threshold) / bw) * grad).mean()
+        return z_grad, t_grad, None
+
+
+class _NegJumpReLUFunction(torch.autograd.Function):
+    """The negative side: z 1[z < −θ], straight-through θ gradient (mean)."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z < -threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        z_grad = (z < -threshold).to(z.dtype) * grad
+        t_grad = ((threshold / bw) * _rect((-z - threshold) / bw) * grad).mean()
+        return z_grad, t_grad, None
+
+
+def seed_code_style(case: Case) -> Prepared:
+    module, x = _jump_module(case, "weight")
+    W, b, A, B, lt = (module.weight, module.bias, module.lora_A.weight, module.lora_B.weight,
+                      module.threshold.log_theta)
+    s = module.scaling
+
+    def forward():
+        delta_W = B @ A
+        theta = lt.exp()
+        jumped = (_JumpReLUFunction.apply(delta_W, theta, BANDWIDTH)
+                  + _NegJumpReLUFunction.apply(delta_W, theta, BANDWIDTH))
+        delta_W = F_VALUE * jumped + (1 - F_VALUE) * delta_W
+        return F.linear(x, W, b) + x @ (s * delta_W).T
+
+    return Prepared(forward, leaves=_trainable(module, x, case),
+                    note="delta_W = B A, two JumpReLU Functions, second full GEMM")
+
+
+class _Holder(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def peft_lora(case: Case) -> Prepared:
+    import peft
+    from peft import LoraConfig, get_peft_model
+
+    lin, x = _linear(case)
+    r = case.shape["r"]
+    config = LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["proj"], bias="none")
+    model = get_peft_model(_Holder(lin), config, autocast_adapter_dtype=False)
+    layer = model.base_model.model.proj
+    g = torch.Generator().manual_seed(case.seed + 3)
+    with torch.no_grad():
+        Bw = layer.lora_B["default"].weight
+        Bw.copy_((torch.randn(Bw.shape, generator=g) * 0.02).to(Bw.dtype))
+    params = [p for p in model.parameters() if p.requires_grad]
+    leaves = [x, *params] if case.requires_grad else []
+    return Prepared(lambda: layer(x), leaves=leaves, note=f"peft {peft.__version__}")
+
+
+def flops(case: Case) -> float:
+    """The floor's useful work: x W^T (2 M n k), plus dy W (2 M n k) in fwd+bwd."""
+    M, n, k = case.shape["M"], case.shape["n"], case.shape["k"]
+    return 2.0 * M * n * k * (2 if case.mode == "fwd+bwd" else 1)
+
+
+FULL_SHAPES = [(M, nk, nk, r) for M in (512, 2048) for nk in (1024, 2048, 4096) for r in (8, 16)]
+QUICK_SHAPES = [(512, 1024, 1024, 8), (2048, 2048, 2048, 8)]
+
+BENCHMARK = Benchmark(
+    name="jumplora",
+    description="JumpLoRA linear layer y = x (W + ΔW)^T + b, ΔW = s (f J(B A) + (1-f) B A) "
+                "(SPEC §4), x [M, k], W [n, k], rank r; rank-gated variant alongside",
+    providers={
+        FLOOR: nn_linear,
+        FOCUS: jump_weight,
+        RANK_GATE: jump_rank,
+        REFERENCE: reference_unfused,
+        SEED_CODE: seed_code_style,
+        PEFT_LORA: peft_lora,
+    },
+    floor=FLOOR,
+    focus=FOCUS,
+    baselines=(SEED_CODE, PEFT_LORA),
+    shape_fields=("M", "n", "k", "r"),
+    shapes=FULL_SHAPES,
+    quick_shapes=QUICK_SHAPES,
+    dtypes=("float32", "bfloat16"),
+    quick_dtypes=("float32",),
+    modes=("fwd", "fwd+bwd"),
+    flops=flops,
+    details={"bias": True, "alpha": ALPHA, "f": F_VALUE, "bandwidth": BANDWIDTH,
+             "theta": "exact reset (weight gate); per-channel median of h (rank gate)"},
+)
+
+
+if __name__ == "__main__":
+    sys.exit(main(["jumplora", *sys.argv[1:]]))

@@ -1,0 +1,122 @@
+// jump_linear on CUDA (SPEC §4): the row-block schedule of csrc/jump_linear.h with cuBLAS
+// GEMMs through ATen and two elementwise tile kernels; θ = exp(log_theta) is read on the
+// device (no host sync), the θ gradient is a block reduction plus one atomicAdd per block.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "jump_linear.h"
+#include "jump_common.cuh"
+
+namespace fastcur {
+namespace {
+
+using jump_cuda::kThreads;
+
+// Tile of Z / dy^T x per block of W's rows: 4 Mi elements, enough rows for cuBLAS to fill
+// the GPU while bounding the tile to 16 MB in float32.
+constexpr int64_t kTileElems = int64_t{1} << 22;
+
+template <typename scalar_t, typename acc_t>
+__global__ void build_weff_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ W,
+                                  const acc_t* __restrict__ Z, const scalar_t* __restrict__ lt,
+                                  acc_t s, acc_t f, int64_t N) {
+  const acc_t th = exp(static_cast<acc_t>(lt[0]));
+  const acc_t soft = s * (acc_t(1) - f);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
+    const acc_t z = Z[i];
+    out[i] = static_cast<scalar_t>(static_cast<acc_t>(W[i]) + (fabs(z) > th ? s : soft) * z);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void grad_tile_kernel(acc_t* __restrict__ dZ, const scalar_t* __restrict__ T,
+                                 const acc_t* __restrict__ Z, const scalar_t* __restrict__ lt,
+                                 acc_t s, acc_t f, acc_t inv_eps, acc_t* __restrict__ th_acc,
+                                 int64_t N) {
+  const acc_t th = exp(static_cast<acc_t>(lt[0]));
+  const acc_t soft = acc_t(1) - f;
+  acc_t local = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
+    const acc_t z = Z[i];
+    const acc_t g = s * static_cast<acc_t>(T[i]);
+    dZ[i] = fabs(z) > th ? g : g * soft;
+    const acc_t u1 = fabs((z - th) * inv_eps), u2 = fabs((-z - th) * inv_eps);
+    local += g * (acc_t(u2 < acc_t(0.5)) - acc_t(u1 < acc_t(0.5)));
+  }
+  const acc_t total = jump_cuda::block_sum(local);
+  // th_acc += f (θ/ε) Σ ...
+  if (threadIdx.x == 0) atomicAdd(th_acc, total * f * th * inv_eps);
+}
+
+void build_weff_cuda(at::Tensor& out, const at::Tensor& W, const at::Tensor& Z,
+                     const at::Tensor& log_theta, double s, double f) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t N = out.numel();
+  if (N == 0) return;
+  const at::Tensor lt = log_theta.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fastcur_jump_weff_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    build_weff_kernel<scalar_t, acc_t><<<jump_cuda::grid_for(N), kThreads, 0,
+                                         at::cuda::getCurrentCUDAStream()>>>(
+        out.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), Z.data_ptr<acc_t>(),
+        lt.data_ptr<scalar_t>(), static_cast<acc_t>(s), static_cast<acc_t>(f), N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void grad_tile_cuda(at::Tensor& dZ, const at::Tensor& T, const at::Tensor& Z,
+                    const at::Tensor& log_theta, double s, double f, double eps,
+                    at::Tensor& th_acc) {
+  const c10::cuda::CUDAGuard guard(T.device());
+  const int64_t N = T.numel();
+  if (N == 0) return;
+  const at::Tensor lt = log_theta.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T.scalar_type(), "fastcur_jump_grad_tile_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    grad_tile_kernel<scalar_t, acc_t><<<jump_cuda::grid_for(N), kThreads, 0,
+                                        at::cuda::getCurrentCUDAStream()>>>(
+        dZ.data_ptr<acc_t>(), T.data_ptr<scalar_t>(), Z.data_ptr<acc_t>(), lt.data_ptr<scalar_t>(),
+        static_cast<acc_t>(s), static_cast<acc_t>(f), static_cast<acc_t>(1.0 / eps),
+        th_acc.data_ptr<acc_t>(), N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor finish_theta(const at::Tensor& th_acc, const at::Tensor& log_theta, double denom) {
+  return (th_acc * log_theta.to(th_acc.scalar_type()).reshape({}).exp() / denom)
+      .to(log_theta.scalar_type())
+      .reshape(log_theta.sizes());
+}
+
+at::Tensor jump_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& A,
+                            const at::Tensor& B, const at::Tensor& log_theta, double scale,
+                            double f, double /*bandwidth*/, bool /*mean*/) {
+  return jump_linear_forward(x, weight, bias, A, B, log_theta, scale, f, kTileElems,
+                             build_weff_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& log_theta, double scale, double f, double bandwidth,
+    bool mean, bool need_dx, bool need_adapter) {
+  return jump_linear_backward(grad_y, x, weight, A, B, log_theta, scale, f, bandwidth, mean,
+                              need_dx, need_adapter, kTileElems, build_weff_cuda, grad_tile_cuda,
+                              finish_theta);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcur, CUDA, m) {
+  m.impl("jump_linear", &jump_linear_cuda);
+  m.impl("jump_linear_bwd", &jump_linear_bwd_cuda);
+}
+
+}  // namespace fastcur

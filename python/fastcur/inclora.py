@@ -1,0 +1,188 @@
+"""IncLoRA with JumpLoRA adapters and the ELLA penalty (SPEC §4): the continual-learning
+manager that gives every task fresh adapters and folds each task's sparse update into W.
+
+    manager = fastcur.IncLoRA(model, target_modules=["q_proj", "v_proj"], ella_lambda=0.1)
+    for task in tasks:
+        params = manager.start_task(total_steps=len(task))
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        for batch in task:
+            loss = task_loss(model, batch) + manager.penalty()
+            loss.backward(); opt.step(); opt.zero_grad()
+            manager.step()              # advances f; resets θ at the first step with f > 0
+        manager.end_task()              # W += sparse ΔW (f = 1), W_past += ΔW, adapters removed
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .modules.jump_lora_linear import (DEFAULT_LOG_THETA, SCOPES, JumpLoRALinear, JumpThreshold,
+                                       f_schedule, reset_thresholds)
+
+
+def ella_penalty(model: nn.Module) -> torch.Tensor:
+    """ELLA's P = Σ_layers ‖ΔW_t ⊙ W_past‖_F² / num_layers over the weight-gated JumpLoRALinear
+    layers of `model` that hold a W_past (hard mask; no gradient to θ). 0 when there are none."""
+    layers = [m for m in model.modules()
+              if isinstance(m, JumpLoRALinear) and m.gate == "weight" and m.W_past is not None]
+    if not layers:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=None if p is None else p.device)
+    return sum(m.ella_penalty() for m in layers) / len(layers)
+
+
+def _block_of(name: str) -> str:
+    """The block a layer belongs to: its path up to the last integer component
+    (`model.layers.3.self_attn.q_proj` -> `model.layers.3`), else its parent's path."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:-1])
+
+
+class IncLoRA:
+    """Incremental LoRA with JumpLoRA adapters (SPEC §4), optionally with ELLA.
+
+    Args:
+        model: any nn.Module; its nn.Linear layers named by `target_modules` get adapters.
+        target_modules: None (every nn.Linear), a list of names (a layer matches when its
+            full name equals one or ends with "." + one, as PEFT), or a regex string
+            (full match).
+        rank, alpha: of every adapter (s = alpha / r; SPEC: 8 and 32).
+        scope: "global" (one θ for all layers, default), "per_block" or "per_layer".
+        ella_lambda: weight of the ELLA penalty (0 = plain IncLoRA; then no W_past is kept).
+        bandwidth, reduction: of the straight-through θ gradient.
+        f_start, f_end: the f schedule (0 before f_start of the steps, 1 after f_end).
+        init_log_theta: θ's log at the start of each task (-4.7).
+
+    Only the weight gate is supported: a rank-gated adapter has no weight-space ΔW to merge.
+    """
+
+    def __init__(self, model: nn.Module, target_modules=None, *, rank: int = 8, alpha: float = 32.0,
+                 scope: str = "global", ella_lambda: float = 0.0, bandwidth: float = 1e-3,
+                 reduction: str = "mean", f_start: float = 0.2, f_end: float = 0.8,
+                 init_log_theta: float = DEFAULT_LOG_THETA):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"fastcur.IncLoRA: model must be an nn.Module, got {type(model).__name__}")
+        if scope not in SCOPES:
+            raise ValueError(f"fastcur.IncLoRA: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        if not isinstance(ella_lambda, (int, float)) or ella_lambda < 0:
+            raise ValueError(f"fastcur.IncLoRA: ella_lambda must be a float >= 0, got {ella_lambda!r}")
+        if not 0.0 <= f_start <= f_end <= 1.0:
+            raise ValueError(f"fastcur.IncLoRA: need 0 <= f_start <= f_end <= 1, got {f_start}, {f_end}")
+        self.model, self.scope, self.ella_lambda = model, scope, float(ella_lambda)
+        self.options = dict(rank=rank, alpha=alpha, bandwidth=bandwidth, reduction=reduction)
+        self.f_start, self.f_end, self.init_log_theta = f_start, f_end, init_log_theta
+        self.names = self._targets(target_modules)
+        if not self.names:
+            raise ValueError(f"fastcur.IncLoRA: no nn.Linear layer of the model matches target_modules={target_modules!r}")
+        self.W_past: dict[str, torch.Tensor] = {}
+        self._originals: dict[str, nn.Linear] = {}
+        self.task = 0                 # tasks finished
+        self.active = False
+        self._step, self._total, self._reset_done = 0, 0, False
+
+    def _targets(self, target_modules) -> list[str]:
+        names = []
+        for name, module in self.model.named_modules():
+            if not isinstance(module, nn.Linear) or not name:
+                continue
+            if target_modules is None:
+                ok = True
+            elif isinstance(target_modules, str):
+                ok = re.fullmatch(target_modules, name) is not None
+            else:
+                ok = any(name == t or name.endswith("." + t) for t in target_modules)
+            if ok:
+                names.append(name)
+        return names
+
+    def _set(self, name: str, module: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, module)
+
+    def layers(self) -> dict[str, JumpLoRALinear]:
+        """The adapted layers of the current task, by name (empty between tasks)."""
+        return {n: self.model.get_submodule(n) for n in self.names} if self.active else {}
+
+    # -- a task ----------------------------------------------------------------------------------
+    def start_task(self, total_steps: int | None = None) -> list[nn.Parameter]:
+        """Wrap every target layer with a fresh JumpLoRALinear (new A, B and θ) and return the
+        trainable parameters. `total_steps` drives the f schedule through `step()`; None keeps
+        f = 1 for the whole task (and no reset)."""
+        if self.active:
+            raise RuntimeError("fastcur.IncLoRA.start_task: a task is active; call end_task() first")
+        shared: dict[str, JumpThreshold] = {}
+        for name in self.names:
+            lin = self.model.get_submodule(name)
+            key = {"global": "", "per_block": _block_of(name), "per_layer": name}[self.scope]
+            if key not in shared:
+                shared[key] = JumpThreshold(None, self.init_log_theta, device=lin.weight.device,
+                                            dtype=lin.weight.dtype)
+            layer = JumpLoRALinear.from_linear(lin, threshold=shared[key], **self.options)
+            self._originals[name] = lin   # the original module, put back at end_task
+            if self.ella_lambda > 0 and name in self.W_past:
+                layer.set_w_past(self.W_past[name])
+            self._set(name, layer)
+        self.active = True
+        self._step, self._total, self._reset_done = 0, int(total_steps or 0), False
+        self._apply_f()
+        return self.parameters()
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The current task's trainable parameters (A, B of every layer, each θ once)."""
+        seen, out = set(), []
+        for layer in self.layers().values():
+            for p in (layer.lora_A.weight, layer.lora_B.weight, layer.threshold.log_theta):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    @property
+    def f(self) -> float:
+        return f_schedule(self._step, self._total, self.f_start, self.f_end) if self._total else 1.0
+
+    def _apply_f(self) -> None:
+        f = self.f
+        for layer in self.layers().values():
+            layer.f = f
+        if self._total and f > 0 and not self._reset_done:
+            reset_thresholds(list(self.layers().values()))
+            self._reset_done = True
+
+    def step(self) -> float:
+        """Advance the schedule by one training step; returns the f the next forward uses.
+        At the first step with f > 0 the thresholds are reset exactly (SPEC §4)."""
+        if not self.active:
+            raise RuntimeError("fastcur.IncLoRA.step: no active task; call start_task() first")
+        self._step += 1
+        self._apply_f()
+        return self.f
+
+    def penalty(self) -> torch.Tensor:
+        """ella_lambda · ELLA penalty of the model (a 0 tensor when ella_lambda is 0)."""
+        if self.ella_lambda == 0 or not self.active:
+            return torch.zeros((), device=next(self.model.parameters()).device)
+        return self.ella_lambda * ella_penalty(self.model)
+
+    @torch.no_grad()
+    def end_task(self) -> None:
+        """Merge every layer's sparse ΔW (f = 1) into W, add it to W_past (with ELLA), and
+        put the plain nn.Linear layers back."""
+        if not self.active:
+            raise RuntimeError("fastcur.IncLoRA.end_task: no active task")
+        for name, layer in self.layers().items():
+            delta = layer.delta_weight(f=1.0)
+            lin = self._originals.pop(name)
+            lin.weight.add_(delta.to(lin.weight.dtype))
+            if self.ella_lambda > 0:
+                past = self.W_past.get(name)
+                self.W_past[name] = delta if past is None else past + delta
+            self._set(name, lin)
+        self.active = False
+        self.task += 1

@@ -1,0 +1,103 @@
+"""ella_penalty (SPEC §4 and §7): `‖scale J(B A) ⊙ W_past‖_F²`, the ELLA term of one layer.
+
+The mask 1[|Z| > θ] is hard: no gradient reaches log_theta. The kernels recompute Z = B A
+one block of rows at a time and contract the gradient tile with A and B right away, so no
+n x k intermediate exists beyond one tile (W_past itself is the only n x k input).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .. import _extension
+from ..backend import resolve
+from . import reference
+from ._checks import ArgChecker
+from .jump_linear import check_factors, check_options, check_scalar_theta
+
+
+def _fwd_fake(A, B, log_theta, W_past, scale):
+    return W_past.new_empty(())
+
+
+def _bwd_fake(grad, A, B, log_theta, W_past, scale):
+    return A.new_empty(A.shape), B.new_empty(B.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    A, B, log_theta, W_past, scale = inputs
+    ctx.save_for_backward(A, B, log_theta, W_past)
+    ctx.scale = scale
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad):
+        A, B, log_theta, W_past = ctx.saved_tensors
+        need_a, need_b, _need_th, need_w = ctx.needs_input_grad[:4]
+        s = ctx.scale
+        dA = dB = dW = None
+        if need_a or need_b:
+            dA, dB = bwd_op(grad, A, B, log_theta, W_past, s)
+        if need_w:  # the gradient of W_past is n x k by nature; plain path
+            acc = torch.promote_types(W_past.dtype, torch.float32)
+            Z = B.to(acc) @ A.to(acc)
+            D = s * Z * (Z.abs() > log_theta.to(acc).exp().reshape(()))
+            dW = (2 * grad.to(acc) * D.square() * W_past.to(acc)).to(W_past.dtype)
+        # log_theta: the mask is hard, no gradient (SPEC §4).
+        return (dA if need_a else None), (dB if need_b else None), None, dW, None
+
+    return backward
+
+
+def _register(fwd: str, bwd: str) -> None:
+    torch.library.register_fake(fwd)(_fwd_fake)
+    torch.library.register_fake(bwd)(_bwd_fake)
+    ns, name = bwd.split("::")
+    bwd_op = getattr(getattr(torch.ops, ns), name).default
+    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
+
+
+if _extension.available():
+    _register("fastcur::ella_penalty", "fastcur::ella_penalty_bwd")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_op():
+    from ..triton_kernels import jump_linear as kernels
+
+    @torch.library.custom_op("fastcur::ella_penalty_triton", mutates_args=())
+    def ella_penalty_triton(A: Tensor, B: Tensor, log_theta: Tensor, W_past: Tensor, scale: float) -> Tensor:
+        return kernels.ella_penalty_fwd(A, B, log_theta, W_past, scale)
+
+    @torch.library.custom_op("fastcur::ella_penalty_triton_bwd", mutates_args=())
+    def ella_penalty_triton_bwd(grad: Tensor, A: Tensor, B: Tensor, log_theta: Tensor, W_past: Tensor,
+                                scale: float) -> tuple[Tensor, Tensor]:
+        return kernels.ella_penalty_bwd(grad, A, B, log_theta, W_past, scale)
+
+    _register("fastcur::ella_penalty_triton", "fastcur::ella_penalty_triton_bwd")
+    return torch.ops.fastcur.ella_penalty_triton.default
+
+
+def ella_penalty(A: Tensor, B: Tensor, log_theta: Tensor, W_past: Tensor, scale: float) -> Tensor:
+    """ELLA penalty of one layer (SPEC §4): `‖scale J(B A) ⊙ W_past‖_F²`.
+
+    Args:
+        A: [r, k], B: [n, r] the current task's factors; log_theta: [] (or [1]).
+        W_past: [n, k] the sum of the earlier tasks' merged updates.
+        scale: s.
+    Returns:
+        [] in W_past's dtype. Differentiable in A, B (and W_past); not in log_theta.
+    """
+    c = ArgChecker("ella_penalty")
+    c.tensor("W_past", W_past, (None, None), dims="(n, k)", anchor=True)
+    n, k = W_past.shape
+    check_factors(c, A, B, n, k)
+    check_scalar_theta(c, log_theta)
+    check_options("ella_penalty", scale)
+    backend = resolve("ella_penalty", W_past.device)
+    if backend == "reference":
+        return reference.ella_penalty(A, B, log_theta, W_past, scale)
+    op = torch.ops.fastcur.ella_penalty.default if backend == "cpp" else _triton_op()
+    return op(A, B, log_theta, W_past, float(scale))

@@ -1,0 +1,157 @@
+"""jump_linear (SPEC §4 and §7): weight-gated JumpLoRA, `x (W + ΔW)^T + b` with
+`ΔW = scale (f J(B A) + (1 - f) B A)`, `J(Z) = Z 1[|Z| > θ]`, `θ = exp(log_theta)`.
+
+Flow as cur_linear: checks, backend, then `torch.ops.fastcur.jump_linear` (C++ CPU/CUDA) or
+`torch.ops.fastcur.jump_linear_triton`; one fake and one autograd formula for both, the
+backward calls the `_bwd` op, which contracts `dy^T x` with A and B one tile of W's rows at a
+time (no n x k gradient is ever held), with the straight-through θ gradient of SPEC §4.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _extension
+from ..backend import resolve
+from . import reference
+from ._checks import ArgChecker
+
+REDUCTIONS = ("mean", "sum")
+
+
+def _fwd_fake(x, weight, bias, A, B, log_theta, scale, f, bandwidth, mean):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _bwd_fake(grad_y, x, weight, A, B, log_theta, scale, f, bandwidth, mean, need_dx, need_adapter):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, A.new_empty(A.shape), B.new_empty(B.shape), log_theta.new_empty(log_theta.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, A, B, log_theta, scale, f, bandwidth, mean = inputs
+    ctx.save_for_backward(x, weight, A, B, log_theta)
+    ctx.args = (scale, f, bandwidth, mean)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_y):
+        x, weight, A, B, log_theta = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb, need_th = ctx.needs_input_grad[:6]
+        scale, f, bandwidth, mean = ctx.args
+        dx = dA = dB = dth = None
+        need_adapter = need_a or need_bb or need_th
+        if need_x or need_adapter:
+            dx, dA, dB, dth = bwd_op(grad_y, x, weight, A, B, log_theta, scale, f, bandwidth, mean,
+                                     need_x, need_adapter)
+        dW = grad_y.mT.mm(x) if need_w else None     # [n, k]: the gradient of W itself
+        db = grad_y.sum(0) if need_b else None
+        return ((dx if need_x else None), dW, db, (dA if need_a else None), (dB if need_bb else None),
+                (dth if need_th else None), None, None, None, None)
+
+    return backward
+
+
+def _register(fwd: str, bwd: str) -> None:
+    torch.library.register_fake(fwd)(_fwd_fake)
+    torch.library.register_fake(bwd)(_bwd_fake)
+    ns, name = bwd.split("::")
+    bwd_op = getattr(getattr(torch.ops, ns), name).default
+    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
+
+
+if _extension.available():
+    _register("fastcur::jump_linear", "fastcur::jump_linear_bwd")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_op():
+    """Define (once, on first use) the custom ops around the Triton launchers."""
+    from ..triton_kernels import jump_linear as kernels
+
+    @torch.library.custom_op("fastcur::jump_linear_triton", mutates_args=())
+    def jump_linear_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+                           log_theta: Tensor, scale: float, f: float, bandwidth: float,
+                           mean: bool) -> Tensor:
+        return kernels.jump_linear_fwd(x, weight, bias, A, B, log_theta, scale, f)
+
+    @torch.library.custom_op("fastcur::jump_linear_triton_bwd", mutates_args=())
+    def jump_linear_triton_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
+                               log_theta: Tensor, scale: float, f: float, bandwidth: float,
+                               mean: bool, need_dx: bool,
+                               need_adapter: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return kernels.jump_linear_bwd(grad_y, x, weight, A, B, log_theta, scale, f, bandwidth,
+                                       mean, need_dx, need_adapter)
+
+    _register("fastcur::jump_linear_triton", "fastcur::jump_linear_triton_bwd")
+    return torch.ops.fastcur.jump_linear_triton.default
+
+
+def check_scalar_theta(c: ArgChecker, log_theta) -> None:
+    c.tensor("log_theta", log_theta)
+    if log_theta.dim() > 1 or log_theta.numel() != 1:
+        c.fail(f"argument 'log_theta' must be a scalar tensor (shape () or (1,)), got {tuple(log_theta.shape)}")
+
+
+def check_factors(c: ArgChecker, A, B, n: int, k: int) -> int:
+    c.tensor("A", A, (None, k), dims="(r, k)")
+    r = A.shape[0]
+    c.tensor("B", B, (n, r), dims="(n, r)")
+    return r
+
+
+def check_options(fn: str, scale, f=None, bandwidth=None, reduction=None) -> None:
+    c = ArgChecker(fn)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        c.fail(f"argument 'scale' must be a float, got {type(scale).__name__}", TypeError)
+    if f is not None and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 <= f <= 1.0):
+        c.fail(f"argument 'f' must be a float in [0, 1], got {f!r}")
+    if bandwidth is not None and (not isinstance(bandwidth, (int, float)) or not bandwidth > 0):
+        c.fail(f"argument 'bandwidth' must be a float > 0, got {bandwidth!r}")
+    if reduction is not None and reduction not in REDUCTIONS:
+        c.fail(f"argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _check(x, weight, bias, A, B, log_theta) -> None:
+    c = ArgChecker("jump_linear")
+    c.tensor("weight", weight, (None, None), dims="(n, k)", anchor=True)
+    n, k = weight.shape
+    c.tensor("x", x, min_dim=1)
+    if x.shape[-1] != k:
+        c.fail(f"argument 'x' must have last dimension k = {k} (weight is {tuple(weight.shape)}), "
+               f"got shape {tuple(x.shape)}")
+    check_factors(c, A, B, n, k)
+    check_scalar_theta(c, log_theta)
+    c.tensor("bias", bias, (n,), dims="(n,)", optional=True)
+
+
+def jump_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+                log_theta: Tensor, scale: float, f: float = 1.0, bandwidth: float = 1e-3,
+                reduction: str = "mean") -> Tensor:
+    """Weight-gated JumpLoRA linear layer (SPEC §4): `x (W + ΔW)^T + b`.
+
+    Args:
+        x: [..., k] activations (any leading dimensions).
+        weight: [n, k] frozen base weight W; bias: [n] or None.
+        A: [r, k], B: [n, r] the LoRA factors, Z = B A (never stored whole by the kernels).
+        log_theta: [] (or [1]) the threshold's log, θ = exp(log_theta).
+        scale: s; f: the schedule value in [0, 1] (0: plain LoRA, 1: exactly sparse),
+            ΔW = s (f J(Z) + (1 - f) Z), J(Z) = Z 1[|Z| > θ].
+        bandwidth: ε of the straight-through rectangle kernel K(u) = 1[|u| < 1/2].
+        reduction: "mean" (the released code: the θ term averaged over the n k entries) or
+            "sum" (the Jumping-Ahead convention).
+    Returns:
+        [..., n] in x's dtype. Differentiable in x, weight, bias, A, B and log_theta.
+    """
+    _check(x, weight, bias, A, B, log_theta)
+    check_options("jump_linear", scale, f, bandwidth, reduction)
+    backend = resolve("jump_linear", x.device)
+    if backend == "reference":
+        return reference.jump_linear(x, weight, bias, A, B, log_theta, scale, f, bandwidth, reduction)
+    op = torch.ops.fastcur.jump_linear.default if backend == "cpp" else _triton_op()
+    y = op(x.reshape(-1, x.shape[-1]), weight, bias, A, B, log_theta, float(scale), float(f),
+           float(bandwidth), reduction == "mean")
+    return y.reshape(*x.shape[:-1], weight.shape[0])

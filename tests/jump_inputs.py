@@ -1,0 +1,109 @@
+"""Inputs for the JumpLoRA tests: thresholds placed where the tests need them.
+
+`gap=True` puts θ in a gap of the |Z| (or h) values, at least `margin` (relative) away from
+every value, with log_theta exactly representable in bfloat16: then no backend, at any
+dtype, can disagree with the float64 truth about which entries pass the gate. `gap=False`
+puts θ at the median and returns a wide bandwidth, so that many entries fall inside the
+straight-through kernel's window (float32/float64 tests of the θ gradient).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _bf16_exact(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).double()
+
+
+def place_theta(values: torch.Tensor, *, gap: bool, margin: float = 0.012, lo: float = 0.5,
+                hi: float = 1.0):
+    """(log_theta [] float64, bandwidth, achieved margin) for the non-negative `values`."""
+    v = values.flatten().double().sort().values
+    if not gap:
+        theta = v[v.numel() // 2].item()
+        lt = _bf16_exact(torch.tensor(theta).log())
+        return lt, 0.4 * lt.exp().item(), 0.0
+    a, b = int(lo * (v.numel() - 1)), max(int(hi * (v.numel() - 1)), int(lo * (v.numel() - 1)) + 1)
+    b = min(b, v.numel() - 1)
+    if b <= a:   # a single value: θ at 70 % of it
+        lt = _bf16_exact((0.7 * v[0]).log())
+        return lt, 0.1 * lt.exp().item(), 0.3
+    mids = (v[a:b] * v[a + 1:b + 1]).sqrt()
+    lts = _bf16_exact(mids.log())
+    ths = lts.exp()
+    pos = torch.searchsorted(v, ths).clamp(1, v.numel() - 1)
+    near = torch.minimum((v[pos] - ths).abs(), (v[pos - 1] - ths).abs()) / ths
+    # the lowest θ (most survivors) that keeps twice the margin; else the widest gap
+    good = (near >= 2 * margin).nonzero()
+    i = int(good[0]) if good.numel() else int(near.argmax())
+    m, lt = near[i].item(), lts[i]
+    # window half-width m θ / 4: no value inside it
+    return lt, 0.5 * lt.exp().item() * min(m, 1.0), m
+
+
+def jump_inputs(lead, k, n, r, *, gap: bool, seed: int = 0, bias: bool = True,
+                grads: str = "all", margin: float = 0.012):
+    """[x, W, b, A, B, log_theta] float64 masters (bf16-exact), bandwidth, margin.
+
+    With gap=True, seeds from `seed` on are tried until θ sits `margin` away from every |Z|.
+    """
+    for s in range(seed, seed + 200):
+        g = torch.Generator().manual_seed(s)
+        W = _bf16_exact(torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5)
+        x = _bf16_exact(torch.randn(*lead, k, generator=g, dtype=torch.float64))
+        b = _bf16_exact(torch.randn(n, generator=g, dtype=torch.float64)) if bias else None
+        A = _bf16_exact(torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5)
+        B = _bf16_exact(torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5)
+        lt, bw, m = place_theta((B @ A).abs(), gap=gap, margin=margin)
+        if not gap or m >= margin:
+            break
+    else:
+        raise RuntimeError("no seed gave the requested margin")
+    wants = {"all": "x W b A B t", "adapter": "x A B t", "params": "A B t"}[grads].split()
+    named = dict(x=x, W=W, b=b, A=A, B=B, t=lt)
+    for key, t in named.items():
+        if t is not None and key in wants:
+            t.requires_grad_(True)
+    return [x, W, b, A, B, lt], bw, m
+
+
+def rank_inputs(lead, k, n, r, *, gap: bool, seed: int = 0, bias: bool = True, grads: str = "all",
+                margin: float = 0.015):
+    """[x, W, b, A, B, log_theta [r]] float64 masters and the bandwidth (see module doc)."""
+    for s in range(seed, seed + 200):
+        g = torch.Generator().manual_seed(s)
+        W = _bf16_exact(torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5)
+        x = _bf16_exact(torch.randn(*lead, k, generator=g, dtype=torch.float64))
+        b = _bf16_exact(torch.randn(n, generator=g, dtype=torch.float64)) if bias else None
+        A = _bf16_exact(torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5)
+        B = _bf16_exact(torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5)
+        h = (x.reshape(-1, k) @ A.T)
+        lts, bws, ok = [], [], True
+        for j in range(r):
+            col = h[:, j]
+            # thresholds are positive: place θ_j among the positive values (or above them all)
+            pos = col[col > 0]
+            if pos.numel() < 2:
+                lt = _bf16_exact(torch.tensor(-1.0))
+                m = ((col - lt.exp()).abs() / lt.exp()).min().item() if col.numel() else 1.0
+                bw = 0.5 * m * lt.exp().item() if m < 1.0 else 1e-3
+            else:
+                lt, bw, m = place_theta(pos, gap=gap, lo=0.0, hi=1.0)
+            if gap and col.numel():
+                m = ((col - lt.exp()).abs() / lt.exp()).min().item()
+                bw = 0.5 * m * lt.exp().item()
+                ok = ok and m >= margin
+            lts.append(lt)
+            bws.append(bw)
+        if not gap or ok:
+            break
+    else:
+        raise RuntimeError("no seed gave the requested margin")
+    lt = torch.stack(lts)
+    bw = min(bws) if gap else max(bws)
+    wants = {"all": "x W b A B t", "adapter": "x A B t", "params": "A B t"}[grads].split()
+    named = dict(x=x, W=W, b=b, A=A, B=B, t=lt)
+    for key, t in named.items():
+        if t is not None and key in wants:
+            t.requires_grad_(True)
+    return [x, W, b, A, B, lt], bw

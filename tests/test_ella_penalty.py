@@ -1,0 +1,99 @@
+"""ella_penalty on every backend present: value and gradients against the float64 reference,
+the hard mask (no gradient to log_theta), opcheck, gradcheck, bad input."""
+import pytest
+import torch
+
+import fastcur
+from fastcur.ops import reference
+from fastcur.testing import check_against_reference
+
+from conftest import available_backends
+from jump_inputs import jump_inputs
+
+BACKENDS = available_backends("ella_penalty")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SHAPES = [(50, 45, 5), (16, 16, 1), (33, 70, 7), (96, 80, 16)]
+
+
+def inputs_for(k, n, r, seed=0):
+    (x, W, b, A, B, lt), _, _ = jump_inputs((1,), k, n, r, gap=True, seed=seed, grads="params")
+    W_past = (torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+              .to(torch.bfloat16).double())
+    return [A, B, lt.detach(), W_past]
+
+
+def run_backend(backend, scale):
+    def fn(A, B, lt, Wp):
+        with fastcur.use_backend(backend):
+            return fastcur.ops.ella_penalty(A, B, lt, Wp, scale)
+    return fn
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(backend, dtype, shape):
+    inputs = inputs_for(*shape, seed=sum(shape))
+    inputs[3].requires_grad_(True)
+    check_against_reference(run_backend(backend, 1.5), lambda *a: reference.ella_penalty(*a, 1.5), inputs,
+                            dtype, names="A B log_theta W_past".split())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_and_grads_match_formula_and_theta_gets_none(backend):
+    A, B, lt, Wp = inputs_for(30, 24, 3, seed=5)
+    lt = lt.clone().requires_grad_(True)
+    s = 4.0
+    P = run_backend(backend, s)(A, B, lt, Wp)
+    Z = (B @ A).detach()
+    m = (Z.abs() > lt.detach().exp()).double()
+    assert 0 < m.sum() < m.numel()
+    torch.testing.assert_close(P, (s * Z * m * Wp).square().sum(), rtol=1e-12, atol=1e-12)
+    dA, dB, dlt = torch.autograd.grad(P, [A, B, lt], allow_unused=True)
+    dZ = 2 * s * s * m * Z * Wp * Wp
+    torch.testing.assert_close(dA, B.detach().T @ dZ, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dB, dZ @ A.detach().T, rtol=1e-10, atol=1e-10)
+    assert dlt is None
+
+
+def test_gradcheck_float64():
+    for backend in BACKENDS:
+        inputs = inputs_for(7, 6, 2, seed=4)
+        inputs[3].requires_grad_(True)
+        assert torch.autograd.gradcheck(run_backend(backend, 0.5), inputs)
+
+
+def _op_args():
+    A, B, lt, Wp = inputs_for(12, 10, 3, seed=1)
+    return (A.float().requires_grad_(), B.float().requires_grad_(), lt.float(), Wp.float(), 2.0)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_opcheck_cpp():
+    torch.library.opcheck(torch.ops.fastcur.ella_penalty.default, _op_args())
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton interpreter not available")
+def test_opcheck_triton():
+    from fastcur.ops.ella_penalty import _triton_op
+    torch.library.opcheck(_triton_op(), _op_args())
+
+
+BAD = [
+    (dict(A=torch.randn(3, 13)), "argument 'A' must have shape ('*', 12)"),
+    (dict(B=torch.randn(9, 3)), "argument 'B' must have shape (10, 3)"),
+    (dict(log_theta=torch.zeros(3)), "argument 'log_theta' must be a scalar tensor"),
+    (dict(A=torch.randn(3, 12, dtype=torch.float64)), "argument 'A' must have the dtype of 'W_past'"),
+    (dict(W_past=torch.randn(10)), "argument 'W_past' must have shape ('*', '*')"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_errors(override, message):
+    args = dict(A=torch.randn(3, 12), B=torch.randn(10, 3), log_theta=torch.zeros(()),
+                W_past=torch.randn(10, 12), scale=2.0)
+    args.update(override)
+    with pytest.raises((ValueError, TypeError)) as info:
+        fastcur.ops.ella_penalty(**args)
+    assert message in str(info.value)
+    assert "fastcur.ella_penalty" in str(info.value)

@@ -1,0 +1,210 @@
+"""jump_linear on every backend present: forward and every gradient against the float64
+reference, the straight-through gradients against SPEC §4's formulas, f = 0 and f = 1,
+opcheck, gradcheck, torch.compile, odd shapes, bad input."""
+import pytest
+import torch
+
+import fastcur
+from fastcur.ops import reference
+from fastcur.testing import check_against_reference
+
+from conftest import available_backends
+from jump_inputs import jump_inputs
+
+BACKENDS = available_backends("jump_linear")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# (leading dims of x, k, n, r): odd sizes, r = 1, M = 1, 3-D inputs.
+SHAPES = [((37,), 50, 45, 5), ((1,), 16, 16, 1), ((2, 3), 33, 70, 7), ((64,), 96, 80, 16)]
+NAMES = "x W b A B log_theta".split()
+
+
+def run_backend(backend, scale, f, bw, reduction="mean"):
+    def fn(x, W, b, A, B, lt):
+        with fastcur.use_backend(backend):
+            return fastcur.ops.jump_linear(x, W, b, A, B, lt, scale, f, bw, reduction)
+    return fn
+
+
+def ref_fn(scale, f, bw, reduction="mean"):
+    return lambda x, W, b, A, B, lt: reference.jump_linear(x, W, b, A, B, lt, scale, f, bw, reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference_all_grads(backend, dtype, shape):
+    # Half precisions: θ in a gap of |Z| (no dtype can flip a gate) and an empty kernel window;
+    # float32/64: θ at the median with a wide window, so the θ gradient is exercised.
+    lowp = dtype in (torch.bfloat16, torch.float16)
+    inputs, bw, _ = jump_inputs(*shape, gap=lowp, seed=sum(shape[1:]))
+    check_against_reference(run_backend(backend, 1.5, 0.6, bw), ref_fn(1.5, 0.6, bw), inputs, dtype,
+                            names=NAMES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("f", [1.0, 0.35])
+def test_straight_through_gradients_match_spec_formulas(backend, reduction, f):
+    """dA, dB, d log_theta written out from SPEC §4 (not through the reference's autograd),
+    on inputs where many |Z| fall inside the kernel window."""
+    (x, W, b, A, B, lt), bw, _ = jump_inputs((29,), 40, 36, 4, gap=False, seed=3, grads="params")
+    s = 2.0
+    y = run_backend(backend, s, f, bw, reduction)(x, W, b, A, B, lt)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dA, dB, dlt = torch.autograd.grad(y, [A, B, lt], dy)
+
+    Z, theta = (B @ A).detach(), lt.detach().exp()
+    G = s * dy.T @ x                                    # dL/dZ_eff
+    on = (Z.abs() > theta).double()
+    dZ = G * (f * on + (1 - f))
+    K = lambda u: (u.abs() < 0.5).double()
+    window = -K((Z - theta) / bw) + K((-Z - theta) / bw)
+    assert (window != 0).sum() > 20                     # the test exercises the window
+    red = (G * window).mean() if reduction == "mean" else (G * window).sum()
+    dtheta = f * (theta / bw) * red
+    torch.testing.assert_close(dA, B.detach().T @ dZ, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(dB, dZ @ A.detach().T, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(dlt, theta * dtheta, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_f0_is_plain_lora(backend):
+    (x, W, b, A, B, lt), bw, _ = jump_inputs((2, 11), 24, 20, 3, gap=False, seed=5)
+    y = run_backend(backend, 4.0, 0.0, bw)(x, W, b, A, B, lt)
+    want = x @ W.T + b + 4.0 * (x @ A.T) @ B.T
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    (dlt,) = torch.autograd.grad(y.sum(), [lt])
+    assert dlt.item() == 0.0                            # f = 0: θ has no effect
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_f1_is_exactly_sparse(backend):
+    """With x = I the layer returns (W + ΔW)^T: ΔW is exactly 0 wherever |Z| <= θ."""
+    (_, W, _, A, B, lt), bw, _ = jump_inputs((1,), 30, 26, 4, gap=True, seed=7)
+    k = W.shape[1]
+    with torch.no_grad():
+        y = run_backend(backend, 2.0, 1.0, bw)(torch.eye(k, dtype=torch.float64), W, None, A, B, lt)
+    dW = y.T - W
+    Z = B.detach() @ A.detach()
+    off = Z.abs() <= lt.exp()
+    assert off.any() and (~off).any()
+    assert torch.equal(dW[off], torch.zeros_like(dW[off]))
+    torch.testing.assert_close(dW[~off], 2.0 * Z[~off], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grads", ["adapter", "params"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_adapter_only_grads(backend, grads, bias):
+    """The training case: frozen W, b; x may or may not need a gradient."""
+    inputs, bw, _ = jump_inputs((2, 19), 40, 24, 4, gap=False, bias=bias, grads=grads, seed=9)
+    check_against_reference(run_backend(backend, 2.0, 0.5, bw), ref_fn(2.0, 0.5, bw), inputs,
+                            torch.float32, names=NAMES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_x_only_grad(backend):
+    """A frozen adapter: only x needs a gradient (the adapter contraction is skipped)."""
+    inputs, bw, _ = jump_inputs((7,), 20, 18, 3, gap=True, seed=2, grads="params")
+    for t in inputs[3:]:
+        t.requires_grad_(False)
+    inputs[0].requires_grad_(True)
+    check_against_reference(run_backend(backend, 2.0, 0.5, bw), ref_fn(2.0, 0.5, bw), inputs,
+                            torch.float64, names=NAMES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    (x, W, b, A, B, lt), bw, _ = jump_inputs((0,), 12, 10, 3, gap=True)
+    y = run_backend(backend, 1.0, 1.0, bw)(x.float(), W.float(), b.float(), A.float(), B.float(), lt.float())
+    assert y.shape == (0, 10)
+
+
+def test_gradcheck_float64():
+    """θ in a gap of |Z| (finite differences never cross the gate); log_theta's gradient is a
+    straight-through estimate, not a derivative, so it is checked against SPEC above instead."""
+    for backend in BACKENDS:
+        inputs, bw, _ = jump_inputs((3, 5), 7, 6, 2, gap=True, seed=4)
+        inputs[5].requires_grad_(False)
+        assert torch.autograd.gradcheck(run_backend(backend, 0.5, 0.7, bw), inputs)
+
+
+def _op_args():
+    (x, W, b, A, B, lt), bw, _ = jump_inputs((9,), 12, 10, 3, gap=True, seed=1)
+    return (x.float().requires_grad_(), W.float(), b.float(), A.float().requires_grad_(),
+            B.float().requires_grad_(), lt.float().requires_grad_(), 1.5, 0.5, bw, True)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_opcheck_cpp():
+    torch.library.opcheck(torch.ops.fastcur.jump_linear.default, _op_args())
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton interpreter not available")
+def test_opcheck_triton():
+    from fastcur.ops.jump_linear import _triton_op
+    torch.library.opcheck(_triton_op(), _op_args())
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_torch_compile_fullgraph():
+    x, W, b, A, B, lt, *_ = _op_args()
+
+    def step(x, A, B, lt):
+        return fastcur.ops.jump_linear(x, W, b, A, B, lt, 1.5, 0.5).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(x, A, B, lt)
+    gc = torch.autograd.grad(loss_c, [A, B, lt])
+    loss_e = step(x, A, B, lt)
+    ge = torch.autograd.grad(loss_e, [A, B, lt])
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, e in zip(gc, ge):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_matches_reference(backend, dtype):
+    inputs, bw, _ = jump_inputs((3, 130), 200, 150, 16, gap=True)
+    check_against_reference(run_backend(backend, 1.5, 0.6, bw), ref_fn(1.5, 0.6, bw), inputs, dtype,
+                            device="cuda", names=NAMES)
+
+
+BAD = [
+    (dict(x=torch.randn(4, 11)), "argument 'x' must have last dimension k = 12"),
+    (dict(A=torch.randn(3, 13)), "argument 'A' must have shape ('*', 12)"),
+    (dict(B=torch.randn(10, 4)), "argument 'B' must have shape (10, 3)"),
+    (dict(log_theta=torch.zeros(2)), "argument 'log_theta' must be a scalar tensor"),
+    (dict(bias=torch.randn(11)), "argument 'bias' must have shape (10,)"),
+    (dict(x=torch.randn(4, 12, dtype=torch.float64)), "argument 'x' must have the dtype of 'weight'"),
+    (dict(log_theta=torch.zeros((), dtype=torch.float64)), "argument 'log_theta' must have the dtype of 'weight'"),
+    (dict(weight=torch.randint(0, 3, (10, 12))), "argument 'weight' must be float32"),
+    (dict(x=torch.randn(4, 12, device="meta")), "argument 'x' must be on the device of 'weight'"),
+    (dict(f=1.5), "argument 'f' must be a float in [0, 1]"),
+    (dict(bandwidth=0.0), "argument 'bandwidth' must be a float > 0"),
+    (dict(reduction="max"), "argument 'reduction' must be 'mean' or 'sum'"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_errors(override, message):
+    args = dict(x=torch.randn(4, 12), weight=torch.randn(10, 12), bias=torch.randn(10),
+                A=torch.randn(3, 12), B=torch.randn(10, 3), log_theta=torch.zeros(()), scale=2.0,
+                f=1.0, bandwidth=1e-3, reduction="mean")
+    args.update(override)
+    with pytest.raises((ValueError, TypeError)) as info:
+        fastcur.ops.jump_linear(**args)
+    assert message in str(info.value)
+    assert "fastcur.jump_linear" in str(info.value)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_cpp_kernel_checks_direct_calls():
+    """Calling the dispatcher op directly still gets a readable error, never a crash."""
+    x, W, A, lt = torch.randn(4, 12), torch.randn(10, 12), torch.randn(3, 12), torch.zeros(())
+    with pytest.raises(RuntimeError, match=r"B must have shape \[10, 3\]"):
+        torch.ops.fastcur.jump_linear(x, W, None, A, torch.randn(9, 3), lt, 1.0, 1.0, 1e-3, True)
+    with pytest.raises(RuntimeError, match="log_theta must be a scalar"):
+        torch.ops.fastcur.jump_linear(x, W, None, A, torch.randn(10, 3), torch.zeros(3), 1.0, 1.0, 1e-3, True)

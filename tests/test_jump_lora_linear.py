@@ -1,0 +1,254 @@
+"""JumpLoRALinear, the shared thresholds and their exact reset, the f schedule, IncLoRA and
+ELLA: swap and train, f = 0 is LoRA, merge, reset survivors, end_task, three tasks, errors."""
+import pytest
+import torch
+from torch import nn
+
+import fastcur
+from fastcur.modules.jump_lora_linear import kth_smallest
+from fastcur.ops import reference
+
+
+def trained(layer, seed=1, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * scale)
+    return layer
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in=16, d_hidden=48, d_out=6):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.ModuleDict({"fc": nn.Linear(d_in, d_hidden)}),
+                                     nn.ModuleDict({"fc": nn.Linear(d_hidden, d_hidden)})])
+        self.head = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block["fc"](x))
+        return self.head(x)
+
+
+def test_from_linear_shares_storage_names_and_starts_at_base():
+    lin = nn.Linear(40, 30)
+    m = fastcur.JumpLoRALinear.from_linear(lin)
+    assert m.weight is lin.weight and m.bias is lin.bias
+    assert m.rank == 8 and m.scaling == 4.0 and m.f == 1.0
+    assert m.threshold.log_theta.item() == pytest.approx(-4.7)
+    assert sorted(n for n, p in m.named_parameters() if p.requires_grad) == [
+        "lora_A.weight", "lora_B.weight", "threshold.log_theta"]
+    x = torch.randn(7, 40)
+    torch.testing.assert_close(m(x), lin(x))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("gate", ["weight", "rank"])
+def test_forward_matches_reference(backend, gate):
+    if backend == "cpp" and not fastcur._extension.available():
+        pytest.skip("C++ extension not built")
+    m = trained(fastcur.JumpLoRALinear(33, 21, rank=4, alpha=8, gate=gate, f=0.5)).double()
+    with torch.no_grad():
+        m.threshold.log_theta.fill_(-1.5)
+    x = torch.randn(2, 9, 33, dtype=torch.float64)
+    A, B, lt = m.lora_A.weight, m.lora_B.weight, m.threshold.log_theta
+    if gate == "weight":
+        want = reference.jump_linear(x, m.weight, m.bias, A, B, lt, 2.0, 0.5)
+    else:
+        want = reference.jump_rank_linear(x, m.weight, m.bias, A, B, lt, 2.0)
+    with fastcur.use_backend(backend):
+        torch.testing.assert_close(m(x), want, rtol=1e-10, atol=1e-10)
+
+
+def test_f0_equals_lora_and_f1_equals_sparse_merge():
+    lin = nn.Linear(24, 20)
+    m = trained(fastcur.JumpLoRALinear.from_linear(lin, rank=4, alpha=16, f=0.0))
+    lora = fastcur.LoRALinear(24, 20, rank=4, alpha=16)
+    lora.load_state_dict({**lin.state_dict(), "lora_A.weight": m.lora_A.weight,
+                          "lora_B.weight": m.lora_B.weight})
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(m(x), lora(x), rtol=1e-5, atol=1e-5)
+    m.f = 1.0
+    with torch.no_grad():
+        m.threshold.log_theta.fill_(-2.0)
+    y = m(x)
+    m.merge()
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+    m.unmerge()
+    torch.testing.assert_close(m.weight, lin.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kth_smallest_is_exact(dtype):
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(5003, generator=g, dtype=dtype).abs()
+    values[:50] = values[50]          # ties
+    values[60] = 0.0
+    chunks = lambda: iter(values.split(777))
+    for k in (1, 2, 51, 2500, 5003):
+        assert kth_smallest(chunks, k, dtype).item() == torch.kthvalue(values, k).values.item()
+
+
+def test_reset_over_shared_layers_leaves_lora_many_survivors():
+    th = fastcur.JumpThreshold()
+    layers = [trained(fastcur.JumpLoRALinear(40, 30, threshold=th), seed=1),
+              trained(fastcur.JumpLoRALinear(25, 50, threshold=th), seed=2)]
+    own = trained(fastcur.JumpLoRALinear(20, 20, rank=2), seed=3)
+    model = nn.Sequential(*layers, own)
+    result = fastcur.reset_thresholds(model)
+    assert set(result) == {id(th), id(own.threshold)}
+    Zs = [(m.lora_B.weight @ m.lora_A.weight).detach() for m in layers]
+    survivors = sum(int((Z.abs() > th.theta).sum()) for Z in Zs)
+    params = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in layers)
+    assert abs(survivors - params) <= 1
+    allz = torch.cat([Z.abs().flatten() for Z in Zs])
+    k = allz.numel() - params
+    assert result[id(th)] == torch.kthvalue(allz, k).values.item()
+    Z = (own.lora_B.weight @ own.lora_A.weight).detach().abs()
+    assert abs(int((Z > own.threshold.theta).sum()) - 2 * 40) <= 1
+
+
+def test_reset_chunked_equals_unchunked():
+    th = fastcur.JumpThreshold()
+    layers = [trained(fastcur.JumpLoRALinear(64, 48, threshold=th), seed=s) for s in (1, 2)]
+    big = fastcur.reset_thresholds(layers)[id(th)]
+    small = fastcur.reset_thresholds(layers, chunk_elems=100)[id(th)]
+    assert big == small
+
+
+def test_f_schedule():
+    vals = [fastcur.f_schedule(s, 100) for s in (0, 19, 20, 50, 79, 80, 100)]
+    assert vals == [0.0, 0.0, 0.0, pytest.approx(0.5), pytest.approx(59 / 60), 1.0, 1.0]
+
+
+@pytest.mark.parametrize("scope,count", [("global", 1), ("per_block", 3), ("per_layer", 3)])
+def test_inclora_scopes(scope, count):
+    model = MLP()
+    mgr = fastcur.IncLoRA(model, scope=scope)
+    mgr.start_task(total_steps=10)
+    layers = mgr.layers()
+    assert set(layers) == {"blocks.0.fc", "blocks.1.fc", "head"}
+    assert len({id(m.threshold) for m in layers.values()}) == count
+    assert len(mgr.parameters()) == 2 * 3 + count
+
+
+def test_inclora_target_modules_and_reset_at_first_f_step():
+    model = MLP()
+    mgr = fastcur.IncLoRA(model, target_modules=["fc"])
+    mgr.start_task(total_steps=10)
+    assert set(mgr.layers()) == {"blocks.0.fc", "blocks.1.fc"}
+    assert isinstance(model.head, nn.Linear)
+    for m in mgr.layers().values():
+        assert m.f == 0.0
+        trained(m)
+    fs = [mgr.step() for _ in range(3)]
+    assert fs[:2] == [0.0, 0.0] and fs[2] > 0
+    lt = next(iter(mgr.layers().values())).threshold.log_theta.item()
+    assert lt != pytest.approx(-4.7)  # reset happened at the step where f became > 0
+
+
+def test_end_task_merges_exactly_and_removes_adapters():
+    torch.manual_seed(0)
+    model = MLP().double()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    mgr = fastcur.IncLoRA(model, ella_lambda=0.5)
+    mgr.start_task(total_steps=5)
+    for m in mgr.layers().values():
+        trained(m)
+    for _ in range(5):
+        mgr.step()
+    x = torch.randn(11, 16, dtype=torch.float64)
+    deltas = {n: m.delta_weight(f=1.0) for n, m in mgr.layers().items()}
+    y_adapted = model(x)
+    mgr.end_task()
+    assert not any(isinstance(m, fastcur.JumpLoRALinear) for m in model.modules())
+    assert isinstance(model.blocks[0]["fc"], nn.Linear)
+    torch.testing.assert_close(model(x), y_adapted, rtol=1e-12, atol=1e-12)
+    for name, d in deltas.items():
+        torch.testing.assert_close(model.get_submodule(name).weight, base[name + ".weight"] + d)
+        torch.testing.assert_close(mgr.W_past[name], d)
+        assert (d == 0).float().mean() > 0.3  # the merged update is sparse
+    assert list(model.state_dict()) == list(base)
+
+
+def test_ella_value_and_gradients():
+    torch.manual_seed(0)
+    model = MLP().double()
+    mgr = fastcur.IncLoRA(model, ella_lambda=2.0)
+    mgr.start_task(total_steps=4)
+    for m in mgr.layers().values():
+        trained(m)
+    for _ in range(4):
+        mgr.step()
+    mgr.end_task()
+    mgr.start_task(total_steps=4)
+    layers = mgr.layers()
+    for i, m in enumerate(layers.values()):
+        trained(m, seed=10 + i)
+        with torch.no_grad():
+            m.threshold.log_theta.fill_(-2.5)
+    P = fastcur.ella_penalty(model)
+    want = sum(reference.ella_penalty(m.lora_A.weight, m.lora_B.weight, m.threshold.log_theta,
+                                      mgr.W_past[n], m.scaling) for n, m in layers.items()) / len(layers)
+    torch.testing.assert_close(P, want)
+    assert P.item() > 0
+    torch.testing.assert_close(mgr.penalty(), 2.0 * want)
+    params = [p for m in layers.values() for p in (m.lora_A.weight, m.lora_B.weight)]
+    got = torch.autograd.grad(P, params)
+    exp = torch.autograd.grad(want, params)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e)
+
+
+def test_three_tasks_learned_in_sequence():
+    torch.manual_seed(0)
+    model = MLP(8, 32, 2)
+    mgr = fastcur.IncLoRA(model, rank=4, alpha=16, ella_lambda=0.01)
+    teachers = [MLP(8, 32, 2) for _ in range(3)]
+    x = torch.randn(256, 8)
+    steps = 80
+    for t, teacher in enumerate(teachers):
+        target = teacher(x).detach()
+        opt = torch.optim.Adam(mgr.start_task(total_steps=steps), lr=0.02)
+        first = nn.functional.mse_loss(model(x), target).item()
+        for _ in range(steps):
+            loss = nn.functional.mse_loss(model(x), target) + mgr.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mgr.step()
+        mgr.end_task()
+        final = nn.functional.mse_loss(model(x), target).item()
+        assert final < 0.5 * first, (t, first, final)
+    assert mgr.task == 3 and set(mgr.W_past) == {"blocks.0.fc", "blocks.1.fc", "head"}
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        fastcur.JumpLoRALinear(4, 4, rank=0)
+    with pytest.raises(ValueError, match="gate must be 'weight' or 'rank'"):
+        fastcur.JumpLoRALinear(4, 4, gate="row")
+    with pytest.raises(ValueError, match=r"needs a threshold of shape \(2,\)"):
+        fastcur.JumpLoRALinear(4, 4, rank=2, gate="rank", threshold=fastcur.JumpThreshold())
+    with pytest.raises(TypeError, match="threshold must be a fastcur.JumpThreshold"):
+        fastcur.JumpLoRALinear(4, 4, threshold=torch.zeros(()))
+    m = fastcur.JumpLoRALinear(4, 4)
+    with pytest.raises(ValueError, match=r"f must be a float in \[0, 1\]"):
+        m.f = 2.0
+    with pytest.raises(ValueError, match="input must have last dimension in_features = 4"):
+        m(torch.randn(3, 5))
+    with pytest.raises(TypeError, match="does not match the layer's dtype"):
+        m(torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"W_past must have shape \(4, 4\)"):
+        m.set_w_past(torch.zeros(3, 4))
+    with pytest.raises(RuntimeError, match="no weight-space"):
+        fastcur.JumpLoRALinear(4, 4, rank=2, gate="rank").merge()
+    with pytest.raises(ValueError, match="no nn.Linear layer of the model matches"):
+        fastcur.IncLoRA(MLP(), target_modules=["nope"])
+    with pytest.raises(ValueError, match="scope must be one of"):
+        fastcur.IncLoRA(MLP(), scope="block")
+    mgr = fastcur.IncLoRA(MLP())
+    with pytest.raises(RuntimeError, match="no active task"):
+        mgr.end_task()
+    mgr.start_task(10)
+    with pytest.raises(RuntimeError, match="a task is active"):
+        mgr.start_task(10)

@@ -1,0 +1,149 @@
+"""jump_rank_linear on every backend present: forward and every gradient against the float64
+reference, the one-sided straight-through gradient against SPEC §4, opcheck, gradcheck,
+torch.compile, odd shapes, bad input."""
+import pytest
+import torch
+
+import fastcur
+from fastcur.ops import reference
+from fastcur.testing import check_against_reference
+
+from conftest import available_backends
+from jump_inputs import rank_inputs
+
+BACKENDS = available_backends("jump_rank_linear")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SHAPES = [((37,), 50, 45, 5), ((1,), 16, 16, 1), ((2, 3), 33, 70, 7), ((64,), 96, 80, 16)]
+NAMES = "x W b A B log_theta".split()
+
+
+def run_backend(backend, scale, bw):
+    def fn(x, W, b, A, B, lt):
+        with fastcur.use_backend(backend):
+            return fastcur.ops.jump_rank_linear(x, W, b, A, B, lt, scale, bw)
+    return fn
+
+
+def ref_fn(scale, bw):
+    return lambda x, W, b, A, B, lt: reference.jump_rank_linear(x, W, b, A, B, lt, scale, bw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference_all_grads(backend, dtype, shape):
+    lowp = dtype in (torch.bfloat16, torch.float16)
+    inputs, bw = rank_inputs(*shape, gap=lowp, seed=sum(shape[1:]))
+    check_against_reference(run_backend(backend, 1.5, bw), ref_fn(1.5, bw), inputs, dtype, names=NAMES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_straight_through_gradient_matches_spec(backend):
+    (x, W, b, A, B, lt), bw = rank_inputs((41,), 30, 20, 4, gap=False, seed=3)
+    s = 2.0
+    y = run_backend(backend, s, bw)(x, W, b, A, B, lt)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dx, dA, dB, dlt = torch.autograd.grad(y, [x, A, B, lt], dy)
+    h = (x @ A.T).detach()
+    theta = lt.detach().exp()
+    on = (h > theta).double()
+    g = h * on
+    dg = s * dy @ B.detach()
+    dh = dg * on
+    K = ((h - theta) / bw).abs() < 0.5
+    assert K.sum() > 5
+    torch.testing.assert_close(dlt, theta * (-(theta / bw) * (K.double() * dg).sum(0)), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dA, dh.T @ x.detach(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(dB, s * dy.T @ g, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(dx, dy @ W.detach() + dh @ A.detach(), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grads", ["adapter", "params"])
+def test_adapter_only_grads(backend, grads):
+    inputs, bw = rank_inputs((2, 19), 40, 24, 4, gap=False, grads=grads, bias=False, seed=9)
+    check_against_reference(run_backend(backend, 2.0, bw), ref_fn(2.0, bw), inputs, torch.float32,
+                            names=NAMES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    (x, W, b, A, B, lt), bw = rank_inputs((0,), 12, 10, 3, gap=True)
+    y = run_backend(backend, 1.0, bw)(x.float(), W.float(), b.float(), A.float(), B.float(), lt.float())
+    assert y.shape == (0, 10)
+
+
+def test_gradcheck_float64():
+    for backend in BACKENDS:
+        inputs, bw = rank_inputs((3, 5), 7, 6, 2, gap=True, seed=4)
+        inputs[5].requires_grad_(False)   # a straight-through estimate, checked above
+        assert torch.autograd.gradcheck(run_backend(backend, 0.5, bw), inputs)
+
+
+def _op_args():
+    (x, W, b, A, B, lt), bw = rank_inputs((9,), 12, 10, 3, gap=True, seed=1)
+    return (x.float().requires_grad_(), W.float(), b.float(), A.float().requires_grad_(),
+            B.float().requires_grad_(), lt.float().requires_grad_(), 1.5, bw)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_opcheck_cpp():
+    torch.library.opcheck(torch.ops.fastcur.jump_rank_linear.default, _op_args())
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton interpreter not available")
+def test_opcheck_triton():
+    from fastcur.ops.jump_rank_linear import _triton_op
+    torch.library.opcheck(_triton_op(), _op_args())
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_torch_compile_fullgraph():
+    x, W, b, A, B, lt, *_ = _op_args()
+
+    def step(x, A, B, lt):
+        return fastcur.ops.jump_rank_linear(x, W, b, A, B, lt, 1.5).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    gc = torch.autograd.grad(compiled(x, A, B, lt), [A, B])
+    ge = torch.autograd.grad(step(x, A, B, lt), [A, B])
+    for a, e in zip(gc, ge):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_matches_reference(backend, dtype):
+    inputs, bw = rank_inputs((3, 130), 200, 150, 16, gap=True)
+    check_against_reference(run_backend(backend, 1.5, bw), ref_fn(1.5, bw), inputs, dtype,
+                            device="cuda", names=NAMES)
+
+
+BAD = [
+    (dict(x=torch.randn(4, 11)), "argument 'x' must have last dimension k = 12"),
+    (dict(B=torch.randn(10, 4)), "argument 'B' must have shape (10, 3)"),
+    (dict(log_theta=torch.zeros(())), "argument 'log_theta' must have shape (3,)"),
+    (dict(log_theta=torch.zeros(3, dtype=torch.float16)), "argument 'log_theta' must have the dtype of 'weight'"),
+    (dict(bias=torch.randn(11)), "argument 'bias' must have shape (10,)"),
+    (dict(bandwidth=-1.0), "argument 'bandwidth' must be a float > 0"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_errors(override, message):
+    args = dict(x=torch.randn(4, 12), weight=torch.randn(10, 12), bias=torch.randn(10),
+                A=torch.randn(3, 12), B=torch.randn(10, 3), log_theta=torch.zeros(3), scale=2.0,
+                bandwidth=1e-3)
+    args.update(override)
+    with pytest.raises((ValueError, TypeError)) as info:
+        fastcur.ops.jump_rank_linear(**args)
+    assert message in str(info.value)
+    assert "fastcur.jump_rank_linear" in str(info.value)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_cpp_kernel_checks_direct_calls():
+    x, W, A, B = torch.randn(4, 12), torch.randn(10, 12), torch.randn(3, 12), torch.randn(10, 3)
+    with pytest.raises(RuntimeError, match=r"log_theta must have shape \[3\]"):
+        torch.ops.fastcur.jump_rank_linear(x, W, None, A, B, torch.zeros(2), 1.0, 1e-3)
