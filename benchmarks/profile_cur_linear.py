@@ -1,7 +1,7 @@
 """Where the time of CURLoRALinear goes, piece by piece, against frozen nn.Linear (CPU).
 
     python benchmarks/profile_cur_linear.py [--shape 2048,2048,2048,16] [--dtype float32]
-                                            [--threads 2] [--reps 15] [--profiler]
+                                            [--threads 2] [--reps 15] [--profiler] [--wait-idle S]
 
 Times (median of --reps after warm-up, pieces interleaved round-robin as the runner does) the
 parts the C++ CPU kernel is made of (csrc/cur_linear.h: base GEMM, tied gather, r x r GEMM,
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcur
-from fastcur.benchmarks.runner import DTYPES, OthersMonitor, cpu_model
+from fastcur.benchmarks.runner import DTYPES, OthersMonitor, cpu_model, machine_lock, wait_until_idle
 
 
 def _timeit(fns: dict, reps: int, warmup: float = 0.5) -> dict:
@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--profiler", action="store_true")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to this long for other processes to go quiet first")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     M, n, k, r = (int(v) for v in args.shape.split(","))
@@ -93,6 +95,7 @@ def main(argv=None) -> int:
         # floor
         "floor fwd: F.linear (addmm with bias)": lambda: F.linear(x, W, b),
         "floor bwd: dy @ W": lambda: dy @ W,
+        "floor fwd: nn.Linear module, autograd on": lambda: floor_lin(xf),
         "floor fwd+bwd (nn.Linear, autograd)": floor_step,
         # forward pieces of the cpp kernel
         "fwd: base mm x @ W^T (no bias)": lambda: x @ W.t(),
@@ -103,6 +106,9 @@ def main(argv=None) -> int:
                                                                     torch.cat([C.t().mul(1.0), b[None]], 0)),
         "fwd: y.add_(b) (a bias pass, for scale)": lambda: y.add_(b),
         "fwd: whole op fastcur::cur_linear": lambda: op(x, W, b, C, U, R, 1.0, rows, cols),
+        "fwd: fastcur.ops.cur_linear (checks + op)": lambda: fastcur.ops.cur_linear(x, W, b, C, U, R, 1.0,
+                                                                                   rows=rows, cols=cols),
+        "fwd: CURLoRALinear module, autograd on": lambda: mod(xg),
         # backward pieces
         "bwd: base mm dy @ W": lambda: dy @ W,
         "bwd: gather dx[:, cols]": lambda: dx.index_select(1, cols),
@@ -112,9 +118,12 @@ def main(argv=None) -> int:
         # the module as trained
         "CURLoRALinear fwd+bwd (module, autograd)": module_step,
     }
-    monitor = OthersMonitor().start()
-    times = _timeit(pieces, args.reps)
-    others = monitor.stop()
+    with machine_lock():              # take turns with fastcur runners on this machine
+        if args.wait_idle > 0:
+            wait_until_idle(args.wait_idle)
+        monitor = OthersMonitor().start()
+        times = _timeit(pieces, args.reps)
+        others = monitor.stop()
     print(f"cur_linear pieces: M={M} n={n} k={k} r={r} {args.dtype}, {args.threads} threads, "
           f"{cpu_model()}, torch {torch.__version__}, median of {args.reps}; other processes used "
           f"{'?' if others is None else f'{others:.0%}'} of the cores meanwhile")

@@ -680,7 +680,9 @@ def plot(bench: Benchmark, report: dict, path: Path) -> None:
                              padding=2)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([" ".join(f"{k}={res['case'][k]}" for k in bench.shape_fields) for res in results],
+        ax.set_xticklabels([" ".join(f"{k}={res['case'][k]}" for k in bench.shape_fields)
+                            + (" (noisy)" if (res.get("others_busy_during") or 0) > BUSY_THRESHOLD else "")
+                            for res in results],
                            rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(f"time / {bench.floor}")
         ax.set_title(f"{bench.name}: {mode}, {dtype}, {report['settings']['device']}, "
