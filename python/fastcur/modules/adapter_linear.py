@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops._checks import FLOATING
@@ -44,9 +45,14 @@ class LinearTap:
 class AdapterLinear(nn.Module):
     """A linear layer `y = x W^T + b` with frozen `weight` [out, in] and `bias` [out].
 
-    Subclasses add the adapter's tensors. The constructor takes nn.Linear's arguments, so a
-    model definition can swap the class; `from_linear` wraps an existing layer and reuses its
-    weight and bias storage (they are frozen in place, as PEFT does).
+    Subclasses add the adapter's tensors and implement `adapted_forward`. The constructor takes
+    nn.Linear's arguments, so a model definition can swap the class; `from_linear` wraps an
+    existing layer and reuses its weight and bias storage (they are frozen in place, as PEFT does).
+
+    Two switches, shared by every adapter (plain attributes, so `torch.compile` guards on them):
+    - `adapter_enabled` (default True): False runs the frozen base only (`fastcur.disable_adapters`).
+    - `frozen_batch_rows` (default None): an int N makes the first N entries along dim 0 of the
+      input bypass the adapter and the rest use it: IMSM's frozen and tuned streams in one batch.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
@@ -61,6 +67,8 @@ class AdapterLinear(nn.Module):
                             f"float64), got {dtype}")
         self.in_features, self.out_features = in_features, out_features
         self.merged = False
+        self.adapter_enabled = True
+        self.frozen_batch_rows: int | None = None
         if _base is None:
             self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
                                        requires_grad=False)
@@ -93,6 +101,32 @@ class AdapterLinear(nn.Module):
                             f"(float32, bfloat16, float16, float64), got {linear.weight.dtype}")
         return cls(linear.in_features, linear.out_features, linear.bias is not None,
                    _base=(linear.weight, linear.bias), **options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]: the adapted layer, or the frozen base where a switch says so."""
+        self._check_input(x)
+        if not self.adapter_enabled:
+            self._check_unmerged("adapter_enabled=False")
+            return F.linear(x, self.weight, self.bias)
+        rows = self.frozen_batch_rows
+        if rows is None:
+            return self.adapted_forward(x)
+        self._check_unmerged("frozen_batch_rows")
+        if x.dim() < 2 or not 0 <= rows <= x.shape[0]:
+            raise ValueError(f"fastcur.{type(self).__name__}: frozen_batch_rows = {rows} needs an input "
+                             f"with at least 2 dims and >= {rows} rows on dim 0, got shape {tuple(x.shape)}")
+        frozen = F.linear(x[:rows], self.weight, self.bias)
+        return torch.cat([frozen, self.adapted_forward(x[rows:])], dim=0)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] with the adapter applied (input already checked)."""
+        raise NotImplementedError(f"fastcur.{type(self).__name__} does not implement adapted_forward()")
+
+    def _check_unmerged(self, what: str) -> None:
+        # A merged W already holds the update: the frozen base is gone until unmerge().
+        if self.merged:
+            raise RuntimeError(f"fastcur.{type(self).__name__}: {what} needs the frozen base, but the "
+                               f"adapter is merged into the weight; call unmerge() first")
 
     # -- what regularizers (fastcur.LaplaceRegularizer) read --------------------------------------
     def adapter_parameters(self) -> dict[str, nn.Parameter]:

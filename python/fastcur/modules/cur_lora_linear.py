@@ -100,9 +100,8 @@ class CURLoRALinear(AdapterLinear):
             self._selected = False            # new base weights, untrained U: select again lazily
 
     # -- forward, merge ------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out]."""
-        self._check_input(x)
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] (checked by `AdapterLinear.forward`)."""
         if not self._selected:
             self.select()
         if self.merged:

@@ -133,9 +133,8 @@ class JumpLoRALinear(AdapterLinear):
         self.W_past = W_past
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out]."""
-        self._check_input(x)
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] (checked by `AdapterLinear.forward`)."""
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         A, B, lt = self.lora_A.weight, self.lora_B.weight, self.threshold.log_theta

@@ -55,9 +55,8 @@ class LoRALinear(AdapterLinear):
         acc = torch.promote_types(self.weight.dtype, torch.float32)
         return self.scaling * (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out]."""
-        self._check_input(x)
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] (checked by `AdapterLinear.forward`)."""
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y

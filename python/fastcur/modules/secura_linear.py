@@ -172,9 +172,8 @@ class SecuraLinear(AdapterLinear):
         idx = torch.multinomial(weights, count, replacement=False, generator=self._generator)
         return idx.to(self.weight.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out]."""
-        self._check_input(x)
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] (checked by `AdapterLinear.forward`)."""
         if not self._selected:
             self.select()
         tied = self.tied
