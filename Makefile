@@ -21,7 +21,7 @@ $(VENV)/bin/python:
 setup: $(VENV)/bin/python
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_CPU)"
 	$(PIP) install -q ninja pybind11 "setuptools>=77" wheel
-	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	$(PIP) install -q --no-build-isolation -e ".[test,bench,hf]"
 	@$(PY) -m fastcur.cli info
 
 install: setup
