@@ -114,6 +114,36 @@ inline void check_penalty_lists(const at::TensorList params, const at::TensorLis
 // ---------------------------------------------------------------------------------------------
 // K-FAC (SPEC §5): factor accumulation and the Kronecker quadratic form.
 
+// out[d, d] (+)= xc^T xc as a symmetric rank-k update: only the block rows' lower-triangle
+// parts [i : i + b, 0 : i + b] go through the GEMM (about (1 + b/d)/2 of the flops); the upper
+// triangle is mirrored once by `mirror_lower`. Block of 512 columns: at d = 4096, M = 4096 on 2
+// threads this measured 1.48 s against 2.00 s for the full GEMM (256: 1.54 s, 128: 2.42 s);
+// at d = 1024 it gains nothing (136 ms both), hence `kSyrkMinDim`.
+constexpr int64_t kSyrkBlock = 512;
+constexpr int64_t kSyrkMinDim = 2048;
+
+inline void syrk_lower_(at::Tensor& out, const at::Tensor& xc, bool accumulate) {
+  const int64_t d = xc.size(1);
+  for (int64_t i = 0; i < d; i += kSyrkBlock) {
+    const int64_t e = std::min(d, i + kSyrkBlock);
+    at::Tensor block = out.slice(0, i, e).slice(1, 0, e);
+    const at::Tensor xi = xc.slice(1, i, e).t(), prefix = xc.slice(1, 0, e);
+    if (accumulate) {
+      block.addmm_(xi, prefix);
+    } else {
+      at::mm_out(block, xi, prefix);
+    }
+  }
+}
+
+inline void mirror_lower_(at::Tensor& out) {
+  const int64_t d = out.size(0);
+  for (int64_t i = kSyrkBlock; i < d; i += kSyrkBlock) {
+    const int64_t e = std::min(d, i + kSyrkBlock);
+    out.slice(0, 0, i).slice(1, i, e).copy_(out.slice(0, i, e).slice(1, 0, i).t());
+  }
+}
+
 // x [M, d] -> x^T x [d, d] (or the diagonal sum_m x_m^2 [d] when `diagonal`), accumulated in the
 // accumulation type from row chunks, so a bfloat16 x is never copied whole to float32.
 inline at::Tensor kfac_factor_impl(const at::Tensor& x, bool diagonal) {
@@ -121,9 +151,14 @@ inline at::Tensor kfac_factor_impl(const at::Tensor& x, bool diagonal) {
   check_matrix(x, "x", -1, -1);
   const int64_t M = x.size(0), d = x.size(1);
   const auto acc = lalora_acc_type(x.scalar_type());
-  if (x.scalar_type() == acc && M > 0) {  // nothing to upcast: one GEMM, no zero-filled output
+  const bool syrk = !diagonal && d >= kSyrkMinDim && M > 0;
+  if (x.scalar_type() == acc && M > 0) {  // nothing to upcast: one pass, no zero-filled output
     if (diagonal) return x.square().sum(0);
-    return at::mm(x.t(), x);
+    if (!syrk) return at::mm(x.t(), x);
+    at::Tensor out = at::empty({d, d}, x.options());
+    syrk_lower_(out, x, /*accumulate=*/false);
+    mirror_lower_(out);
+    return out;
   }
   at::Tensor out = diagonal ? at::zeros({d}, x.options().dtype(acc)) : at::zeros({d, d}, x.options().dtype(acc));
   if (M == 0 || d == 0) return out;
@@ -132,10 +167,13 @@ inline at::Tensor kfac_factor_impl(const at::Tensor& x, bool diagonal) {
     const at::Tensor xc = x.slice(0, m0, std::min(M, m0 + chunk)).to(acc);
     if (diagonal) {
       out.add_(xc.square().sum(0));
+    } else if (syrk) {
+      syrk_lower_(out, xc, /*accumulate=*/true);
     } else {
       out.addmm_(xc.t(), xc);
     }
   }
+  if (syrk) mirror_lower_(out);
   return out;
 }
 

@@ -205,6 +205,21 @@ def test_kfac_factor_equals_outer_products(backend, dtype, shape):
     assert_close_to_reference(diag, reference.kfac_factor(x.to(dtype), True), truth.diagonal(), "diagonal")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kfac_factor_symmetric_rank_k_path(dtype):
+    """d >= 2048 takes the C++ blocked lower-triangle schedule (odd d: a partial last block),
+    mirrored to the upper triangle: exactly symmetric and equal to the outer products."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("C++ extension not built")
+    g = torch.Generator().manual_seed(5)
+    x = rand(300, 2050, gen=g)
+    truth = x.mT @ x
+    with fastcur.use_backend("cpp"):
+        got = fastcur.ops.kfac_factor(x.to(dtype))
+    assert torch.equal(got, got.mT)
+    assert_close_to_reference(got, reference.kfac_factor(x.to(dtype)), truth, "factor")
+
+
 # -- kfac_penalty --------------------------------------------------------------------------------------
 def kfac_inputs(a, b, seed=0, diag_s=False, diag_g=False):
     g = torch.Generator().manual_seed(seed)
