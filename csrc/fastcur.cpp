@@ -77,6 +77,16 @@ TORCH_LIBRARY(fastcur, m) {
       "Tensor log_theta, float scale, float f, float bandwidth, bool mean, bool need_dx, "
       "bool need_adapter) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Weight-gated with ELLA fused: (y, ‖scale J(B A) ⊙ W_past‖²) from the same Z tiles; the
+  // backward adds grad_ella times ELLA's dL/dZ (hard mask: nothing to θ) into each tile's dL/dZ
+  // before the one contraction with A and B. grad_ella [].
+  m.def(
+      "jump_linear_ella(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor log_theta, "
+      "float scale, Tensor W_past, float f, float bandwidth, bool mean) -> (Tensor, Tensor)");
+  m.def(
+      "jump_linear_ella_bwd(Tensor grad_y, Tensor grad_ella, Tensor x, Tensor weight, Tensor A, "
+      "Tensor B, Tensor log_theta, float scale, Tensor W_past, float f, float bandwidth, bool mean, "
+      "bool need_dx, bool need_adapter) -> (Tensor, Tensor, Tensor, Tensor)");
   // Rank-gated: y = x W^T + b + scale g B^T, g = h 1[h > θ_j], h = x A^T; log_theta [r].
   // Returns (y, h) (h saved for the backward).
   m.def(

@@ -8,10 +8,12 @@
 // float32 for half inputs). The dense parts go through ATen GEMMs (MKL/oneDNN, cuBLAS); each
 // device supplies the elementwise tile primitives:
 //
-//   build_weff(out [b, k], W [b, k], Z [b, k], log_theta, s, f)
-//       out = W + s (f J(Z) + (1 - f) Z), J(Z) = Z 1[|Z| > θ]
-//   grad_tile(dZ [b, k] acc, T [b, k], Z [b, k], log_theta, s, f, eps, th_acc [] acc)
-//       G = s T (T = the dy^T x tile), dZ = G (f 1[|Z| > θ] + 1 - f),
+//   build_weff(out [b, k], W [b, k], Z [b, k], log_theta, s, f, Wp [b, k]?, ella [] acc?)
+//       out = W + s (f J(Z) + (1 - f) Z), J(Z) = Z 1[|Z| > θ];
+//       with ELLA's W_past tile Wp (else undefined): ella += Σ (s Z m Wp)², m = 1[|Z| > θ]
+//   grad_tile(dZ [b, k] acc, T [b, k], Z [b, k], log_theta, s, f, eps, th_acc [] acc,
+//             Wp [b, k]?, c [] acc?)
+//       G = s T (T = the dy^T x tile), dZ = G (f 1[|Z| > θ] + 1 - f) (+ c 2 s² m Z Wp²),
 //       th_acc += f (θ/ε) Σ G (−K((Z−θ)/ε) + K((−Z−θ)/ε))
 //   ella_tile(Z [b, k], Wp [b, k], log_theta, s, val_acc [] acc, dZ [b, k] acc or undefined)
 //       val_acc += Σ (s Z m Wp)², dZ = 2 s² m Z Wp² (m = 1[|Z| > θ], hard)
@@ -66,17 +68,25 @@ inline void check_jump_linear_args(const at::Tensor& x, const at::Tensor& weight
   }
 }
 
+inline void check_w_past(const at::Tensor& W_past, const at::Tensor& weight) {
+  check_matrix(W_past, "W_past", weight.size(0), weight.size(1));
+  check_like(W_past, "W_past", weight, "weight");
+}
+
 // Rows of W per block: a tile of about `tile_elems` elements, at least 1 row.
 inline int64_t jump_block_rows(int64_t n, int64_t k, int64_t tile_elems) {
   return std::max<int64_t>(1, std::min<int64_t>(n, tile_elems / std::max<int64_t>(k, 1)));
 }
 
 // y = x (W + ΔW)^T + b: W + ΔW assembled block by block (Z tiles recomputed), one GEMM.
+// With `Wp` (ELLA's W_past, else undefined) the ELLA value is summed into `*ella` ([] acc)
+// from the same tiles.
 template <typename BuildWeff>
 at::Tensor jump_linear_forward(const at::Tensor& x, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const at::Tensor& A,
                                const at::Tensor& B, const at::Tensor& log_theta, double scale,
-                               double f, int64_t tile_elems, BuildWeff build_weff) {
+                               double f, int64_t tile_elems, BuildWeff build_weff,
+                               const at::Tensor& Wp = {}, at::Tensor* ella = nullptr) {
   check_jump_linear_args(x, weight, bias, A, B, log_theta);
   const int64_t n = weight.size(0), k = weight.size(1);
   const auto acc = jump_acc_type(weight.scalar_type());
@@ -85,13 +95,16 @@ at::Tensor jump_linear_forward(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor weff = at::empty_like(W);
   const int64_t rows = jump_block_rows(n, k, tile_elems);
   at::Tensor z_buf = at::empty({rows, k}, A_acc.options());
+  at::Tensor val = Wp.defined() ? at::zeros({}, A_acc.options()) : at::Tensor();
   for (int64_t i0 = 0; i0 < n; i0 += rows) {
     const int64_t b = std::min(rows, n - i0);
     at::Tensor z = z_buf.narrow(0, 0, b);
     at::mm_out(z, B_acc.narrow(0, i0, b), A_acc);
     at::Tensor out = weff.narrow(0, i0, b);
-    build_weff(out, W.narrow(0, i0, b), z, log_theta, scale, f);
+    build_weff(out, W.narrow(0, i0, b), z, log_theta, scale, f,
+               Wp.defined() ? Wp.narrow(0, i0, b) : at::Tensor(), val);
   }
+  if (ella != nullptr) *ella = val;
   if (bias.has_value()) return at::addmm(*bias, x, weff.t());
   return at::mm(x, weff.t());
 }
@@ -106,8 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& log_theta, double scale, double f, double bandwidth,
     bool mean, bool need_dx, bool need_adapter, int64_t tile_elems, BuildWeff build_weff,
-    GradTile grad_tile,
-    FinishTheta finish_theta) {
+    GradTile grad_tile, FinishTheta finish_theta, const at::Tensor& Wp = {},
+    const at::Tensor& ella_coef = {}) {
   check_jump_linear_args(x, weight, c10::nullopt, A, B, log_theta);
   const int64_t M = x.size(0), n = weight.size(0), k = weight.size(1), r = A.size(0);
   check_matrix(grad_y, "grad_y", M, n);
@@ -133,12 +146,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_backward(
     const at::Tensor B_blk = B_acc.narrow(0, i0, b);
     at::mm_out(z, B_blk, A_acc);                            // Z tile      [b, k]
     if (need_dx) {
-      at::Tensor out = weff.narrow(0, i0, b);
-      build_weff(out, W.narrow(0, i0, b), z, log_theta, scale, f);
+      at::Tensor out = weff.narrow(0, i0, b), no_val;
+      build_weff(out, W.narrow(0, i0, b), z, log_theta, scale, f, at::Tensor(), no_val);
     }
     if (!need_adapter) continue;
     at::mm_out(t, dy.narrow(1, i0, b).t(), xc);             // dy^T x tile [b, k]
-    grad_tile(dz, t, z, log_theta, scale, f, bandwidth, th_acc);  // dL/dZ tile (may alias t)
+    grad_tile(dz, t, z, log_theta, scale, f, bandwidth, th_acc,   // dL/dZ tile (may alias t)
+              Wp.defined() ? Wp.narrow(0, i0, b) : at::Tensor(), ella_coef);
     at::Tensor dB_blk = dB.narrow(0, i0, b);
     at::mm_out(dB_blk, dz, A_acc.t());                      // dB[blk] = dZ A^T
     dA.addmm_(B_blk.t(), dz);                               // dA += B[blk]^T dZ

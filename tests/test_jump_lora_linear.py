@@ -199,6 +199,50 @@ def test_ella_value_and_gradients():
         torch.testing.assert_close(a, e)
 
 
+def test_ella_penalty_after_a_forward_is_the_fused_value_with_equal_gradients():
+    """A training forward computes each layer's ELLA value with the layer (jump_linear_ella);
+    `mgr.penalty()` picks it up, and loss + penalty has the same value and gradients as the
+    layer and the penalty computed apart (reference ops). After an update, it is recomputed."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    mgr = fastcur.IncLoRA(model, ella_lambda=0.5)
+    mgr.start_task()
+    for m in mgr.layers().values():
+        trained(m)
+    mgr.end_task()
+    mgr.start_task()
+    layers = mgr.layers()
+    for i, m in enumerate(layers.values()):
+        trained(m, seed=20 + i)
+        with torch.no_grad():
+            m.threshold.log_theta.fill_(-2.5)
+    x = torch.randn(7, 16, dtype=torch.float64)
+    params = [p for m in layers.values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+    y = model(x)
+    assert all(m._ella_cache is not None for m in layers.values())       # fused path taken
+    loss = y.square().mean() + mgr.penalty()
+    assert all(m._ella_cache is None for m in layers.values())           # consumed once
+    got = torch.autograd.grad(loss, params)
+
+    with fastcur.use_backend("reference"):
+        y_ref = model(x)
+    pen = sum(reference.ella_penalty(m.lora_A.weight, m.lora_B.weight, m.threshold.log_theta,
+                                     mgr.W_past[n], m.scaling) for n, m in layers.items()) / len(layers)
+    want_loss = y_ref.square().mean() + 0.5 * pen
+    want = torch.autograd.grad(want_loss, params)
+    torch.testing.assert_close(loss, want_loss)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+
+    model(x)
+    with torch.no_grad():
+        params[0].add_(0.1)                                                # an optimizer step
+    pen_now = sum(reference.ella_penalty(m.lora_A.weight, m.lora_B.weight, m.threshold.log_theta,
+                                         mgr.W_past[n], m.scaling) for n, m in layers.items()) / len(layers)
+    torch.testing.assert_close(mgr.penalty(), 0.5 * pen_now)             # stale value not used
+
+
 def test_three_tasks_learned_in_sequence():
     torch.manual_seed(0)
     model = MLP(8, 32, 2)

@@ -10,6 +10,9 @@ Forward `jump_linear_fwd`:
                                            is a rank-r dot in registers, masked there; Z is
                                            never stored
     y = x Weff^T + b                       one GEMM (torch)
+Fused ELLA `jump_linear_ella_fwd` / `jump_linear_bwd(..., W_past, grad_ella)`: the same kernels
+    with ELLA=True also sum the tile's ‖s J(Z) ⊙ W_past‖² (forward) and add grad_ella times its
+    dL/dZ into dZ before the contractions (backward): one pass for both terms.
 Backward `jump_linear_bwd`:
     `_jump_grad_kernel`, one program per [BN, BK] tile of W:
         T  = dy[:, tile rows]^T x[:, tile cols]   accumulated over M in registers
@@ -71,13 +74,14 @@ def _z_tile(b_ptr, a_ptr, offs_n, offs_k, mask_n, mask_k, RANK, stride_bn, strid
 
 
 @triton.jit
-def _jump_weff_kernel(w_ptr, b_ptr, a_ptr, lt_ptr, out_ptr, prm_ptr, N, K, RANK,
+def _jump_weff_kernel(w_ptr, b_ptr, a_ptr, lt_ptr, out_ptr, prm_ptr, wp_ptr, val_ptr, N, K, RANK,
                       stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
-                      stride_on, stride_ok,
-                      ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      stride_on, stride_ok, stride_pn, stride_pk,
+                      ELLA: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = W + scale (f J(Z) + (1 - f) Z), one [BLOCK_N, BLOCK_K] tile per program.
-    prm_ptr: [scale, f] in the acc dtype (Python float arguments would arrive as float32)."""
+    prm_ptr: [scale, f] in the acc dtype (Python float arguments would arrive as float32).
+    ELLA: also val_ptr[pid] = the tile's Σ (scale J(Z) W_past)² (W_past at wp_ptr)."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     scale = tl.load(prm_ptr)
     f = tl.load(prm_ptr + 1)
@@ -94,14 +98,20 @@ def _jump_weff_kernel(w_ptr, b_ptr, a_ptr, lt_ptr, out_ptr, prm_ptr, N, K, RANK,
     out = w.to(acc_dtype) + scale * gate * z
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok,
              out.to(out_ptr.dtype.element_ty), mask=mask)
+    if ELLA:
+        wp = tl.load(wp_ptr + offs_n[:, None] * stride_pn + offs_k[None, :] * stride_pk, mask=mask,
+                     other=0.0).to(acc_dtype)
+        v = tl.where((tl.abs(z) > theta) & mask, scale * z * wp, 0.0)
+        tl.store(val_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+                 tl.sum(tl.sum(v * v, axis=1), axis=0))
 
 
 @triton.jit
 def _jump_grad_kernel(dy_ptr, x_ptr, b_ptr, a_ptr, lt_ptr, da_ptr, db_ptr, th_ptr, prm_ptr,
-                      M, N, K, RANK,
+                      wp_ptr, coef_ptr, M, N, K, RANK,
                       stride_dm, stride_dn, stride_xm, stride_xk, stride_bn, stride_br,
-                      stride_ar, stride_ak,
-                      ACC_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                      stride_ar, stride_ak, stride_pn, stride_pk,
+                      ELLA: tl.constexpr, ACC_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
     """Per [BLOCK_N, BLOCK_K] tile of W: dL/dZ from dy^T x, contracted with A and B.
@@ -109,6 +119,8 @@ def _jump_grad_kernel(dy_ptr, x_ptr, b_ptr, a_ptr, lt_ptr, da_ptr, db_ptr, th_pt
     Writes da_ptr[pid_n, :, cols] ([num_n_tiles, BLOCK_R, K], acc dtype), db_ptr[pid_k, rows, :]
     ([num_k_tiles, N, BLOCK_R]) and th_ptr[pid] (the tile's Σ G (−K(..) + K(..))).
     prm_ptr: [scale, f, 1/ε] in the acc dtype.
+    ELLA: dZ += c 2 scale² m Z W_past² (W_past at wp_ptr, c = coef_ptr[0], the gradient of the
+    ELLA output) before the contractions; nothing joins the θ sum (hard mask).
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     scale = tl.load(prm_ptr)
@@ -145,6 +157,11 @@ def _jump_grad_kernel(dy_ptr, x_ptr, b_ptr, a_ptr, lt_ptr, da_ptr, db_ptr, th_pt
     valid = mask_n[:, None] & mask_k[None, :]
     th = tl.sum(tl.sum(tl.where(valid, g * term, 0.0), axis=1), axis=0)
     tl.store(th_ptr + pid_n * tl.num_programs(1) + pid_k, th)
+    if ELLA:
+        wp = tl.load(wp_ptr + offs_n[:, None] * stride_pn + offs_k[None, :] * stride_pk, mask=valid,
+                     other=0.0).to(acc_dtype)
+        c = tl.load(coef_ptr).to(acc_dtype)
+        dz += tl.where(tl.abs(z) > theta, 2.0 * scale * scale * c * z * wp * wp, 0.0)
 
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     dz = tl.where(valid, dz, 0.0)
@@ -200,41 +217,56 @@ def _params(like: Tensor, *values: float) -> Tensor:
     return torch.tensor(values, dtype=_acc(like.dtype), device=like.device)
 
 
-def _weff(weight: Tensor, A: Tensor, B: Tensor, log_theta: Tensor, scale: float, f: float) -> Tensor:
+def _weff(weight: Tensor, A: Tensor, B: Tensor, log_theta: Tensor, scale: float, f: float,
+          W_past: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """(W + ΔW [n, k], and with W_past the ELLA value [] in the acc dtype, else None)."""
     n, k = weight.shape
     r = A.shape[0]
     dtype = weight.dtype
     store = torch.float32 if _INTERPRET and dtype == torch.bfloat16 else dtype
     out = torch.empty((n, k), device=weight.device, dtype=store)
+    grid = (triton.cdiv(n, _BN), triton.cdiv(k, _BK))
+    ella = W_past is not None
+    val = torch.zeros((max(grid[0] * grid[1], 1),), device=weight.device, dtype=_acc(dtype))
+    wp = W_past if ella else weight
     if out.numel():
-        grid = (triton.cdiv(n, _BN), triton.cdiv(k, _BK))
         _jump_weff_kernel[grid](
-            weight, B, A, log_theta, out, _params(weight, scale, f), n, k, r,
+            weight, B, A, log_theta, out, _params(weight, scale, f), wp, val, n, k, r,
             weight.stride(0), weight.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1),
-            out.stride(0), out.stride(1),
-            ACC_FP64=dtype == torch.float64, PRECISION=_precision(dtype), BLOCK_R=_block_r(r),
-            BLOCK_N=_BN, BLOCK_K=_BK)
-    return out.to(dtype)
+            out.stride(0), out.stride(1), wp.stride(0), wp.stride(1),
+            ELLA=ella, ACC_FP64=dtype == torch.float64, PRECISION=_precision(dtype),
+            BLOCK_R=_block_r(r), BLOCK_N=_BN, BLOCK_K=_BK)
+    return out.to(dtype), (val.sum() if ella else None)
 
 
 def jump_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                     log_theta: Tensor, scale: float, f: float) -> Tensor:
     """y [M, n] = x (W + ΔW)^T + b; x [M, k], weight [n, k], A [r, k], B [n, r]."""
-    weff = _weff(weight, A, B, log_theta, scale, f)
+    weff, _ = _weff(weight, A, B, log_theta, scale, f)
     if bias is not None:
         return torch.addmm(bias, x, weff.t())
     return x @ weff.t()
 
 
+def jump_linear_ella_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+                         log_theta: Tensor, scale: float, W_past: Tensor, f: float) -> tuple[Tensor, Tensor]:
+    """(y [M, n], ‖scale J(B A) ⊙ W_past‖² [] in weight's dtype) from the same Z tiles."""
+    weff, ella = _weff(weight, A, B, log_theta, scale, f, W_past)
+    y = torch.addmm(bias, x, weff.t()) if bias is not None else x @ weff.t()
+    return y, ella.to(weight.dtype)
+
+
 def jump_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
                     log_theta: Tensor, scale: float, f: float, bandwidth: float, mean: bool,
-                    need_dx: bool, need_adapter: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx [M, k] or empty, dA [r, k], dB [n, r], dlog_theta like log_theta), SPEC §4."""
+                    need_dx: bool, need_adapter: bool, W_past: Optional[Tensor] = None,
+                    grad_ella: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx [M, k] or empty, dA [r, k], dB [n, r], dlog_theta like log_theta), SPEC §4.
+    With W_past [n, k] and grad_ella [] the ELLA gradient joins each tile's dL/dZ."""
     M, k = x.shape
     n, r = B.shape
     dtype = x.dtype
     acc = _acc(dtype)
-    dx = grad_y @ _weff(weight, A, B, log_theta, scale, f) if need_dx else x.new_empty(0)
+    dx = grad_y @ _weff(weight, A, B, log_theta, scale, f)[0] if need_dx else x.new_empty(0)
     if not need_adapter:
         return dx, torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(log_theta)
     br = _block_r(r)
@@ -242,13 +274,16 @@ def jump_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Ten
     da = torch.empty((tn, br, k), device=x.device, dtype=acc)
     db = torch.empty((tk, n, br), device=x.device, dtype=acc)
     th = torch.empty((tn * tk,), device=x.device, dtype=acc)
+    ella = W_past is not None
+    wp = W_past if ella else weight
+    coef = grad_ella.reshape(()).to(acc) if ella else th
     if n and k:
         _jump_grad_kernel[(tn, tk)](
             grad_y, x, B, A, log_theta, da, db, th, _params(x, scale, f, 1.0 / float(bandwidth)),
-            M, n, k, r,
+            wp, coef, M, n, k, r,
             grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), B.stride(0), B.stride(1),
-            A.stride(0), A.stride(1),
-            ACC_FP64=dtype == torch.float64, UPCAST=_INTERPRET, PRECISION=_precision(dtype),
+            A.stride(0), A.stride(1), wp.stride(0), wp.stride(1),
+            ELLA=ella, ACC_FP64=dtype == torch.float64, UPCAST=_INTERPRET, PRECISION=_precision(dtype),
             BLOCK_R=br, BLOCK_M=_BM, BLOCK_N=_BN, BLOCK_K=_BK)
     dA = da.sum(0)[:r].to(dtype)
     dB = db.sum(0)[:, :r].to(dtype)

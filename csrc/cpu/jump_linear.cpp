@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <vector>
 
 #include "jump_linear.h"
 
@@ -33,30 +34,46 @@ int64_t tile_elems() {
 
 double theta_of(const at::Tensor& log_theta) { return std::exp(log_theta.item<double>()); }
 
-void build_weff_cpu(at::Tensor& out, const at::Tensor& W, const at::Tensor& Z,
-                    const at::Tensor& log_theta, double s, double f) {
+// out = W + s (f J(Z) + (1 - f) Z); with ELLA's W_past tile `Wp` (else undefined) the same
+// pass returns the tile's Σ (s Z m Wp)², m = 1[|Z| > θ] (0 without it).
+double build_weff_cpu(at::Tensor& out, const at::Tensor& W, const at::Tensor& Z,
+                      const at::Tensor& log_theta, double s, double f, const at::Tensor& Wp = {}) {
   const double th = theta_of(log_theta);
   const int64_t N = out.numel();
+  const bool ella = Wp.defined();
+  double total = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "jump_build_weff", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* wp = W.data_ptr<scalar_t>();
+    const scalar_t* pp = ella ? Wp.data_ptr<scalar_t>() : nullptr;
     const acc_t* zp = Z.data_ptr<acc_t>();
     const acc_t ths = static_cast<acc_t>(th), sa = static_cast<acc_t>(s);
     const acc_t keep = sa, soft = static_cast<acc_t>(s * (1.0 - f));
-    at::parallel_for(0, N, kGrain, [&](int64_t b, int64_t e) {
+    total = at::parallel_reduce(0, N, kGrain, 0.0, [&](int64_t b, int64_t e, double part) {
+      acc_t local = 0;
       for (int64_t i = b; i < e; ++i) {
         const acc_t z = zp[i];
-        op[i] = static_cast<scalar_t>(static_cast<acc_t>(wp[i]) + (std::abs(z) > ths ? keep : soft) * z);
+        const bool on = std::abs(z) > ths;
+        op[i] = static_cast<scalar_t>(static_cast<acc_t>(wp[i]) + (on ? keep : soft) * z);
+        if (ella && on) {
+          const acc_t v = sa * z * static_cast<acc_t>(pp[i]);
+          local += v * v;
+        }
       }
-    });
+      return part + static_cast<double>(local);
+    }, std::plus<double>());
   });
+  return total;
 }
 
+// dZ = s T (f m + 1 - f) (+ c 2 s² m Z Wp² with ELLA's W_past tile `Wp`, c = the gradient of
+// the ELLA output), and the tile's straight-through θ sum into th_acc.
 void grad_tile_cpu(at::Tensor& dZ, const at::Tensor& T, const at::Tensor& Z,
                    const at::Tensor& log_theta, double s, double f, double eps,
-                   at::Tensor& th_acc) {
+                   at::Tensor& th_acc, const at::Tensor& Wp = {}, double ella_coef = 0.0) {
   const double th = theta_of(log_theta);
+  const bool ella = Wp.defined() && ella_coef != 0.0;
   const int64_t N = Z.numel();
   double total = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, T.scalar_type(), "jump_grad_tile", [&] {
@@ -64,15 +81,23 @@ void grad_tile_cpu(at::Tensor& dZ, const at::Tensor& T, const at::Tensor& Z,
     const scalar_t* tp = T.data_ptr<scalar_t>();
     const acc_t* zp = Z.data_ptr<acc_t>();
     acc_t* dp = dZ.data_ptr<acc_t>();
+    const scalar_t* pp = ella ? Wp.data_ptr<scalar_t>() : nullptr;
     const acc_t ths = static_cast<acc_t>(th), sa = static_cast<acc_t>(s);
     const acc_t soft = static_cast<acc_t>(1.0 - f), inv_eps = static_cast<acc_t>(1.0 / eps);
+    const acc_t ella_c = static_cast<acc_t>(2.0 * s * s * ella_coef);
     const bool want_theta = f != 0.0;
     total = at::parallel_reduce(0, N, kGrain, 0.0, [&](int64_t b, int64_t e, double part) {
       acc_t local = 0;
       for (int64_t i = b; i < e; ++i) {
         const acc_t z = zp[i];
         const acc_t g = sa * static_cast<acc_t>(tp[i]);
-        dp[i] = std::abs(z) > ths ? g : g * soft;   // G (f 1[|Z|>θ] + 1 - f)
+        const bool on = std::abs(z) > ths;
+        acc_t d = on ? g : g * soft;                 // G (f 1[|Z|>θ] + 1 - f)
+        if (ella && on) {
+          const acc_t w = static_cast<acc_t>(pp[i]);
+          d += ella_c * z * w * w;
+        }
+        dp[i] = d;
         if (want_theta) {
           const acc_t u1 = (z - ths) * inv_eps, u2 = (-z - ths) * inv_eps;
           const acc_t term = acc_t(std::abs(u2) < acc_t(0.5)) - acc_t(std::abs(u1) < acc_t(0.5));
@@ -109,11 +134,15 @@ BlockPlan plan(int64_t n, int64_t k) {
   return {rows, (n + rows - 1) / rows};
 }
 
+// W + ΔW assembled block by block; with `Wp` (ELLA's W_past) also Σ (s J(Z) ⊙ Wp)² into `ella`
+// (a [] tensor in the acc dtype), from the same Z tiles.
 at::Tensor build_weff_blocks(const at::Tensor& W, const at::Tensor& A_acc, const at::Tensor& B_acc,
-                             const at::Tensor& log_theta, double scale, double f) {
+                             const at::Tensor& log_theta, double scale, double f,
+                             const at::Tensor& Wp = {}, at::Tensor* ella = nullptr) {
   const int64_t n = W.size(0), k = W.size(1);
   at::Tensor weff = at::empty_like(W);
   const BlockPlan p = plan(n, k);
+  std::vector<double> ella_parts(p.blocks, 0.0);
   at::parallel_for(0, p.blocks, 1, [&](int64_t b0, int64_t b1) {
     // Worker threads do not inherit the caller's dispatch state: skip autograd explicitly.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -122,9 +151,15 @@ at::Tensor build_weff_blocks(const at::Tensor& W, const at::Tensor& A_acc, const
       const int64_t i0 = blk * p.rows, b = std::min(p.rows, n - i0);
       at::Tensor z = z_buf.narrow(0, 0, b), out = weff.narrow(0, i0, b);
       at::mm_out(z, B_acc.narrow(0, i0, b), A_acc);
-      build_weff_cpu(out, W.narrow(0, i0, b), z, log_theta, scale, f);
+      ella_parts[blk] = build_weff_cpu(out, W.narrow(0, i0, b), z, log_theta, scale, f,
+                                       Wp.defined() ? Wp.narrow(0, i0, b) : at::Tensor());
     }
   });
+  if (ella != nullptr) {
+    double total = 0.0;
+    for (double v : ella_parts) total += v;  // fixed order: deterministic
+    *ella = at::scalar_tensor(total, A_acc.options());
+  }
   return weff;
 }
 
@@ -140,10 +175,27 @@ at::Tensor jump_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   return at::mm(x, weff.t());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor> jump_linear_ella_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& A, const at::Tensor& B, const at::Tensor& log_theta, double scale,
+    const at::Tensor& W_past, double f, double /*bandwidth*/, bool /*mean*/) {
+  check_jump_linear_args(x, weight, bias, A, B, log_theta);
+  check_w_past(W_past, weight);
+  const auto acc = jump_acc_type(weight.scalar_type());
+  at::Tensor ella;
+  const at::Tensor weff = build_weff_blocks(weight.contiguous(), A.to(acc).contiguous(),
+                                            B.to(acc).contiguous(), log_theta, scale, f,
+                                            W_past.contiguous(), &ella);
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weff.t()) : at::mm(x, weff.t());
+  return {y, ella.to(weight.scalar_type())};
+}
+
+// Both backwards; with `Wp` (ELLA's W_past) the ELLA gradient, times `ella_coef`, joins dL/dZ
+// in each tile before the one contraction with A and B.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_impl(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& log_theta, double scale, double f, double bandwidth,
-    bool mean, bool need_dx, bool need_adapter) {
+    bool mean, bool need_dx, bool need_adapter, const at::Tensor& Wp, double ella_coef) {
   check_jump_linear_args(x, weight, c10::nullopt, A, B, log_theta);
   const int64_t M = x.size(0), n = weight.size(0), k = weight.size(1), r = A.size(0);
   check_matrix(grad_y, "grad_y", M, n);
@@ -181,7 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_cpu(
         if (!need_adapter) continue;
         at::Tensor t = t_buf.narrow(0, 0, b), dz = dz_buf.narrow(0, 0, b);
         at::mm_out(t, dy.narrow(1, i0, b).t(), xc);                  // dy^T x tile [b, k]
-        grad_tile_cpu(dz, t, z, log_theta, scale, f, bandwidth, th_local);
+        grad_tile_cpu(dz, t, z, log_theta, scale, f, bandwidth, th_local,
+                      Wp.defined() ? Wp.narrow(0, i0, b) : at::Tensor(), ella_coef);
         at::Tensor dB_blk = dB.narrow(0, i0, b);
         at::mm_out(dB_blk, dz, A_t);                                 // dB[blk] = dZ A^T
         dA_local.addmm_(B_blk.t(), dz);                              // dA += B[blk]^T dZ
@@ -194,11 +247,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_cpu(
   return {dx, dA_parts.sum(0).to(dtype), dB.to(dtype), dlog};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& log_theta, double scale, double f, double bandwidth,
+    bool mean, bool need_dx, bool need_adapter) {
+  return jump_linear_bwd_impl(grad_y, x, weight, A, B, log_theta, scale, f, bandwidth, mean, need_dx,
+                              need_adapter, at::Tensor(), 0.0);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_ella_bwd_cpu(
+    const at::Tensor& grad_y, const at::Tensor& grad_ella, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B, const at::Tensor& log_theta,
+    double scale, const at::Tensor& W_past, double f, double bandwidth, bool mean, bool need_dx,
+    bool need_adapter) {
+  check_w_past(W_past, weight);
+  check_vector(grad_ella.reshape({-1}), "grad_ella", 1);
+  return jump_linear_bwd_impl(grad_y, x, weight, A, B, log_theta, scale, f, bandwidth, mean, need_dx,
+                              need_adapter, W_past.contiguous(), grad_ella.item<double>());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastcur, CPU, m) {
   m.impl("jump_linear", &jump_linear_cpu);
   m.impl("jump_linear_bwd", &jump_linear_bwd_cpu);
+  m.impl("jump_linear_ella", &jump_linear_ella_cpu);
+  m.impl("jump_linear_ella_bwd", &jump_linear_ella_bwd_cpu);
 }
 
 }  // namespace fastcur

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.ella_penalty import ella_penalty as _ella_op
-from ..ops.jump_linear import REDUCTIONS, jump_linear
+from ..ops.jump_linear import REDUCTIONS, jump_linear, jump_linear_ella
 from ..ops.jump_rank_linear import jump_rank_linear
 from .adapter_linear import AdapterLinear, LinearTap, LowRankTap
 
@@ -104,6 +104,7 @@ class JumpLoRALinear(AdapterLinear):
                              f"{want}, got {tuple(threshold.log_theta.shape)}")
         self.threshold = threshold
         self.register_buffer("W_past", None)
+        self._ella_cache: tuple | None = None   # (penalty, versions of A, B, log_theta) of the last forward
         self.reset_adapter()
 
     # -- state -----------------------------------------------------------------------------------
@@ -138,6 +139,11 @@ class JumpLoRALinear(AdapterLinear):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         A, B, lt = self.lora_A.weight, self.lora_B.weight, self.threshold.log_theta
+        if self.gate == "weight" and self._fuse_ella():
+            y, p = jump_linear_ella(x, self.weight, self.bias, A, B, lt, self.scaling, self.W_past,
+                                    self.f, self.bandwidth, self.reduction)
+            self._ella_cache = (p, self._adapter_versions())
+            return y
         if self.gate == "weight":
             return jump_linear(x, self.weight, self.bias, A, B, lt, self.scaling, self.f,
                                self.bandwidth, self.reduction)
@@ -169,12 +175,31 @@ class JumpLoRALinear(AdapterLinear):
                              f"has no low-rank per-example gradient; collect curvature at f = 0 or use gate='rank'")
         return [LowRankTap("lora_A.weight", "lora_B.weight", x, grad_y, A, B, s)]
 
+    def _fuse_ella(self) -> bool:
+        # With a W_past, a training forward also computes the ELLA penalty from the same Z tiles
+        # (fastcur.ops.jump_linear_ella) for `ella_penalty()` to pick up; its gradient then joins
+        # the layer's backward contraction instead of a second walk over Z.
+        return (self.W_past is not None and torch.is_grad_enabled()
+                and (self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad)
+                and not torch.compiler.is_compiling())
+
+    def _adapter_versions(self) -> tuple[int, int, int]:
+        return (self.lora_A.weight._version, self.lora_B.weight._version,
+                self.threshold.log_theta._version)
+
     def ella_penalty(self) -> torch.Tensor:
-        """‖s J(B A) ⊙ W_past‖² of this layer ([]; 0 without W_past). Weight gate only."""
+        """‖s J(B A) ⊙ W_past‖² of this layer ([]; 0 without W_past). Weight gate only.
+
+        After a training forward the value that forward computed (fused with the layer, see
+        `fastcur.ops.jump_linear_ella`) is returned, once, while A, B and θ are unchanged since;
+        otherwise the penalty is computed on its own (`fastcur.ops.ella_penalty`)."""
         if self.gate != "weight":
             raise RuntimeError("fastcur.JumpLoRALinear.ella_penalty: ELLA needs gate='weight'")
         if self.W_past is None:
             return self.weight.new_zeros(())
+        cache, self._ella_cache = self._ella_cache, None
+        if cache is not None and cache[1] == self._adapter_versions():
+            return cache[0]
         return _ella_op(self.lora_A.weight, self.lora_B.weight, self.threshold.log_theta,
                         self.W_past, self.scaling)
 

@@ -5,6 +5,10 @@ Flow as cur_linear: checks, backend, then `torch.ops.fastcur.jump_linear` (C++ C
 `torch.ops.fastcur.jump_linear_triton`; one fake and one autograd formula for both, the
 backward calls the `_bwd` op, which contracts `dy^T x` with A and B one tile of W's rows at a
 time (no n x k gradient is ever held), with the straight-through θ gradient of SPEC §4.
+
+jump_linear_ella: the same layer with ELLA's penalty `‖scale J(B A) ⊙ W_past‖²` (SPEC §4)
+computed from the same Z tiles in the forward, and its gradient added into each tile's dL/dZ
+before the one contraction with A and B in the backward (IncLoRA with `ella_lambda > 0`).
 """
 from __future__ import annotations
 
@@ -63,8 +67,53 @@ def _register(fwd: str, bwd: str) -> None:
     torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
 
 
+def _ella_fwd_fake(x, weight, bias, A, B, log_theta, scale, W_past, f, bandwidth, mean):
+    return x.new_empty(x.shape[0], weight.shape[0]), weight.new_empty(())
+
+
+def _ella_bwd_fake(grad_y, grad_ella, x, weight, A, B, log_theta, scale, W_past, f, bandwidth, mean,
+                   need_dx, need_adapter):
+    return _bwd_fake(grad_y, x, weight, A, B, log_theta, scale, f, bandwidth, mean, need_dx, need_adapter)
+
+
+def _ella_setup_context(ctx, inputs, output):
+    x, weight, bias, A, B, log_theta, scale, W_past, f, bandwidth, mean = inputs
+    ctx.save_for_backward(x, weight, A, B, log_theta, W_past)
+    ctx.args = (scale, f, bandwidth, mean)
+
+
+def _make_ella_backward(bwd_op):
+    def backward(ctx, grad_y, grad_ella):
+        x, weight, A, B, log_theta, W_past = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb, need_th = ctx.needs_input_grad[:6]
+        scale, f, bandwidth, mean = ctx.args
+        dx = dA = dB = dth = None
+        need_adapter = need_a or need_bb or need_th
+        if need_x or need_adapter:
+            dx, dA, dB, dth = bwd_op(grad_y, grad_ella, x, weight, A, B, log_theta, scale, W_past, f,
+                                     bandwidth, mean, need_x, need_adapter)
+        dW = grad_y.mT.mm(x) if need_w else None
+        db = grad_y.sum(0) if need_b else None
+        if ctx.needs_input_grad[7]:
+            raise NotImplementedError("fastcur.ops.jump_linear_ella: no gradient for W_past (it is a "
+                                      "record of past updates); detach it")
+        return ((dx if need_x else None), dW, db, (dA if need_a else None), (dB if need_bb else None),
+                (dth if need_th else None), None, None, None, None, None)
+
+    return backward
+
+
+def _register_ella(fwd: str, bwd: str) -> None:
+    torch.library.register_fake(fwd)(_ella_fwd_fake)
+    torch.library.register_fake(bwd)(_ella_bwd_fake)
+    ns, name = bwd.split("::")
+    bwd_op = getattr(getattr(torch.ops, ns), name).default
+    torch.library.register_autograd(fwd, _make_ella_backward(bwd_op), setup_context=_ella_setup_context)
+
+
 if _extension.available():
     _register("fastcur::jump_linear", "fastcur::jump_linear_bwd")
+    _register_ella("fastcur::jump_linear_ella", "fastcur::jump_linear_ella_bwd")
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,6 +137,28 @@ def _triton_op():
 
     _register("fastcur::jump_linear_triton", "fastcur::jump_linear_triton_bwd")
     return torch.ops.fastcur.jump_linear_triton.default
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_ella_op():
+    from ..triton_kernels import jump_linear as kernels
+
+    @torch.library.custom_op("fastcur::jump_linear_ella_triton", mutates_args=())
+    def jump_linear_ella_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+                                log_theta: Tensor, scale: float, W_past: Tensor, f: float,
+                                bandwidth: float, mean: bool) -> tuple[Tensor, Tensor]:
+        return kernels.jump_linear_ella_fwd(x, weight, bias, A, B, log_theta, scale, W_past, f)
+
+    @torch.library.custom_op("fastcur::jump_linear_ella_triton_bwd", mutates_args=())
+    def jump_linear_ella_triton_bwd(grad_y: Tensor, grad_ella: Tensor, x: Tensor, weight: Tensor,
+                                    A: Tensor, B: Tensor, log_theta: Tensor, scale: float,
+                                    W_past: Tensor, f: float, bandwidth: float, mean: bool,
+                                    need_dx: bool, need_adapter: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return kernels.jump_linear_bwd(grad_y, x, weight, A, B, log_theta, scale, f, bandwidth, mean,
+                                       need_dx, need_adapter, W_past, grad_ella)
+
+    _register_ella("fastcur::jump_linear_ella_triton", "fastcur::jump_linear_ella_triton_bwd")
+    return torch.ops.fastcur.jump_linear_ella_triton.default
 
 
 def check_scalar_theta(c: ArgChecker, log_theta) -> None:
@@ -155,3 +226,30 @@ def jump_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     y = op(x.reshape(-1, x.shape[-1]), weight, bias, A, B, log_theta, float(scale), float(f),
            float(bandwidth), reduction == "mean")
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def jump_linear_ella(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+                     log_theta: Tensor, scale: float, W_past: Tensor, f: float = 1.0,
+                     bandwidth: float = 1e-3, reduction: str = "mean") -> tuple[Tensor, Tensor]:
+    """`jump_linear` and ELLA's penalty of the same adapter in one pass (SPEC §4).
+
+    Args: as `jump_linear`, plus W_past [n, k] (the sum of past tasks' ΔW, no gradient).
+    Returns:
+        (y [..., n] = jump_linear(x, ...), p [] = ‖scale J(B A) ⊙ W_past‖², hard mask: no
+        gradient reaches log_theta through p). Both differentiable; the backward adds p's
+        gradient into each tile's dL/dZ before the one contraction with A and B, so ELLA costs
+        one extra read of W_past per pass instead of a second walk over Z.
+    """
+    _check(x, weight, bias, A, B, log_theta)
+    check_options("jump_linear_ella", scale, f, bandwidth, reduction)
+    c = ArgChecker("jump_linear_ella")
+    c.tensor("weight", weight, anchor=True)
+    c.tensor("W_past", W_past, tuple(weight.shape), dims="(n, k)")
+    backend = resolve("jump_linear", x.device)
+    if backend == "reference":
+        return reference.jump_linear_ella(x, weight, bias, A, B, log_theta, scale, W_past, f, bandwidth,
+                                          reduction)
+    op = torch.ops.fastcur.jump_linear_ella.default if backend == "cpp" else _triton_ella_op()
+    y, p = op(x.reshape(-1, x.shape[-1]), weight, bias, A, B, log_theta, float(scale), W_past, float(f),
+              float(bandwidth), reduction == "mean")
+    return y.reshape(*x.shape[:-1], weight.shape[0]), p

@@ -208,6 +208,18 @@ def jump_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.linear(x, weight + dW.reshape(weight.shape).to(weight.dtype), bias)
 
 
+def jump_linear_ella(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                     B: torch.Tensor, log_theta: torch.Tensor, scale: float, W_past: torch.Tensor,
+                     f: float = 1.0, bandwidth: float = 1e-3,
+                     reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """`(jump_linear(...), ella_penalty(A, B, log_theta, W_past, scale))`: both terms at once.
+
+    x [..., k], weight [n, k], W_past [n, k] -> ([..., n], [])
+    """
+    return (jump_linear(x, weight, bias, A, B, log_theta, scale, f, bandwidth, reduction),
+            ella_penalty(A, B, log_theta, W_past, scale))
+
+
 def jump_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                      B: torch.Tensor, log_theta: torch.Tensor, scale: float,
                      bandwidth: float = 1e-3) -> torch.Tensor:
