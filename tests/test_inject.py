@@ -164,3 +164,97 @@ def test_disable_adapters_runs_the_base_and_restores(method):
     with pytest.raises(ValueError, match="no fastcur adapter layer"):
         with fastcur.disable_adapters(tiny_lm()):
             pass
+
+
+# -- lifecycle: merge, unmerge, merge_and_unload, unload -----------------------------------------
+def _adapted(method, **overrides):
+    model = tiny_lm()
+    base = copy.deepcopy(model)
+    config = METHODS[method](["q_proj", "up_proj", "down_proj"])
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    fastcur.inject(model, config)
+    perturb_adapters(model)
+    return model, base
+
+
+@pytest.mark.parametrize("method", ["lora", "curlora", "jumplora"])
+def test_merge_unmerge_keep_outputs(method):
+    model, base = _adapted(method)
+    x = ids()
+    y = model(x)
+    weights = {n: m.weight.detach().clone() for n, m in fastcur.adapter_modules(model).items()}
+    assert fastcur.merge(model) is model
+    assert all(m.merged for m in fastcur.adapter_modules(model).values())
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+    fastcur.merge(model)                       # already merged: left alone
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with fastcur.disable_adapters(model):
+            model(x)
+    fastcur.unmerge(model)
+    for n, m in fastcur.adapter_modules(model).items():
+        assert not m.merged
+        torch.testing.assert_close(m.weight, weights[n], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "curlora", "jumplora", "secura"])
+def test_merge_and_unload_gives_plain_linears_with_the_same_outputs(method):
+    # SECURA keeps outputs through a merge when SigNorm is off (plain CABR-LoRA)
+    model, base = _adapted(method, **({"signorm": "off"} if method == "secura" else {}))
+    x = ids()
+    y = model(x)
+    names = list(fastcur.adapter_modules(model))
+    assert fastcur.merge_and_unload(model) is model
+    assert not fastcur.adapter_modules(model) and not hasattr(model, "fastcur_config")
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model(x), base(x))
+    fastcur.inject(model, fastcur.LoRAConfig(rank=2))          # a plain model again
+
+
+@pytest.mark.parametrize("method", ["lora", "curlora", "jumplora", "secura"])
+def test_unload_gives_the_base_back(method):
+    model, base = _adapted(method)
+    x = ids()
+    if method != "secura":
+        fastcur.merge(model)                   # merged layers are unmerged first
+    fastcur.unload(model)
+    assert not fastcur.adapter_modules(model)
+    tol = 0 if method == "secura" else 1e-6
+    torch.testing.assert_close(model(x), base(x), rtol=tol, atol=tol)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())
+
+
+def test_secura_merge_is_the_methods_fold():
+    model, base = _adapted("secura", merge_mode="plain")
+    x = ids()
+    layers = fastcur.adapter_modules(model)
+    expected = {n: (m.weight + m.delta_weight()).detach().clone() for n, m in layers.items()}
+    fastcur.merge(model)
+    for n, m in layers.items():
+        torch.testing.assert_close(m.weight, expected[n])
+        assert torch.count_nonzero(m.B_c) == 0
+    y = model(x)                               # B_c = 0: the output is the plain linear's of the new W
+    with pytest.raises(ValueError, match="cannot be undone"):
+        fastcur.unmerge(model)
+    fastcur.merge_and_unload(model)
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_gated_jumplora_cannot_merge_and_nothing_changes():
+    model, _ = _adapted("jumplora", gate="rank")
+    weights = [m.weight.detach().clone() for m in fastcur.adapter_modules(model).values()]
+    for fn in (fastcur.merge, fastcur.merge_and_unload):
+        with pytest.raises(ValueError, match="rank-gated JumpLoRALinear"):
+            fn(model)
+    assert all(torch.equal(m.weight, w) for m, w in zip(fastcur.adapter_modules(model).values(), weights))
+    fastcur.unload(model)                      # unloading needs no merge
+    assert not fastcur.adapter_modules(model)
+
+
+def test_lifecycle_needs_adapters():
+    for fn in (fastcur.merge, fastcur.unmerge, fastcur.merge_and_unload, fastcur.unload):
+        with pytest.raises(ValueError, match="no fastcur adapter layer"):
+            fn(tiny_lm())
