@@ -15,6 +15,7 @@ CONFIGS = {
     "curlora": fastcur.CURLoRAConfig(rank=4, target_modules=["q_proj", "up_proj"]),
     "secura": fastcur.SecuraConfig(rank=4, inner_rank=6, lora_bias=True, target_modules=["q_proj", "down_proj"]),
     "jumplora": fastcur.JumpLoRAConfig(rank=4, f=0.6, target_modules=["q_proj", "v_proj"]),
+    "jumplora-rank": fastcur.JumpLoRAConfig(rank=4, gate="rank", target_modules=["q_proj", "up_proj"]),
 }
 
 
@@ -34,7 +35,7 @@ def test_round_trip_is_exact(method, tmp_path):
     x = ids()
     assert fastcur.save_adapter(model, tmp_path / "a") == str(tmp_path / "a")
     assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "adapter_model.safetensors"]
-    loaded = fastcur.load_adapter(tiny_lm(0), tmp_path / "a", method=method)
+    loaded = fastcur.load_adapter(tiny_lm(0), tmp_path / "a", method=CONFIGS[method].method)
     assert torch.equal(loaded(x), model(x))
     saved, again = _adapter_state(model), _adapter_state(loaded)
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
@@ -53,14 +54,15 @@ def test_only_adapter_tensors_are_stored(method, tmp_path):
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     names = list(fastcur.adapter_modules(model))
     own = {"lora": ["lora_A.weight", "lora_B.weight"], "jumplora": ["lora_A.weight", "lora_B.weight"],
+           "jumplora-rank": ["lora_A.weight", "lora_B.weight"],
            "curlora": ["U", "rows", "cols", "C", "R"],
            "secura": ["A_c", "B_c", "lora_bias", "rows", "cols", "C", "R"]}[method]
     expected = {f"{n}.{k}" for n in names for k in own}
-    if method == "jumplora":
+    if method.startswith("jumplora"):
         expected.add("jump_thresholds.0.log_theta")          # one shared threshold, stored once
     assert keys == expected
     doc = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert doc["method"] == method and doc["target_modules"] == names
+    assert doc["method"] == CONFIGS[method].method and doc["target_modules"] == names
     assert doc["config"] == CONFIGS[method].to_dict() and doc["fastcur_version"] == fastcur.__version__
     assert set(doc["layers"]) == set(names)
 

@@ -197,36 +197,37 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *,
 
 
 # -- reading --------------------------------------------------------------------------------------
-def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+def read_adapter_config(directory: str | os.PathLike, *, _caller: str = "fastcur.read_adapter_config"
+                        ) -> dict[str, Any]:
     """The parsed `adapter_config.json` of a fastcur adapter directory (checked to be one)."""
     directory = os.fspath(directory)
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"fastcur.load_adapter: no adapter directory at {directory!r}")
+        raise FileNotFoundError(f"{_caller}: no adapter directory at {directory!r}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"fastcur.load_adapter: {path} is missing (not an adapter directory, or "
+        raise FileNotFoundError(f"{_caller}: {path} is missing (not an adapter directory, or "
                                 f"a save was interrupted before its config was written)")
     try:
         with open(path, encoding="utf-8") as f:
             document = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"fastcur.load_adapter: {path} is not valid JSON ({e}); the file is corrupt "
+        raise ValueError(f"{_caller}: {path} is not valid JSON ({e}); the file is corrupt "
                          f"or truncated") from None
     if not isinstance(document, dict):
-        raise ValueError(f"fastcur.load_adapter: {path} holds a {type(document).__name__}, not a JSON object")
+        raise ValueError(f"{_caller}: {path} holds a {type(document).__name__}, not a JSON object")
     if document.get("format") != FORMAT:
         if "peft_type" in document:
-            raise ValueError(f"fastcur.load_adapter: {path} is a PEFT adapter config (peft_type="
+            raise ValueError(f"{_caller}: {path} is a PEFT adapter config (peft_type="
                              f"{document['peft_type']!r}); load it with fastcur.load_peft_adapter")
-        raise ValueError(f"fastcur.load_adapter: {path} is not a fastcur adapter config "
+        raise ValueError(f"{_caller}: {path} is not a fastcur adapter config "
                          f"(format = {document.get('format')!r}, expected {FORMAT!r})")
     if document.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"fastcur.load_adapter: {path} has format_version {document['format_version']}, "
+        raise ValueError(f"{_caller}: {path} has format_version {document['format_version']}, "
                          f"written by fastcur {document.get('fastcur_version')}; this fastcur "
                          f"({_version()}) reads up to {FORMAT_VERSION}; upgrade fastcur")
     for key in ("method", "config", "layers", "target_modules"):
         if key not in document:
-            raise ValueError(f"fastcur.load_adapter: {path} lacks the key {key!r}; the file is damaged")
+            raise ValueError(f"{_caller}: {path} lacks the key {key!r}; the file is damaged")
     return document
 
 
@@ -295,7 +296,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, method: str 
         raise TypeError(f"fastcur.load_adapter: model must be an nn.Module, got {type(model).__name__}")
     if method is not None:
         config_class(method)            # an unknown name raises here, listing the known ones
-    document = read_adapter_config(directory)
+    document = read_adapter_config(directory, _caller="fastcur.load_adapter")
     directory = os.fspath(directory)
     saved_method = document["method"]
     if method is not None and saved_method != method:
