@@ -185,6 +185,15 @@ def test_hand_built_adapters_save_too(tmp_path):
     assert torch.equal(fresh(x), model(x)) and fresh.fastcur_config.target_modules == ["0"]
 
 
+def test_wrappers_are_unwrapped(tmp_path):
+    model = _trained("lora")
+    fastcur.save_adapter(torch.compile(nn.DataParallel(model)), tmp_path)      # compiled lazily: never run
+    assert fastcur.read_adapter_config(tmp_path)["target_modules"][0] == "layers.0.q_proj"
+    wrapped = nn.DataParallel(tiny_lm(0))
+    assert fastcur.load_adapter(wrapped, tmp_path) is wrapped
+    assert torch.equal(wrapped.module(ids()), model(ids()))
+
+
 # -- atomic writes -------------------------------------------------------------------------------
 def test_a_crash_while_writing_tensors_leaves_the_old_adapter(tmp_path, monkeypatch):
     model = _trained("lora")

@@ -34,6 +34,18 @@ def adapter_modules(model: nn.Module) -> dict[str, AdapterLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLinear)}
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP / DataParallel (`.module`) and `torch.compile` (`._orig_mod`)
+    wrappers, so saved names do not depend on how the model was run."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def output_head(model: nn.Module) -> nn.Module | None:
     """The output head "all-linear" skips: `model.get_output_embeddings()` (transformers), else
     a module named `lm_head` (None if there is neither)."""

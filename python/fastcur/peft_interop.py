@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .inject import CONFIG_ATTR, _set_module, adapter_modules, freeze_base
+from .inject import CONFIG_ATTR, _set_module, adapter_modules, freeze_base, unwrap
 from .modules.lora_linear import LoRALinear
 from .persistence import _atomic_write
 
@@ -193,6 +193,7 @@ def export_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, task_
     JumpLoRA); merged layers must be unmerged first. Returns the directory path."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastcur.export_peft_adapter: model must be an nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     layers = adapter_modules(model)
     if not layers:
         raise ValueError("fastcur.export_peft_adapter: the model has no fastcur adapter layer")

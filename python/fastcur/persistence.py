@@ -24,6 +24,10 @@ and renamed over the old one, the tensors first and the JSON (which names the te
 hash) last, so an interrupted save leaves the previous adapter loadable or a mismatch that
 `load_adapter` reports, never a silently half-written adapter.
 
+A model wrapped in DDP / DataParallel / `torch.compile` is unwrapped first (the names saved
+are the plain model's); FSDP2-sharded tensors (DTensor) are gathered with `full_tensor()`,
+which is a collective: under FSDP2 call `save_adapter` on every rank.
+
 IncLoRA (`fastcur.IncLoRA`) is not covered: between tasks its adapters are merged into W and
 removed, so its state is the whole base weight plus the manager's W_past; checkpoint it with
 `torch.save(model.state_dict())`. A running task's JumpLoRA layers do save and load here.
@@ -40,7 +44,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, JumpLoRAConfig, config_class, config_class_of_layer
-from .inject import CONFIG_ATTR, _set_module, adapter_modules, freeze_base
+from .inject import CONFIG_ATTR, _set_module, adapter_modules, freeze_base, unwrap
 from .modules.adapter_linear import AdapterLinear
 from .modules.jump_lora_linear import JumpLoRALinear, JumpThreshold
 from .modules.secura_linear import MergeSchedule, SecuraLinear
@@ -94,7 +98,10 @@ def _sha256(path: str) -> str:
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     # a private contiguous CPU copy: safetensors refuses tensors that share storage
-    return t.detach().to("cpu", copy=True).contiguous()
+    t = t.detach()
+    if callable(getattr(t, "full_tensor", None)):    # a DTensor (FSDP2): gather the whole tensor
+        t = t.full_tensor()
+    return t.to("cpu", copy=True).contiguous()
 
 
 def _layer_tensors(layer: AdapterLinear) -> dict[str, torch.Tensor]:
@@ -145,6 +152,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *,
     if merge_schedule is not None and not isinstance(merge_schedule, MergeSchedule):
         raise TypeError(f"fastcur.save_adapter: merge_schedule must be a fastcur.MergeSchedule or None, "
                         f"got {type(merge_schedule).__name__}")
+    model = unwrap(model)
     layers = adapter_modules(model)
     if not layers:
         raise ValueError("fastcur.save_adapter: the model has no fastcur adapter layer (fastcur.inject first)")
@@ -294,6 +302,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, method: str 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastcur.load_adapter: model must be an nn.Module, got {type(model).__name__}")
+    outer, model = model, unwrap(model)
     if method is not None:
         config_class(method)            # an unknown name raises here, listing the known ones
     document = read_adapter_config(directory, _caller="fastcur.load_adapter")
@@ -345,7 +354,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, method: str 
     setattr(model, CONFIG_ATTR, config)
     if merge_schedule is not None:
         merge_schedule.load_state_dict(document["merge_schedule"])
-    return model
+    return outer
 
 
 def _thresholds(model, document, tensors, present) -> dict[str, JumpThreshold]:
