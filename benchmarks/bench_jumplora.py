@@ -18,6 +18,11 @@ adapter's A, B and log_theta are trained, x requires grad):
                             the interpolation f J + (1 - f) Z, and x @ delta_W^T as a second
                             full GEMM next to the base layer
   PEFT LoRA                 peft's LoRA layer at the same rank (no gating)
+  + ELLA fused              JumpLoRALinear (weight) with a W_past: the training forward runs
+                            fastcur.ops.jump_linear_ella (penalty from the layer's Z tiles, its
+                            gradient inside the layer's backward contraction); returns y + p
+  + ELLA separate           the same layer and penalty as two ops (jump_linear, then
+                            ella_penalty: a second walk over Z tiles forward and backward)
 Shape fields: M tokens, n out features, k in features, r rank.
 """
 from __future__ import annotations
@@ -41,6 +46,8 @@ RANK_GATE = "JumpLoRALinear (rank)"
 REFERENCE = "reference (unfused)"
 SEED_CODE = "seed-code-style"
 PEFT_LORA = "PEFT LoRA"
+ELLA_FUSED = "+ ELLA fused"
+ELLA_SEPARATE = "+ ELLA separate"
 ALPHA = 32.0
 F_VALUE = 1.0
 BANDWIDTH = 1e-3
@@ -87,6 +94,38 @@ def _jump_module(case: Case, gate: str):
             h = x.detach()[:256] @ module.lora_A.weight.T
             module.threshold.log_theta.copy_(h.median(0).values.clamp_min(1e-6).log())
     return module, x
+
+
+def _with_w_past(case: Case):
+    module, x = _jump_module(case, "weight")
+    g = torch.Generator().manual_seed(case.seed + 1)
+    module.set_w_past(torch.randn(module.weight.shape, generator=g) * 0.01)
+    return module, x
+
+
+def ella_fused(case: Case) -> Prepared:
+    module, x = _with_w_past(case)
+
+    def forward():
+        y = module(x)
+        return y + module.ella_penalty()      # the value the forward computed with the layer
+
+    return Prepared(forward, leaves=_trainable(module, x, case), note="jump_linear_ella")
+
+
+def ella_separate(case: Case) -> Prepared:
+    import fastcur
+
+    module, x = _with_w_past(case)
+    W, b, A, B, lt = (module.weight, module.bias, module.lora_A.weight, module.lora_B.weight,
+                      module.threshold.log_theta)
+    s, Wp = module.scaling, module.W_past
+
+    def forward():
+        y = fastcur.ops.jump_linear(x, W, b, A, B, lt, s, F_VALUE, BANDWIDTH)
+        return y + fastcur.ops.ella_penalty(A, B, lt, Wp, s)
+
+    return Prepared(forward, leaves=_trainable(module, x, case), note="jump_linear + ella_penalty")
 
 
 def _trainable(module, x, case):
@@ -233,6 +272,8 @@ BENCHMARK = Benchmark(
         REFERENCE: reference_unfused,
         SEED_CODE: seed_code_style,
         PEFT_LORA: peft_lora,
+        ELLA_FUSED: ella_fused,
+        ELLA_SEPARATE: ella_separate,
     },
     floor=FLOOR,
     focus=FOCUS,

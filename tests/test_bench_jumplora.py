@@ -7,7 +7,7 @@ import json
 import torch
 
 from fastcur.benchmarks import runner
-from fastcur.benchmarks.bench_jumplora import BENCHMARK, PEFT_LORA, RANK_GATE
+from fastcur.benchmarks.bench_jumplora import BENCHMARK, ELLA_FUSED, ELLA_SEPARATE, PEFT_LORA, RANK_GATE
 from fastcur.benchmarks.runner import Case
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
@@ -28,13 +28,11 @@ def test_runner_tiny_case(tmp_path, capsys):
         assert r["status"] == "ok", (name, r)
 
 
-def test_weight_gated_providers_agree():
+def _agree(names):
     case = Case(dict(M=40, n=24, k=36, r=4), torch.float64, torch.device("cpu"), "fwd+bwd")
     outs, grads = {}, {}
-    for name, factory in BENCHMARK.providers.items():
-        if name in (PEFT_LORA, RANK_GATE) or name == BENCHMARK.floor:
-            continue
-        prepared = factory(case)
+    for name in names:
+        prepared = BENCHMARK.providers[name](case)
         y = prepared.forward()
         outs[name] = y.detach()
         grads[name] = torch.autograd.grad(y.square().sum(), list(prepared.leaves))
@@ -43,3 +41,13 @@ def test_weight_gated_providers_agree():
         torch.testing.assert_close(outs[name], outs[first])
         for a, b in zip(grads[name], grads[first]):
             torch.testing.assert_close(a, b)
+
+
+def test_weight_gated_providers_agree():
+    _agree([name for name in BENCHMARK.providers
+            if name not in (PEFT_LORA, RANK_GATE, ELLA_FUSED, ELLA_SEPARATE, BENCHMARK.floor)])
+
+
+def test_ella_providers_agree():
+    """The fused and the separate ELLA providers compute the same y + penalty and gradients."""
+    _agree([ELLA_FUSED, ELLA_SEPARATE])
