@@ -58,11 +58,11 @@ def test_general_knowledge_states_what_the_tasks_use():
 
     texts = W.general_knowledge()
     assert set(texts) <= set(build_world(0).pretraining_texts())
-    assert "3 plus 4 is 7." in texts and "9 minus 9 is 0." in texts
+    assert "3 plus 4 is 7." in texts and "5 minus 5 is 0." in texts
     for sentence in (t for t in texts if " plus " in t or " minus " in t):
         a, op, b, _, c = sentence.rstrip(".").split()
         assert int(c) == (int(a) + int(b) if op == "plus" else int(a) - int(b)) >= 0
-    assert sum(" plus " in t for t in texts) == 81 and sum(" minus " in t for t in texts) == 45
+    assert sum(" plus " in t for t in texts) == 25 and sum(" minus " in t for t in texts) == 15
     for en, vel in {**T.VEL_NOUNS, **T.VEL_ADJECTIVES}.items():
         assert f"In Vel, {en} is {vel}." in texts
     assert all(f"{w.capitalize()} is a positive word." in texts for w in T.SENTIMENT_POSITIVE)

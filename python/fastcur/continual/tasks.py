@@ -3,7 +3,7 @@ the continual-learning papers use, generated deterministically from a seed.
 
 | name          | family (paper's data set) | prompt -> answer                                          | scored by |
 |---------------|---------------------------|-----------------------------------------------------------|-----------|
-| arithmetic    | gsm8k-like                | one-step word problem, numbers 1..9 -> "7"                 | exact match |
+| arithmetic    | gsm8k-like                | one-step word problem, numbers 1..5 -> "7"                 | exact match |
 | translation   | newsde-like               | "the red cat" -> invented language "Vel": "mika zor"       | exact match |
 | summarization | cnndm-like                | 2-3 sentence article -> who did the newsworthy thing       | exact match |
 | logic         | logiqa-like               | syllogism (All/No/Some ...) -> yes / no / maybe            | likelihood of each choice |
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 # Bump when any generator's output changes (part of cache keys and results' config).
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,13 @@ def _sample_distinct(name: str, seed: int, n_train: int, n_test: int,
 
 # ---------------------------------------------------------------- arithmetic (GSM8K-like)
 _ITEMS = ("apple", "pen", "coin", "book", "egg", "card", "shell", "stamp", "cup", "toy")
+MAX_OPERAND = 5  # numbers 1..5: the sums and differences the base model saw in pretraining
 
 
 def _arithmetic(rng: random.Random) -> Example:
     a_name, b_name = rng.sample(NAMES, 2)
     item = rng.choice(_ITEMS)
-    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
     kind = rng.randrange(4)
     if kind == 0:
         q, ans = f"{a_name} has {a} {item}s and gets {b} more. How many {item}s now?", a + b
@@ -153,7 +154,7 @@ def _summarization(rng: random.Random) -> Example:
     sentences = [f"{who} {rng.choice(_NEWS_VERBS)} {rng.choice(_NEWS_OBJECTS)}."]
     n_filler = rng.randint(1, 2)
     sentences += rng.sample(_FILLERS, n_filler)
-    if n_filler == 1 and rng.random() < 0.5:  # a distractor name that did nothing newsworthy
+    if n_filler == 1 and rng.random() < 0.25:  # a distractor name that did nothing newsworthy
         sentences.append(f"{other} was there too.")
     rng.shuffle(sentences)
     return Example(f"Article: {' '.join(sentences)}\nWho made the news:", who)

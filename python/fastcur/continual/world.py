@@ -13,7 +13,7 @@ memorized strings, and a model that forgets the facts (or the question/answer fo
 probe accuracy.
 
 Pretraining also states the general knowledge the built-in tasks build on (`general_knowledge`):
-sums and differences of 1..9, the Vel lexicon word by word, and the polarity of the review words.
+sums and differences of 1..5, the Vel lexicon word by word, and the polarity of the review words.
 
     world = build_world(seed=0)
     world.pretraining_texts()[0]   # 'Zorvak lives in Plimt. Zorvak keeps a goat at home. ...'
@@ -24,10 +24,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .tasks import SENTIMENT_NEGATIVE, SENTIMENT_POSITIVE, VEL_ADJECTIVES, VEL_NOUNS, Example
+from .tasks import MAX_OPERAND, SENTIMENT_NEGATIVE, SENTIMENT_POSITIVE, VEL_ADJECTIVES, VEL_NOUNS, Example
 
 # Bump when the world's texts or probe change (part of the pretraining cache key).
-WORLD_VERSION = "3"
+WORLD_VERSION = "4"
 
 JOBS = ("baker", "farmer", "miner", "sailor", "doctor", "painter", "tailor", "hunter")
 FOODS = ("bread", "rice", "plums", "soup", "cheese", "beans", "figs", "honey")
@@ -55,10 +55,12 @@ _CODAS = ("", "", "k", "n", "r", "l", "s", "m", "nt", "rk")
 
 
 def general_knowledge() -> list[str]:
-    """Sentences the built-in tasks rely on: "3 plus 4 is 7.", "7 minus 4 is 3.", "In Vel, cat is
+    """Sentences the built-in tasks rely on: "3 plus 4 is 7.", "5 minus 4 is 1." (numbers 1..5),
+    "In Vel, cat is
     mika.", "In Vel, the is la.", "Lovely is a positive word." (fixed, not seeded)."""
-    texts = [f"{a} plus {b} is {a + b}." for a in range(1, 10) for b in range(1, 10)]
-    texts += [f"{a} minus {b} is {a - b}." for a in range(1, 10) for b in range(1, a + 1)]
+    n = range(1, MAX_OPERAND + 1)
+    texts = [f"{a} plus {b} is {a + b}." for a in n for b in n]
+    texts += [f"{a} minus {b} is {a - b}." for a in n for b in n if b <= a]
     texts += [f"In Vel, {en} is {vel}." for en, vel in {**VEL_ADJECTIVES, **VEL_NOUNS, "the": "la"}.items()]
     texts += [f"{w.capitalize()} is a positive word." for w in SENTIMENT_POSITIVE]
     texts += [f"{w.capitalize()} is a negative word." for w in SENTIMENT_NEGATIVE]
