@@ -1,0 +1,69 @@
+"""The synthetic world: deterministic, every probe fact stated in pretraining, probe phrasings and
+held-out texts absent from pretraining."""
+import pytest
+
+from fastcur.continual import Example, build_world
+from fastcur.continual import world as W
+
+
+def test_same_seed_same_world_different_seed_differs():
+    a, b, c = build_world(5), build_world(5), build_world(6)
+    assert a.pretraining_texts() == b.pretraining_texts()
+    assert a.heldout_texts() == b.heldout_texts() and a.probe() == b.probe()
+    assert a.pretraining_texts() != c.pretraining_texts() and a.probe() != c.probe()
+
+
+def test_sizes_and_names():
+    w = build_world(0, n_entities=10, n_towns=3, bios_per_person=2)
+    names = [p.name for p in w.people]
+    assert len(set(names)) == 10 and len(set(w.towns)) == 3 and not set(names) & set(w.towns)
+    assert len(w.pretraining_texts()) == 10 * (2 + 2 * len(W.ATTRIBUTES)) + len(W.general_knowledge())
+    bare = build_world(0, n_entities=10, n_towns=3, bios_per_person=2, general_knowledge=False)
+    assert len(bare.pretraining_texts()) == 10 * (2 + 2 * len(W.ATTRIBUTES))
+    assert len(w.heldout_texts()) == 10 and len(w.probe()) == 10 * len(W.ATTRIBUTES)
+    assert all(p.attributes["town"] in w.towns for p in w.people)
+    with pytest.raises(ValueError, match="n_entities"):
+        build_world(0, n_entities=0)
+
+
+def test_probe_asks_facts_that_pretraining_states_in_other_words():
+    w = build_world(1, n_entities=12)
+    texts = w.pretraining_texts()
+    corpus = "\n".join(texts)
+    attrs = {p.name: p.attributes for p in w.people}
+    phrasings_used = set()
+    for ex, (name, attr, value) in zip(w.probe(), w.facts()):
+        assert isinstance(ex, Example) and ex.choices is None
+        assert ex.answer == value == attrs[name][attr]
+        assert name in ex.prompt and ex.prompt.startswith("Q: ") and ex.prompt.endswith("\nA:")
+        assert ex.prompt not in corpus  # this question is held out...
+        fact_k, question_k = w.held_out(name, attr)
+        assert ex.prompt == f"Q: {W.QUESTION_TEMPLATES[attr][question_k].format(e=name)}\nA:"
+        phrasings_used.add((attr, question_k))
+        asked = [f"Q: {q.format(e=name)}\nA: {value}" for k, q in enumerate(W.QUESTION_TEMPLATES[attr]) if k != question_k]
+        assert len(asked) == 2 and all(a in texts for a in asked)  # ...the fact is asked in the other two
+        stated = [t.format(e=name, v=value) for k, t in enumerate(W.FACT_TEMPLATES[attr]) if k != fact_k]
+        assert any(s in corpus for s in stated)
+        assert W.FACT_TEMPLATES[attr][fact_k].format(e=name, v=value) not in corpus
+    assert len(phrasings_used) > len(W.ATTRIBUTES)  # held-out phrasings vary from fact to fact
+    for person, text in zip(w.people, w.heldout_texts()):
+        held_out = [W.FACT_TEMPLATES[a][w.held_out(person.name, a)[0]].format(e=person.name, v=person.attributes[a])
+                    for a in W.ATTRIBUTES]
+        assert sorted(held_out) == sorted(s if s.endswith(".") else s + "." for s in text.split(". "))
+        assert not any(s in corpus for s in held_out)
+
+
+def test_general_knowledge_states_what_the_tasks_use():
+    from fastcur.continual import tasks as T
+
+    texts = W.general_knowledge()
+    assert set(texts) <= set(build_world(0).pretraining_texts())
+    assert "3 plus 4 is 7." in texts and "5 minus 5 is 0." in texts
+    for sentence in (t for t in texts if " plus " in t or " minus " in t):
+        a, op, b, _, c = sentence.rstrip(".").split()
+        assert int(c) == (int(a) + int(b) if op == "plus" else int(a) - int(b)) >= 0
+    assert sum(" plus " in t for t in texts) == 25 and sum(" minus " in t for t in texts) == 15
+    for en, vel in {**T.VEL_NOUNS, **T.VEL_ADJECTIVES}.items():
+        assert f"In Vel, {en} is {vel}." in texts
+    assert all(f"{w.capitalize()} is a positive word." in texts for w in T.SENTIMENT_POSITIVE)
+    assert all(f"{w.capitalize()} is a negative word." in texts for w in T.SENTIMENT_NEGATIVE)
