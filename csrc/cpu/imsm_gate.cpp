@@ -69,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor> imsm_gate_cpu(const at::Tensor& h_in, const a
     z.zero_();
     return {out, z};
   }
-  auto [c, A2, A3, Wb] = imsm_prepare(q, qt, W_A, W_B, d);
+  at::Tensor c, A2, A3, Wb;
+  std::tie(c, A2, A3, Wb) = imsm_prepare(q, qt, W_A, W_B, d);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "imsm_gate_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *hp = h.data_ptr<scalar_t>(), *tp = ht.data_ptr<scalar_t>();
@@ -189,7 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const at::Tensor sums = parts.sum(0);  // [3, d r]
   const at::Tensor dWb = sums[0].view({r, d});
-  auto [dq, dqt, dA1, dA4] = imsm_query_grads(dzp, q, qt, W_A, s);
+  at::Tensor dq, dqt, dA1, dA4;
+  std::tie(dq, dqt, dA1, dA4) = imsm_query_grads(dzp, q, qt, W_A, s);
   const at::Tensor dWA = at::cat({dA1, sums[1].view({d, r}), sums[2].view({d, r}), dA4}, 0);
   const auto dt = h.scalar_type();
   return {dh, dht, dq.to(dt), dqt.to(dt), dWA.to(dt), dWb.to(dt)};

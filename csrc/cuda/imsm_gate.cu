@@ -150,7 +150,8 @@ std::tuple<at::Tensor, at::Tensor> imsm_gate_cuda(const at::Tensor& h_in, const 
   at::Tensor out = at::empty_like(h);
   at::Tensor z = at::zeros({s.B, s.T, r}, h.options().dtype(imsm_acc_type(h.scalar_type())));
   if (M == 0 || d == 0) return {out, z};
-  auto [c, A2, A3, Wb] = imsm_prepare(q, qt, W_A, W_B, d);
+  at::Tensor c, A2, A3, Wb;
+  std::tie(c, A2, A3, Wb) = imsm_prepare(q, qt, W_A, W_B, d);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "imsm_gate_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -203,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const at::Tensor dA2 = at::matmul(h.view({M, d}).to(acc).t(), dzp);
   const at::Tensor dA3 = at::matmul(ht.view({M, d}).to(acc).t(), dzp);
-  auto [dq, dqt, dA1, dA4] = imsm_query_grads(dzp, q, qt, W_A, s);
+  at::Tensor dq, dqt, dA1, dA4;
+  std::tie(dq, dqt, dA1, dA4) = imsm_query_grads(dzp, q, qt, W_A, s);
   const at::Tensor dWA = at::cat({dA1, dA2, dA3, dA4}, 0);
   const auto dt = h.scalar_type();
   return {dh, dht, dq.to(dt), dqt.to(dt), dWA.to(dt), dWb.to(dt)};

@@ -95,7 +95,9 @@ def _triton_op():
 
 def _check(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask) -> None:
     c = ArgChecker("imsm_gate")
-    c.tensor("h", h, (None, None, None), dims="(B, T, d)", anchor=True)
+    c.tensor("h", h, anchor=True)
+    if h.dim() != 3:
+        c.fail(f"argument 'h' must be 3-D (B, T, d), got shape {tuple(h.shape)}")
     B, T, d = h.shape
     c.tensor("h_tuned", h_tuned, (B, T, d), dims="h's shape (B, T, d)")
     c.tensor("q", q, (B, d), dims="(B, d)")
