@@ -169,7 +169,8 @@ class IMSM(nn.Module):
         logits = self.interweave(h, h_tuned, q, q_tuned)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+            acc = torch.promote_types(logits.dtype, torch.float32)  # half logits: CE in float32
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).to(acc), labels[:, 1:].flatten(),
                                    ignore_index=-100)
         return IMSMOutput(loss, logits)
 
@@ -310,7 +311,8 @@ class IMSM(nn.Module):
 def _masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """h [B, T, d], mask [B, T] bool -> [B, d]: the mean over the True positions."""
     w = mask.to(h.dtype)
-    return torch.einsum("btd,bt->bd", h, w) / w.sum(1, keepdim=True)
+    # where(), not h * 0: a padded position may hold NaN (a fully masked attention row).
+    return torch.where(mask[..., None], h, 0).sum(1) / w.sum(1, keepdim=True)
 
 
 def _write_text(path: str, text: str) -> None:
