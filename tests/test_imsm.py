@@ -13,11 +13,10 @@ from fastcur.ops import reference
 
 transformers = pytest.importorskip("transformers")
 
-PROJ = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 METHODS = {
-    "lora": (fastcur.LoRALinear, dict(rank=4, alpha=8.0)),
-    "curlora": (fastcur.CURLoRALinear, dict(rank=4)),
-    "secura": (fastcur.SecuraLinear, dict(rank=4)),
+    "lora": fastcur.LoRAConfig(rank=4, alpha=8.0),
+    "curlora": fastcur.CURLoRAConfig(rank=4),
+    "secura": fastcur.SecuraConfig(rank=4),
 }
 
 
@@ -30,22 +29,14 @@ def tiny_llama(dtype=torch.float64, seed=0):
 
 
 def add_adapters(model, method="lora", seed=1):
-    """Freeze the model, put `method` adapters on every projection, give them random values
-    (at init every method is the identity update, which would make the two streams equal)."""
-    cls, options = METHODS[method]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in model.model.layers:
-        for block, names in PROJ.items():
-            parent = getattr(layer, block)
-            for name in names:
-                setattr(parent, name, cls.from_linear(getattr(parent, name), **options))
+    """`method` adapters on every projection (fastcur.inject), with random values (at init
+    every method is the identity update, which would make the two streams equal)."""
+    fastcur.inject(model, METHODS[method])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, fastcur.AdapterLinear):
-                for p in m.adapter_parameters().values():
-                    p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        for m in fastcur.adapter_modules(model).values():
+            for p in m.adapter_parameters().values():
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return model
 
 
@@ -207,6 +198,21 @@ def test_generate_stops_at_eos():
     out = imsm.generate(ids, max_new_tokens=6, eos_token_id=eos)
     assert torch.equal(out[0, 5:7], free[0, 5:7])
     assert (out[0, 7:] == eos).all()
+
+
+def test_save_and_load_reproduce_outputs(tmp_path):
+    imsm = make_imsm("secura")
+    ids, am, pl, _ = batch()
+    expected = imsm(ids, am, prompt_lengths=pl).logits
+    imsm.save_adapter(tmp_path / "ckpt")
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "imsm_config.json", "imsm_gate.safetensors"]
+    loaded = fastcur.IMSM.load_adapter(tiny_llama(), tmp_path / "ckpt")
+    assert loaded.gate_rank == 8 and loaded.gate_dropout == imsm.gate_dropout
+    torch.testing.assert_close(loaded(ids, am, prompt_lengths=pl).logits, expected, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="has no imsm_gate.safetensors"):
+        (tmp_path / "ckpt" / "imsm_gate.safetensors").unlink()
+        fastcur.IMSM.load_adapter(tiny_llama(), tmp_path / "ckpt")
 
 
 def test_float32_model_runs_the_fused_kernel():
