@@ -120,6 +120,22 @@ def test_frozen_stream_is_the_base_model_and_switches_are_restored():
     assert all(m.frozen_batch_rows is None and not m.detach_frozen_rows for m in imsm.adapters.values())
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_frozen_rows_paths_of_an_additive_adapter(grad):
+    """LoRA without input gradient runs one base GEMM for both streams; with it, two (the frozen
+    rows cut from the graph): both equal the frozen layer on rows [:2] and the adapted on [2:]."""
+    layer = add_adapters(tiny_llama()).model.layers[0].mlp.up_proj
+    x = torch.randn(5, 3, layer.in_features, dtype=torch.float64, requires_grad=grad)
+    layer.frozen_batch_rows, layer.detach_frozen_rows = 2, True
+    y = layer(x)
+    layer.frozen_batch_rows = None
+    torch.testing.assert_close(y[:2], F.linear(x[:2], layer.weight, layer.bias), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(y[2:], layer(x[2:]), rtol=1e-14, atol=1e-14)
+    if grad:
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        assert torch.count_nonzero(gx[:2]) == 0 and torch.count_nonzero(gx[2:]) > 0
+
+
 def test_gate_is_half_at_init():
     imsm = make_imsm(random_gate=False)
     assert torch.count_nonzero(imsm.W_B) == 0 and torch.count_nonzero(imsm.W_A) > 0

@@ -118,12 +118,26 @@ class AdapterLinear(nn.Module):
         if x.dim() < 2 or not 0 <= rows <= x.shape[0]:
             raise ValueError(f"fastcur.{type(self).__name__}: frozen_batch_rows = {rows} needs an input "
                              f"with at least 2 dims and >= {rows} rows on dim 0, got shape {tuple(x.shape)}")
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            # No input gradient wanted (e.g. decoding): an additive adapter lets one base GEMM
+            # serve both streams, so W is read once per call instead of twice.
+            delta = self.adapter_delta(x[rows:])
+            if delta is not None:
+                y = F.linear(x, self.weight, self.bias)
+                y[rows:] += delta
+                return y
         frozen = F.linear(x[:rows].detach() if self.detach_frozen_rows else x[:rows], self.weight, self.bias)
         return torch.cat([frozen, self.adapted_forward(x[rows:])], dim=0)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] with the adapter applied (input already checked)."""
         raise NotImplementedError(f"fastcur.{type(self).__name__} does not implement adapted_forward()")
+
+    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Optional: for adapters whose output is `F.linear(x, W, b) + delta(x)` (LoRA), the
+        delta alone, x [..., in] -> [..., out]; None (the default) for any other adapter.
+        Only the `frozen_batch_rows` path uses it."""
+        return None
 
     def _check_unmerged(self, what: str) -> None:
         # A merged W already holds the update: the frozen base is gone until unmerge().
