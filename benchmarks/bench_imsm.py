@@ -11,6 +11,8 @@ Providers:
                          decoding with a KV cache)
   IMSM (fastcur)         fastcur.IMSM: one weight copy, both streams in one batched pass
                          (frozen_batch_rows), the fused gate, one KV cache for both streams
+  IMSM (train_streams=sequential)  training step only: the frozen stream under no_grad first,
+                         then the tuned one, same weights (no autograd state for frozen rows)
   two-copy reference     what the paper's code does: a deep-copied frozen model (no grad) and the
                          adapted model run separately, the gate as nn.Linear(4d, 8) -> dropout ->
                          nn.Linear(8, d) on the concatenation [q ⊕ h ⊕ h' ⊕ q'], one KV cache each
@@ -36,6 +38,7 @@ else:
 FLOOR = "adapted model (plain)"
 FOCUS = "IMSM (fastcur)"
 TWO_COPY = "two-copy reference"
+SEQUENTIAL = "IMSM (train_streams=sequential)"
 VOCAB = 4096
 GATE_RANK = 8
 GATE_DROPOUT = 0.1
@@ -142,6 +145,16 @@ def imsm_step(case: Case) -> Prepared:
                     note=f"weights={_mbytes(imsm):.1f} MB, gate backend={resolve('imsm_gate', case.device)}")
 
 
+def imsm_sequential_step(case: Case) -> Prepared:
+    import fastcur
+
+    imsm = fastcur.IMSM(_adapted_llama(case), gate_rank=GATE_RANK, gate_dropout=GATE_DROPOUT,
+                        train_streams="sequential").train()
+    ids, pl, labels = _batch(case)
+    return Prepared(lambda: imsm(ids, prompt_lengths=pl, labels=labels).loss, leaves=_trainable(imsm),
+                    note=f"weights={_mbytes(imsm):.1f} MB")
+
+
 def two_copy_step(case: Case) -> Prepared:
     tuned = _adapted_llama(case).train()
     frozen = copy.deepcopy(tuned)
@@ -228,7 +241,7 @@ BENCHMARK = Benchmark(
     name="imsm",
     description="IMSM training step (loss fwd+bwd) on a random Llama with LoRA on every projection: "
                 f"B sequences of T tokens, hidden d, L layers, vocab {VOCAB}, gate rank {GATE_RANK}",
-    providers={FLOOR: plain_step, FOCUS: imsm_step, TWO_COPY: two_copy_step},
+    providers={FLOOR: plain_step, FOCUS: imsm_step, SEQUENTIAL: imsm_sequential_step, TWO_COPY: two_copy_step},
     floor=FLOOR,
     focus=FOCUS,
     baselines=(TWO_COPY,),

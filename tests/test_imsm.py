@@ -87,9 +87,11 @@ def trainable(imsm):
     return [(n, p) for n, p in imsm.named_parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_matches_two_copy_reference(method):
+@pytest.mark.parametrize("method,streams", [("lora", "batched"), ("curlora", "batched"), ("secura", "batched"),
+                                            ("lora", "sequential")])
+def test_matches_two_copy_reference(method, streams):
     imsm = make_imsm(method)
+    imsm.train_streams = streams
     frozen = frozen_copy(imsm)
     ids, am, pl, labels = batch()
     params = trainable(imsm)
@@ -248,6 +250,7 @@ def test_model_without_adapters_is_rejected():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(gate_rank=0), "gate_rank must be a positive int, got 0"),
     (dict(gate_dropout=1.0), r"gate_dropout must be in \[0, 1\), got 1.0"),
+    (dict(train_streams="both"), "train_streams must be 'batched' or 'sequential', got 'both'"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -69,9 +69,17 @@ class IMSM(nn.Module):
     of 4d inputs) and `W_B` [gate_rank, d] (zeros, so the gate is exactly 0.5 at init).
     Gate dropout (`gate_dropout`, training only) acts on the gate_rank-wide hidden
     `[q ⊕ h ⊕ h' ⊕ q'] W_A`, the one place where it leaves the fused gate deterministic.
+
+    `train_streams`: how a forward with gradients runs the two streams. "batched" (default,
+    SPEC §6): one pass over the doubled batch. "sequential": the frozen stream under no_grad,
+    then the tuned one, the same weights: no autograd state is kept for the frozen rows (the
+    batched pass keeps it in norms, attention and activations, whose ops see the whole batch),
+    so less activation memory and backward work in training. Without gradients (evaluation,
+    `generate`) both streams always run batched.
     """
 
-    def __init__(self, model: nn.Module, gate_rank: int = 8, gate_dropout: float = 0.1):
+    def __init__(self, model: nn.Module, gate_rank: int = 8, gate_dropout: float = 0.1,
+                 train_streams: str = "batched"):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastcur.IMSM: model must be an nn.Module, got {type(model).__name__}")
@@ -79,6 +87,9 @@ class IMSM(nn.Module):
             raise ValueError(f"fastcur.IMSM: gate_rank must be a positive int, got {gate_rank!r}")
         if not isinstance(gate_dropout, (int, float)) or not 0.0 <= gate_dropout < 1.0:
             raise ValueError(f"fastcur.IMSM: gate_dropout must be in [0, 1), got {gate_dropout!r}")
+        if train_streams not in ("batched", "sequential"):
+            raise ValueError(f"fastcur.IMSM: train_streams must be 'batched' or 'sequential', got {train_streams!r}")
+        self.train_streams = train_streams
         self.adapters = _adapter_layers(model)
         if not self.adapters:
             raise ValueError("fastcur.IMSM: the model has no fastcur adapter layers (AdapterLinear); "
@@ -137,6 +148,22 @@ class IMSM(nn.Module):
         hs = out.last_hidden_state
         return hs[:B].detach(), hs[B:], (out.past_key_values if use_cache else None)
 
+    def _sequential_streams(self, input_ids, attention_mask):
+        """train_streams="sequential": the frozen stream first, under no_grad with the adapters
+        off (same weights), then the tuned stream: no autograd state for the frozen rows."""
+        layers = list(self.adapters.values())
+        saved = [m.adapter_enabled for m in layers]
+        try:
+            for m in layers:
+                m.adapter_enabled = False
+            with torch.no_grad():
+                h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        finally:
+            for m, on in zip(layers, saved):
+                m.adapter_enabled = on
+        h_tuned = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return h, h_tuned
+
     def interweave(self, h: torch.Tensor, h_tuned: torch.Tensor, q: torch.Tensor,
                    q_tuned: torch.Tensor) -> torch.Tensor:
         """The gate and the frozen LM head: h, h_tuned [B, T, d], q, q_tuned [B, d] -> logits
@@ -164,7 +191,10 @@ class IMSM(nn.Module):
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"fastcur.IMSM: labels must have input_ids' shape {tuple(input_ids.shape)}, got {got}")
-        h, h_tuned, _ = self.streams(input_ids, attention_mask)
+        if self.train_streams == "sequential" and torch.is_grad_enabled():
+            h, h_tuned = self._sequential_streams(input_ids, attention_mask)
+        else:
+            h, h_tuned, _ = self.streams(input_ids, attention_mask)
         q, q_tuned = _masked_mean(h, pm), _masked_mean(h_tuned, pm)
         logits = self.interweave(h, h_tuned, q, q_tuned)
         loss = None
