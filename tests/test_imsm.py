@@ -177,6 +177,11 @@ def test_gate_dropout_in_training_only():
     assert not torch.allclose(t1, t2) and not torch.allclose(t1, e1)
     imsm(ids, am, prompt_lengths=pl, labels=labels).loss.backward()
     assert imsm.W_A.grad is not None and torch.isfinite(imsm.W_A.grad).all()
+    # generate() decodes without dropout and restores the training mode
+    g1, g2 = imsm.generate(ids[:, :4], max_new_tokens=4), imsm.generate(ids[:, :4], max_new_tokens=4)
+    assert torch.equal(g1, g2) and imsm.training
+    imsm.eval()
+    assert torch.equal(imsm.generate(ids[:, :4], max_new_tokens=4), g1)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -225,11 +225,11 @@ class IMSM(nn.Module):
         out = input_ids
         if max_new_tokens == 0:
             return out
-        h, h_tuned, cache = self.streams(input_ids, mask, position_ids, self._new_cache(), use_cache=True)
-        q, q_tuned = _masked_mean(h, pm), _masked_mean(h_tuned, pm)
         was_training = self.training
-        self.eval()
+        self.eval()  # no dropout anywhere while decoding
         try:
+            h, h_tuned, cache = self.streams(input_ids, mask, position_ids, self._new_cache(), use_cache=True)
+            q, q_tuned = _masked_mean(h, pm), _masked_mean(h_tuned, pm)
             done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             for step in range(max_new_tokens):
                 logits = self.interweave(h[:, -1:], h_tuned[:, -1:], q, q_tuned)[:, -1]
