@@ -47,7 +47,7 @@ __global__ void imsm_fwd_kernel(const scalar_t* __restrict__ h, const scalar_t* 
                                 const acc_t* __restrict__ A3, const acc_t* __restrict__ Wb,
                                 const scalar_t* __restrict__ mask, scalar_t* __restrict__ out,
                                 acc_t* __restrict__ z_out, int64_t T, int64_t d, int64_t r) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* zs = reinterpret_cast<acc_t*>(smem_raw);  // [r]
   __shared__ acc_t scratch[kThreads / 32];
   const int64_t m = blockIdx.x;
@@ -90,7 +90,7 @@ __global__ void imsm_bwd_kernel(const scalar_t* __restrict__ grad, const scalar_
                                 scalar_t* __restrict__ dh, scalar_t* __restrict__ dt,
                                 acc_t* __restrict__ dz_out, acc_t* __restrict__ dWb, int64_t d,
                                 int64_t r) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* zs = reinterpret_cast<acc_t*>(smem_raw);  // [r]
   acc_t* dzs = zs + r;                             // [r]
   __shared__ acc_t scratch[kThreads / 32];
