@@ -55,7 +55,8 @@ def inject_method(model: nn.Module, method: str) -> nn.Module:
     JumpLoRA layers share one threshold (the paper's global scope)."""
     cls, options = method_layer_options(method)
     if method == "jumplora":
-        options = dict(options, threshold=fastcur.JumpThreshold())
+        dtype = next(model.parameters()).dtype
+        options = dict(options, threshold=fastcur.JumpThreshold(dtype=dtype))
     for p in model.parameters():
         p.requires_grad_(False)
     for parent in list(model.modules()):

@@ -7,6 +7,7 @@
 """
 from . import ops
 from .backend import get_backend, set_backend, use_backend
+from .distributed import replicate_thresholds
 from .info import info
 from .inclora import IncLoRA, ella_penalty
 from .lalora import LaplaceRegularizer
@@ -18,4 +19,4 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "ops", "info", "get_backend", "set_backend", "use_backend",
            "AdapterLinear", "LoRALinear", "CURLoRALinear", "SecuraLinear", "MergeSchedule",
            "JumpLoRALinear", "JumpThreshold", "IncLoRA", "ella_penalty", "f_schedule",
-           "reset_thresholds", "LaplaceRegularizer"]
+           "reset_thresholds", "LaplaceRegularizer", "replicate_thresholds"]
