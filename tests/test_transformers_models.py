@@ -14,7 +14,7 @@ IDS = [f"{arch}-{method}" for arch, method in CASES]
 
 
 def adapters(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, fastcur.AdapterLinear)}
+    return fastcur.adapter_modules(model)
 
 
 def perturb(model, seed=0, std=0.1):
@@ -99,3 +99,27 @@ def test_generate_matches_a_cache_free_greedy_loop(arch, method):
         assert torch.equal(out, seq)
         # the adapters take part: the adapted model's logits are not the base model's
         assert (model(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch,method", CASES, ids=IDS)
+def test_trained_adapter_saves_and_loads_into_a_fresh_base(arch, method, tmp_path):
+    model = inject_method(tiny_causal_lm(arch), method).train()
+    ids = batch(2, 8)
+    opt = torch.optim.AdamW(trainable(model).values(), lr=2e-2)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    fastcur.save_adapter(model, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
+    loaded = fastcur.load_adapter(tiny_causal_lm(arch), tmp_path).eval()
+    assert set(fastcur.adapter_modules(loaded)) == set(fastcur.adapter_modules(model))
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, loaded(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert (want - tiny_causal_lm(arch)(input_ids=ids).logits).abs().max() > 1e-4  # it trained
+        gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(loaded.generate(input_ids=ids, **gen), model.generate(input_ids=ids, **gen))
+    # the loaded adapter trains on: its trainable tensors are the saved model's
+    assert trainable(loaded).keys() == trainable(model).keys()

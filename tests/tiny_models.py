@@ -34,36 +34,27 @@ def tiny_causal_lm(arch: str, seed: int = 0, layers: int = 2, dtype=torch.float3
     return model.eval()
 
 
-def method_layer_options(method: str) -> tuple[type, dict]:
-    """(adapter class, from_linear options) of a method, as the model-level tests use it.
+def method_config(method: str) -> fastcur.AdapterConfig:
+    """The config the model-level tests inject: rank 4 on every attention and MLP projection.
 
     JumpLoRA runs at f = 0.5: at f = 1 with B = 0 at init no entry of Z passes the gate and the
-    update gets no gradient (the method ramps f up from 0 over a task; SPEC §4)."""
+    update gets no gradient (the method ramps f up from 0 over a task; SPEC §4). Its layers share
+    one threshold (threshold_scope="global", the paper's)."""
+    targets = list(PROJECTIONS)
     if method == "lora":
-        return fastcur.LoRALinear, dict(rank=4, alpha=8.0)
+        return fastcur.LoRAConfig(rank=4, alpha=8.0, target_modules=targets)
     if method == "curlora":
-        return fastcur.CURLoRALinear, dict(rank=4)
+        return fastcur.CURLoRAConfig(rank=4, target_modules=targets)
     if method == "secura":
-        return fastcur.SecuraLinear, dict(rank=4)
+        return fastcur.SecuraConfig(rank=4, target_modules=targets)
     if method == "jumplora":
-        return fastcur.JumpLoRALinear, dict(rank=4, alpha=16.0, f=0.5)
+        return fastcur.JumpLoRAConfig(rank=4, alpha=16.0, f=0.5, target_modules=targets)
     raise ValueError(f"unknown method {method!r}")
 
 
 def inject_method(model: nn.Module, method: str) -> nn.Module:
-    """Adapters of `method` on every attention and MLP projection; everything else frozen.
-    JumpLoRA layers share one threshold (the paper's global scope)."""
-    cls, options = method_layer_options(method)
-    if method == "jumplora":
-        dtype = next(model.parameters()).dtype
-        options = dict(options, threshold=fastcur.JumpThreshold(dtype=dtype))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and name in PROJECTIONS:
-                setattr(parent, name, cls.from_linear(child, **options))
-    return model
+    """`fastcur.inject(model, method_config(method))`."""
+    return fastcur.inject(model, method_config(method))
 
 
 def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
