@@ -1,6 +1,7 @@
 """Distributed training on the CPU: gloo, 2 processes on localhost, each test spawns once and
 runs every method. DDP and FSDP2 (`fully_shard`) training of an injected tiny Llama give the
-parameters (and the global losses) of single-process training on the same global batch.
+parameters (and the global losses) of single-process training on the same global batch, and
+`save_adapter` from the wrapped model stores exactly the trained tensors.
 
 FSDP2 shards every adapter layer as its own unit (inside per-block and root units): a fused
 call that read a tensor owned by another module would then meet a sharded DTensor, or a
@@ -9,6 +10,7 @@ resharded one, and fail. JumpLoRA's shared threshold stays replicated through
 """
 from __future__ import annotations
 
+import os
 import socket
 import warnings
 
@@ -31,18 +33,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(scenario: str) -> None:
+def _spawn(scenario: str, tmp) -> None:
     # fork, as DataLoader workers do: the children start with torch and transformers imported
     # (spawn spends ~10 s per child on imports here); each child runs one intra-op thread.
-    mp.start_processes(_worker, args=(scenario, _free_port()), nprocs=WORLD, join=True,
+    mp.start_processes(_worker, args=(scenario, _free_port(), str(tmp)), nprocs=WORLD, join=True,
                        start_method="fork")
 
 
-def _worker(rank: int, scenario: str, port: int) -> None:
+def _worker(rank: int, scenario: str, port: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        {"ddp": _ddp, "fsdp2": _fsdp2}[scenario](rank)
+        {"ddp": _ddp, "fsdp2": _fsdp2}[scenario](rank, tmp)
     finally:
         dist.destroy_process_group()
 
@@ -100,21 +102,37 @@ def _compare(method, mode, losses, got, want_losses, init, want):
         err = (got[name] - want[name]).abs().max().item()
         assert err <= 1e-4 * moved + 1e-15, f"{mode} {method} {name}: error {err:.3g}, update {moved:.3g}"
     assert any((want[n] - init[n]).abs().max() > 0 for n in want)
+    for name in want:      # the shared threshold learns too, so its gradient sync is checked
+        if "log_theta" in name:
+            assert (want[name] - init[name]).abs().max() > 0, name
 
 
-def _ddp(rank: int) -> None:
+def _save_and_reload(model, method, rank, tmp, got) -> None:
+    """The saved adapter (each rank its own directory) rebuilds the trained tensors exactly."""
+    directory = os.path.join(tmp, f"{method}-rank{rank}")
+    fastcur.save_adapter(model, directory)
+    loaded = fastcur.load_adapter(tiny_causal_lm("llama", dtype=torch.float64), directory)
+    reloaded = {n: p.detach() for n, p in trainable(loaded).items()}
+    assert reloaded.keys() == got.keys()
+    for name in got:
+        torch.testing.assert_close(reloaded[name], got[name], rtol=0, atol=0, msg=name)
+
+
+def _ddp(rank: int, tmp: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = batch(2 * WORLD, 8)
     for method in METHODS:
         model = _model(method)
         params = trainable(model)
-        losses = _train_shard(DDP(model), list(params.values()), rank, ids)
+        ddp = DDP(model)
+        losses = _train_shard(ddp, list(params.values()), rank, ids)
         got = {n: p.detach() for n, p in params.items()}
         _compare(method, "DDP", losses, got, *_single_process(method, ids))
+        _save_and_reload(ddp, method, rank, tmp, got)
 
 
-def _fsdp2(rank: int) -> None:
+def _fsdp2(rank: int, tmp: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -140,15 +158,18 @@ def _fsdp2(rank: int) -> None:
         losses = _train_shard(model, [params[n] for n in names], rank, ids)
         got = {n: (params[n].full_tensor() if isinstance(params[n], DTensor) else params[n]).detach()
                for n in names}
-        _compare(method, "FSDP2", losses, got, *_single_process(method, ids))
+        want_losses, init, want = _single_process(method, ids)
+        _compare(method, "FSDP2", losses, got, want_losses, init, want)
+        # save_adapter gathers the sharded tensors: a collective, every rank saves
+        _save_and_reload(model, method, rank, tmp, got)
 
 
-def test_ddp_matches_single_process():
-    _spawn("ddp")
+def test_ddp_matches_single_process(tmp_path):
+    _spawn("ddp", tmp_path)
 
 
-def test_fsdp2_matches_single_process():
-    _spawn("fsdp2")
+def test_fsdp2_matches_single_process(tmp_path):
+    _spawn("fsdp2", tmp_path)
 
 
 def test_replicate_thresholds_needs_a_process_group():
