@@ -53,6 +53,9 @@ class AdapterLinear(nn.Module):
     - `adapter_enabled` (default True): False runs the frozen base only (`fastcur.disable_adapters`).
     - `frozen_batch_rows` (default None): an int N makes the first N entries along dim 0 of the
       input bypass the adapter and the rest use it: IMSM's frozen and tuned streams in one batch.
+
+    Under `torch.autocast` the layer computes in the autocast dtype, as nn.Linear does (the
+    fused ops cast their inputs: `fastcur.ops._autocast`); outside it, x must have W's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
