@@ -77,3 +77,34 @@ def test_restrain_in_training_mode_refuses_to_compile():
         torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
     layer.eval()                                # eval never restrains: compiles
     torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), layer(x))
+
+
+@pytest.mark.parametrize("cls,options", [(fastcur.CURLoRALinear, {"rank": 4}),
+                                         (fastcur.SecuraLinear, {"rank": 4}),
+                                         (fastcur.JumpLoRALinear, {"rank": 4, "f": 0.5}),
+                                         (fastcur.JumpLoRALinear, {"rank": 4, "gate": "rank"})],
+                         ids=["curlora", "secura", "jumplora-weight", "jumplora-rank"])
+def test_compiled_autocast_step_equals_eager(cls, options):
+    """The fused ops' autocast casts trace into the graph: bfloat16 outputs, float32 grads."""
+    torch._dynamo.reset()
+    layer = cls.from_linear(torch.nn.Linear(16, 12), **options)
+    with torch.no_grad():
+        for p in layer.adapter_parameters().values():
+            p.add_(torch.randn_like(p) * 0.3)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    x = torch.randn(3, 5, 16)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        return y, y.float().square().mean()
+
+    y_e, loss_e = step(x)
+    g_e = torch.autograd.grad(loss_e, params)
+    y_c, loss_c = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    g_c = torch.autograd.grad(loss_c, params)
+    assert y_c.dtype == torch.bfloat16
+    torch.testing.assert_close(y_c, y_e, rtol=0, atol=0)
+    for a, b in zip(g_c, g_e):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b)
