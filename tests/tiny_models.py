@@ -49,6 +49,8 @@ def method_config(method: str) -> fastcur.AdapterConfig:
         return fastcur.SecuraConfig(rank=4, target_modules=targets)
     if method == "jumplora":
         return fastcur.JumpLoRAConfig(rank=4, alpha=16.0, f=0.5, target_modules=targets)
+    if method == "jumplora-rank":          # the rank-gated variant: a threshold of shape [r]
+        return fastcur.JumpLoRAConfig(rank=4, alpha=16.0, gate="rank", target_modules=targets)
     raise ValueError(f"unknown method {method!r}")
 
 
