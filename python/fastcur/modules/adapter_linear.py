@@ -167,8 +167,9 @@ class AdapterLinear(nn.Module):
         # fused ops cast x, W and the adapter tensors (`fastcur.ops._autocast`), so an input in
         # another autocast-eligible dtype (not float64, which autocast leaves alone) is fine.
         eligible = (torch.float32, torch.bfloat16, torch.float16)
-        return (torch.is_autocast_enabled(x.device.type) and x.dtype in eligible
-                and self.weight.dtype in eligible)
+        kind = x.device.type
+        return (x.dtype in eligible and self.weight.dtype in eligible
+                and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind))
 
     def _base_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -21,7 +21,10 @@ def autocast_inputs(x, *tensors):
     """(x, *tensors) cast to the autocast dtype when autocast is on for x's device, else unchanged.
 
     None and non-tensor entries pass through (the op's checks report them)."""
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+    device_type = x.device.type if isinstance(x, torch.Tensor) else None
+    # (meta and other devices without autocast: asking about them raises)
+    if (device_type is None or not torch.amp.is_autocast_available(device_type)
+            or not torch.is_autocast_enabled(device_type)):
         return (x, *tensors)
-    dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = torch.get_autocast_dtype(device_type)
     return tuple(_cast(t, dtype) for t in (x, *tensors))
