@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import fastcur
-from tiny_models import METHODS, batch, inject_method, tiny_causal_lm, trainable
+from tiny_models import METHODS, batch, inject_method, one_thread, tiny_causal_lm, trainable  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYERS = [
     (fastcur.LoRALinear, {}),

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import fastcur
-from tiny_models import METHODS, batch, inject_method, tiny_causal_lm, trainable
+from tiny_models import METHODS, batch, inject_method, one_thread, tiny_causal_lm, trainable  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(model, step, ids, steps=3):

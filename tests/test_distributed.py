@@ -20,7 +20,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastcur
-from tiny_models import METHODS, batch, inject_method, tiny_causal_lm, trainable
+from tiny_models import METHODS, batch, inject_method, one_thread, tiny_causal_lm, trainable  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORLD = 2
 # the rank-gated JumpLoRA too: its threshold [r] could be sharded, but is shared across units

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import fastcur
-from tiny_models import ARCHS, METHODS, PROJECTIONS, batch, inject_method, tiny_causal_lm, trainable
+from tiny_models import (ARCHS, METHODS, PROJECTIONS, batch, inject_method, one_thread,  # noqa: F401
+                         tiny_causal_lm, trainable)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [(arch, method) for arch in ARCHS for method in METHODS]
 IDS = [f"{arch}-{method}" for arch, method in CASES]

@@ -6,6 +6,7 @@ Qwen2 has biases on q/k/v (so adapters over biased layers are exercised), Llama 
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -68,3 +69,13 @@ def batch(n: int = 2, t: int = 8, seed: int = 1) -> torch.Tensor:
     """[n, t] int64 token ids."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n, t), generator=g)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module's tests: tiny tensors gain nothing from a second one,
+    and on a loaded machine OpenMP's spinning workers made these tests several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
