@@ -71,13 +71,28 @@ def test_lazy_selection_is_a_named_graph_break():
         torch.testing.assert_close(torch.compile(fresh, fullgraph=True, backend="aot_eager")(x), fresh(x))
 
 
-def test_restrain_in_training_mode_refuses_to_compile():
+def test_restrain_in_training_mode_is_a_named_graph_break():
+    """SECURA's restrain draws its channels on the host: fullgraph names it; without fullgraph
+    the draw runs eagerly and the compiled layer follows eager (same generator sequence)."""
     torch._dynamo.reset()
-    layer = fastcur.SecuraLinear.from_linear(torch.nn.Linear(16, 12), rank=4, restrain=True)
     x = torch.randn(3, 16)
+
+    def build():
+        torch.manual_seed(0)
+        layer = fastcur.SecuraLinear.from_linear(torch.nn.Linear(16, 12), rank=4, restrain=True,
+                                                 restrain_min=10.0, restrain_ratio=0.0)
+        with torch.no_grad():
+            layer.B_c.normal_()
+        return layer
+
     with pytest.raises(Exception, match="restrain=True draws its channels on the host"):
-        torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
-    layer.eval()                                # eval never restrains: compiles
+        torch.compile(build(), fullgraph=True, backend="aot_eager")(x)
+    eager, compiled = build(), build()
+    step = torch.compile(compiled, backend="aot_eager")
+    for _ in range(2):
+        torch.testing.assert_close(step(x), eager(x))
+        assert bool(compiled.restrain_fired) and bool(eager.restrain_fired)  # the rule fired
+    layer = build().eval()                      # eval never restrains: compiles whole
     torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), layer(x))
 
 

@@ -176,6 +176,9 @@ class SecuraLinear(AdapterLinear):
             self._selected = False            # new base weights, untrained adapter: select again
 
     # -- forward ------------------------------------------------------------------------------
+    @torch.compiler.disable(reason="fastcur.SecuraLinear: restrain=True draws its channels on the host "
+                            "in training mode (a graph break); for torch.compile(fullgraph=True) use "
+                            "restrain=False, or eval mode (which never restrains)")
     def _restrain_channels(self) -> torch.Tensor:
         n, r = self.out_features, self.rank
         count = min(n, max((n - r) // 2, n // 4))
@@ -200,10 +203,6 @@ class SecuraLinear(AdapterLinear):
                 b = self.lora_bias if b is None else b + self.lora_bias
             return cur_linear(x, self.weight, b, self.C, U, self.R, self.scale, rows=rows, cols=cols)
         if self.restrain and self.training:
-            if torch.compiler.is_compiling():
-                raise RuntimeError("fastcur.SecuraLinear: restrain=True draws its channels on the host "
-                                   "in training mode, which torch.compile cannot trace; compile with "
-                                   "restrain=False, or in eval mode (which never restrains)")
             y, self.restrain_fired = secura_linear_restrained(
                 x, self.weight, self.bias, self.C, self.A_c, self.B_c, self.R, self.lora_bias,
                 self.scale, self.k, self.eps, self.norm, self.scope, self._restrain_channels(),
