@@ -8,6 +8,7 @@
 from . import ops
 from .backend import get_backend, set_backend, use_backend
 from .config import AdapterConfig, CURLoRAConfig, JumpLoRAConfig, LoRAConfig, SecuraConfig
+from .distributed import replicate_thresholds
 from .info import info
 from .imsm import IMSM
 from .inject import (adapter_modules, disable_adapters, inject, merge, merge_and_unload,
@@ -28,4 +29,4 @@ __all__ = ["__version__", "ops", "info", "get_backend", "set_backend", "use_back
            "AdapterConfig", "LoRAConfig", "CURLoRAConfig", "SecuraConfig", "JumpLoRAConfig", "inject",
            "adapter_modules", "print_trainable_parameters", "disable_adapters", "merge", "unmerge",
            "merge_and_unload", "unload", "save_adapter", "load_adapter", "read_adapter_config",
-           "load_peft_adapter", "export_peft_adapter"]
+           "load_peft_adapter", "export_peft_adapter", "replicate_thresholds"]

@@ -25,6 +25,11 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+try:
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:          # a torch built without torch.distributed
+    _FSDPModule = None
+
 from .modules.cur_lora_linear import CURLoRALinear
 from .modules.jump_lora_linear import DEFAULT_LOG_THETA, GATES, SCOPES, JumpLoRALinear
 from .modules.lora_linear import LoRALinear
@@ -162,10 +167,21 @@ def config_class(method: str) -> type[AdapterConfig]:
     return _REGISTRY[method]
 
 
+def _unwrapped_type(layer: nn.Module) -> type:
+    """type(layer), or the class FSDP2's `fully_shard` swapped out: it gives a sharded module the
+    dynamic class `FSDP<Cls>(FSDPModule, Cls)`."""
+    kind = type(layer)
+    bases = kind.__bases__
+    if _FSDPModule is not None and len(bases) == 2 and bases[0] is _FSDPModule:
+        return bases[1]
+    return kind
+
+
 def config_class_of_layer(layer: nn.Module) -> type[AdapterConfig]:
-    """The config class whose `layer_class` is exactly `type(layer)`."""
+    """The config class whose `layer_class` is exactly `type(layer)` (seen through FSDP2)."""
+    kind = _unwrapped_type(layer)
     for cls in _REGISTRY.values():
-        if type(layer) is cls.layer_class:
+        if kind is cls.layer_class:
             return cls
     raise TypeError(f"fastcur: no adapter config describes a {type(layer).__name__} layer; known layer "
                     f"classes: {', '.join(c.layer_class.__name__ for c in _REGISTRY.values())}")

@@ -55,6 +55,9 @@ class AdapterLinear(nn.Module):
       input bypass the adapter and the rest use it: IMSM's frozen and tuned streams in one batch.
       With `detach_frozen_rows` (default False) those N rows are also cut from the autograd
       graph (IMSM: nothing trainable sits upstream of the frozen stream, so its backward is waste).
+
+    Under `torch.autocast` the layer computes in the autocast dtype, as nn.Linear does (the
+    fused ops cast their inputs: `fastcur.ops._autocast`); outside it, x must have W's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
@@ -169,12 +172,21 @@ class AdapterLinear(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"fastcur.{name}: input must have last dimension in_features = "
                              f"{self.in_features}, got shape {tuple(x.shape)}")
-        if x.dtype != self.weight.dtype:
+        if x.dtype != self.weight.dtype and not self._autocast_compatible(x):
             raise TypeError(f"fastcur.{name}: input dtype {x.dtype} does not match the layer's dtype "
                             f"{self.weight.dtype}; cast the input or the module (module.to(dtype))")
         if x.device != self.weight.device:
             raise ValueError(f"fastcur.{name}: input is on {x.device} but the layer is on "
                              f"{self.weight.device}; move one of them")
+
+    def _autocast_compatible(self, x: torch.Tensor) -> bool:
+        # Under torch.autocast the layer computes in the autocast dtype, like nn.Linear: the
+        # fused ops cast x, W and the adapter tensors (`fastcur.ops._autocast`), so an input in
+        # another autocast-eligible dtype (not float64, which autocast leaves alone) is fine.
+        eligible = (torch.float32, torch.bfloat16, torch.float16)
+        kind = x.device.type
+        return (x.dtype in eligible and self.weight.dtype in eligible
+                and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind))
 
     def _base_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -74,12 +74,26 @@ class CURLoRALinear(AdapterLinear):
         self._tied_key = self._weight_key()
         return self
 
+    @torch.compiler.disable(reason="fastcur.CURLoRALinear: rows and columns are not selected yet (nn.Linear-"
+                            "style constructor, or new base weights loaded) and selection runs on the "
+                            "host; call .select() on the layer (or run one eager forward) before "
+                            "torch.compile(fullgraph=True)")
+    def _select_in_forward(self) -> None:
+        # A graph break under torch.compile: without fullgraph the selection runs eagerly.
+        self.select()
+
     def _weight_key(self) -> tuple:
         return (id(self.weight), self.weight._version)
 
     @property
     def tied(self) -> bool:
-        """True while C and R are known to be exact slices of the current W."""
+        """True while C and R are known to be exact slices of the current W.
+
+        Always False inside `torch.compile`: W's version counter is data-dependent in a graph,
+        so a compiled forward takes the explicit C, R path (the same function, one extra
+        rank-r GEMM) and never trusts indices a later in-place change of W could invalidate."""
+        if torch.compiler.is_compiling():
+            return False
         return self._selected and self._tied_key == self._weight_key()
 
     @torch.no_grad()
@@ -103,7 +117,7 @@ class CURLoRALinear(AdapterLinear):
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] (checked by `AdapterLinear.forward`)."""
         if not self._selected:
-            self.select()
+            self._select_in_forward()
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         tied = self.tied

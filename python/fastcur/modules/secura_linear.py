@@ -137,12 +137,26 @@ class SecuraLinear(AdapterLinear):
         if self.lora_bias is not None:
             self.lora_bias.zero_()
 
+    @torch.compiler.disable(reason="fastcur.SecuraLinear: rows and columns are not selected yet (nn.Linear-"
+                            "style constructor, or new base weights loaded) and selection runs on the "
+                            "host; call .select() on the layer (or run one eager forward) before "
+                            "torch.compile(fullgraph=True)")
+    def _select_in_forward(self) -> None:
+        # A graph break under torch.compile: without fullgraph the selection runs eagerly.
+        self.select()
+
     def _weight_key(self) -> tuple:
         return (id(self.weight), self.weight._version)
 
     @property
     def tied(self) -> bool:
-        """True while C and R are known to be exact slices of the current W."""
+        """True while C and R are known to be exact slices of the current W.
+
+        Always False inside `torch.compile`: W's version counter is data-dependent in a graph,
+        so a compiled forward takes the explicit C, R path (the same function, one extra
+        rank-r GEMM) and never trusts indices a later in-place change of W could invalidate."""
+        if torch.compiler.is_compiling():
+            return False
         return self._selected and self._tied_key == self._weight_key()
 
     @torch.no_grad()
@@ -162,6 +176,9 @@ class SecuraLinear(AdapterLinear):
             self._selected = False            # new base weights, untrained adapter: select again
 
     # -- forward ------------------------------------------------------------------------------
+    @torch.compiler.disable(reason="fastcur.SecuraLinear: restrain=True draws its channels on the host "
+                            "in training mode (a graph break); for torch.compile(fullgraph=True) use "
+                            "restrain=False, or eval mode (which never restrains)")
     def _restrain_channels(self) -> torch.Tensor:
         n, r = self.out_features, self.rank
         count = min(n, max((n - r) // 2, n // 4))
@@ -176,7 +193,7 @@ class SecuraLinear(AdapterLinear):
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] (checked by `AdapterLinear.forward`)."""
         if not self._selected:
-            self.select()
+            self._select_in_forward()
         tied = self.tied
         rows, cols = (self.rows, self.cols) if tied else (None, None)
         if self.signorm == "off":

@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import _extension
 from ..backend import resolve
 from . import reference
+from ._autocast import autocast_inputs
 from ._checks import ArgChecker
 
 
@@ -123,6 +124,7 @@ def cur_linear(x: Tensor, weight: Tensor, bias: Tensor | None, C: Tensor, U: Ten
     Returns:
         [..., n] in x's dtype. Differentiable in every floating input.
     """
+    x, weight, bias, C, U, R = autocast_inputs(x, weight, bias, C, U, R)
     _check(x, weight, bias, C, U, R, rows, cols)
     backend = resolve("cur_linear", x.device)
     if backend == "reference":

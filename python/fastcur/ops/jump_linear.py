@@ -21,6 +21,7 @@ from torch import Tensor
 from .. import _extension
 from ..backend import resolve
 from . import reference
+from ._autocast import autocast_inputs
 from ._checks import ArgChecker
 
 REDUCTIONS = ("mean", "sum")
@@ -217,6 +218,7 @@ def jump_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     Returns:
         [..., n] in x's dtype. Differentiable in x, weight, bias, A, B and log_theta.
     """
+    x, weight, bias, A, B, log_theta = autocast_inputs(x, weight, bias, A, B, log_theta)
     _check(x, weight, bias, A, B, log_theta)
     check_options("jump_linear", scale, f, bandwidth, reduction)
     backend = resolve("jump_linear", x.device)

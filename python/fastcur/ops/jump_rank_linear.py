@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import _extension
 from ..backend import resolve
 from . import reference
+from ._autocast import autocast_inputs
 from ._checks import ArgChecker
 from .jump_linear import check_factors, check_options
 
@@ -106,6 +107,7 @@ def jump_rank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, 
     Returns:
         [..., n] in x's dtype. Differentiable in x, weight, bias, A, B and log_theta.
     """
+    x, weight, bias, A, B, log_theta = autocast_inputs(x, weight, bias, A, B, log_theta)
     _check(x, weight, bias, A, B, log_theta)
     check_options("jump_rank_linear", scale, bandwidth=bandwidth)
     backend = resolve("jump_rank_linear", x.device)

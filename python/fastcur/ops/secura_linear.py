@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import _extension
 from ..backend import resolve
 from . import reference
+from ._autocast import autocast_inputs
 from ._checks import ArgChecker
 from ._signorm_args import check_options
 
@@ -148,6 +149,7 @@ def secura_linear(x: Tensor, weight: Tensor, bias: Tensor | None, C: Tensor, A_c
     Returns:
         [..., n] in x's dtype. Differentiable in every floating input, with S constant.
     """
+    x, weight, bias, C, A_c, B_c, R, lora_bias = autocast_inputs(x, weight, bias, C, A_c, B_c, R, lora_bias)
     _check(x, weight, bias, C, A_c, B_c, R, lora_bias, k, eps, norm, scope, rows, cols)
     backend = resolve("secura_linear", x.device)
     if backend == "reference":
