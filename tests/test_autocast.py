@@ -123,3 +123,26 @@ def test_mixed_precision_training_stays_finite_and_learns(method):
     assert all(torch.isfinite(p).all() for p in params.values())
     assert abs(losses[0] - loss32.item()) < 0.05, (losses[0], loss32.item())
     assert losses[-1] < losses[0] - 0.02, losses
+
+
+def test_jump_linear_ella_under_autocast_computes_like_its_bf16_copy():
+    """The fused ELLA path (a JumpLoRALinear with a W_past, in training) under bf16 autocast."""
+    torch.manual_seed(0)
+    layer = fastcur.JumpLoRALinear(24, 20, rank=4, f=0.5)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.3)
+        layer.threshold.log_theta.fill_(-3.0)
+    layer.set_w_past(torch.randn(20, 24))
+    x = torch.randn(6, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        p = layer.ella_penalty()
+    assert y.dtype == torch.bfloat16 and p.dtype == torch.bfloat16
+    ref = fastcur.ops.reference.jump_linear_ella(
+        x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16(), layer.lora_A.weight.bfloat16(),
+        layer.lora_B.weight.bfloat16(), layer.threshold.log_theta.bfloat16(), layer.scaling,
+        layer.W_past.bfloat16(), 0.5)
+    torch.testing.assert_close(y, ref[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(p, ref[1], rtol=2e-2, atol=2e-2)
+    (y.float().square().sum() + p.float()).backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.weight.grad).all()

@@ -242,6 +242,7 @@ def jump_linear_ella(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, 
         gradient into each tile's dL/dZ before the one contraction with A and B, so ELLA costs
         one extra read of W_past per pass instead of a second walk over Z.
     """
+    x, weight, bias, A, B, log_theta, W_past = autocast_inputs(x, weight, bias, A, B, log_theta, W_past)
     _check(x, weight, bias, A, B, log_theta)
     check_options("jump_linear_ella", scale, f, bandwidth, reduction)
     c = ArgChecker("jump_linear_ella")
