@@ -97,6 +97,7 @@ class SecuraLinear(AdapterLinear):
         self.register_buffer("R", torch.zeros(rank, in_features, **factory))
         self._generator = torch.Generator().manual_seed(seed)
         self.restrain_fired: torch.Tensor | None = None  # bool scalar of the last restrained forward
+        self.merges = 0          # merges folded into W so far (W is no longer the base's after one)
         self._selected = False
         self._tied_key: tuple | None = None
         self._a_version_at_select = None
@@ -251,6 +252,7 @@ class SecuraLinear(AdapterLinear):
                 self.bias.add_(self.lora_bias)
             self.lora_bias.zero_()
         self.B_c.zero_()
+        self.merges += 1
         if self.reselect_on_merge:
             self.select(init_adapter=False)
         else:
@@ -298,6 +300,18 @@ class MergeSchedule:
             if period and self.steps % period == 0:
                 layer.merge(self.mode)
                 self.merges += 1
+
+    def state_dict(self) -> dict:
+        """{"steps", "merges", "every", "mode"}: what resumes the schedule."""
+        return {"steps": self.steps, "merges": self.merges, "every": self.every, "mode": self.mode}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the counters of `state_dict()`; `every` and `mode` must match this schedule's."""
+        for key in ("every", "mode"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"fastcur.MergeSchedule.load_state_dict: {key} = {state.get(key)!r} in the "
+                                 f"state, but this schedule has {key} = {getattr(self, key)!r}")
+        self.steps, self.merges = int(state["steps"]), int(state["merges"])
 
     def remove(self) -> None:
         if self._handle is not None:

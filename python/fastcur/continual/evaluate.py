@@ -1,0 +1,303 @@
+"""Batches for training, and the benchmark's three measurements: accuracy (greedy exact match, or
+the likeliest of `choices`), and perplexity on held-out text.
+
+Every model call goes through two small functions, `model_logits` (one forward) and
+`greedy_generate` (built on `model_logits`), so any causal LM works: a `transformers` model, or a
+wrapper such as IMSM's whose forward takes `(input_ids, attention_mask, prompt_lengths, labels)`
+(`prompt_lengths` is passed when the forward accepts it) and returns logits or an object with
+`.logits`.
+
+Layout of every batch: rows are right-padded, row b holds `[bos] prompt answer [eos]` (as far as
+present) from position 0, so positions need no correction and, under a causal mask, padding after
+a row's tokens never affects them. Answers are joined to prompts with one space unless the prompt
+ends in whitespace or the answer starts with it (`answer_text`).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .tasks import Example
+
+DEFAULT_MAX_LEN = 256
+
+
+def answer_text(prompt: str, answer: str) -> str:
+    """The text that follows `prompt` when the model answers (a separating space where needed)."""
+    if not prompt or not answer or prompt[-1].isspace() or answer[0].isspace():
+        return answer
+    return " " + answer
+
+
+def _encode(prompt: str, answer: str | None, tokenizer, max_len: int, add_eos: bool) -> tuple[list[int], int]:
+    """Token ids of `prompt` (+ answer) and the prompt's length; the prompt loses its first tokens
+    when the whole exceeds max_len."""
+    p = tokenizer.encode(prompt, add_bos=True)
+    a = [] if answer is None else tokenizer.encode(answer_text(prompt, answer), add_bos=False, add_eos=add_eos)
+    if len(a) >= max_len:
+        raise ValueError(f"max_len={max_len} leaves no room for the prompt: the answer {answer!r} alone "
+                         f"has {len(a)} tokens")
+    if len(p) + len(a) > max_len:
+        p = p[len(p) + len(a) - max_len:]
+    return p + a, len(p)
+
+
+def _collate(seqs: list[list[int]], prompt_lengths: list[int], pad_id: int) -> dict:
+    L = max(len(s) for s in seqs)
+    B = len(seqs)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    labels = torch.full((B, L), -100, dtype=torch.long)
+    for b, (s, n) in enumerate(zip(seqs, prompt_lengths)):
+        ids = torch.tensor(s, dtype=torch.long)
+        input_ids[b, :len(s)] = ids
+        attention_mask[b, :len(s)] = 1
+        labels[b, n:len(s)] = ids[n:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long)}
+
+
+def _check_examples(examples, name="examples") -> list[Example]:
+    examples = list(examples)
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, Example):
+            raise TypeError(f"{name}[{i}] must be a fastcur.continual.Example, got {type(ex).__name__}")
+    return examples
+
+
+def training_batch(examples: Sequence[Example], tokenizer, max_len: int = DEFAULT_MAX_LEN,
+                   include_answer: bool = True) -> dict:
+    """One batch of `examples` (in order) as tensors, rows right-padded:
+
+    input_ids, attention_mask, labels: [B, L] long; labels are -100 on the prompt and on padding,
+    so the loss covers the answer tokens and the final EOS only; prompt_lengths: [B] long (tokens
+    of BOS + prompt). include_answer=False gives the prompts alone (labels all -100).
+    """
+    examples = _check_examples(examples)
+    if not examples:
+        raise ValueError("examples is empty")
+    if not isinstance(max_len, int) or max_len < 2:
+        raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
+    seqs, lens = [], []
+    for ex in examples:
+        s, n = _encode(ex.prompt, ex.answer if include_answer else None, tokenizer, max_len, add_eos=True)
+        seqs.append(s)
+        lens.append(n)
+    return _collate(seqs, lens, tokenizer.pad_token_id)
+
+
+def lm_batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: int = DEFAULT_MAX_LEN,
+               include_answer: bool = True) -> Iterator[dict]:
+    """`training_batch` over consecutive slices of `examples` of `batch_size` (the last may be smaller)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    examples = _check_examples(examples)
+    for start in range(0, len(examples), batch_size):
+        yield training_batch(examples[start:start + batch_size], tokenizer, max_len, include_answer)
+
+
+# ------------------------------------------------------------------ the two model calls
+_ACCEPTS_PROMPT_LENGTHS: dict[type, bool] = {}
+
+
+def _accepts_prompt_lengths(model) -> bool:
+    kind = type(model)
+    if kind not in _ACCEPTS_PROMPT_LENGTHS:
+        try:
+            params = inspect.signature(model.forward).parameters
+            _ACCEPTS_PROMPT_LENGTHS[kind] = "prompt_lengths" in params
+        except (TypeError, ValueError):
+            _ACCEPTS_PROMPT_LENGTHS[kind] = False
+    return _ACCEPTS_PROMPT_LENGTHS[kind]
+
+
+def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward: input_ids, attention_mask [B, L] (right-padded) -> logits [B, L, V] float32."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if prompt_lengths is not None and _accepts_prompt_lengths(model):
+        kwargs["prompt_lengths"] = prompt_lengths
+    out = model(**kwargs)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"model returned logits of shape {getattr(logits, 'shape', None)}, expected "
+                         f"[{input_ids.shape[0]}, {input_ids.shape[1]}, vocab]")
+    return logits.float()
+
+
+def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
+                    max_new_tokens: int | Sequence[int], stop_ids: Sequence[int]) -> list[list[int]]:
+    """Greedy continuation of each right-padded prompt row (no KV cache: answers are short).
+
+    Row b's next token comes from the logits at its own last position and is written right after
+    it, so rows of different lengths advance together. Stops a row at the first of `stop_ids`
+    (included in its output) or after max_new_tokens (one int, or one per row). Returns the new
+    token ids per row.
+    """
+    B, L = input_ids.shape
+    limits = [max_new_tokens] * B if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
+    if len(limits) != B or min(limits) < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1 or {B} of them, got {max_new_tokens!r}")
+    max_new_tokens = max(limits)
+    device = input_ids.device
+    lengths = attention_mask.sum(1).long()
+    buf = torch.zeros((B, L + max_new_tokens), dtype=input_ids.dtype, device=device)
+    mask = torch.zeros_like(buf, dtype=attention_mask.dtype)
+    buf[:, :L], mask[:, :L] = input_ids, attention_mask
+    rows = torch.arange(B, device=device)
+    stop = set(int(i) for i in stop_ids)
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for _ in range(max_new_tokens):
+        end = int(lengths.max())
+        logits = model_logits(model, buf[:, :end], mask[:, :end], prompt_lengths)
+        nxt = logits[rows, lengths - 1].argmax(-1)
+        active = torch.tensor([not d for d in done], device=device)
+        buf[rows[active], lengths[active]] = nxt[active]
+        mask[rows[active], lengths[active]] = 1
+        lengths = lengths + active.long()
+        for b, tok in enumerate(nxt.tolist()):
+            if not done[b]:
+                outputs[b].append(tok)
+                done[b] = tok in stop or len(outputs[b]) >= limits[b]
+        if all(done):
+            break
+    return outputs
+
+
+# ------------------------------------------------------------------ measurements
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+class _EvalMode:
+    """model.eval() and torch.no_grad() inside; restores the training flag after."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, getattr(model, "training", False)
+        self.no_grad = torch.no_grad()
+
+    def __enter__(self):
+        if hasattr(self.model, "eval"):
+            self.model.eval()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc):
+        self.no_grad.__exit__(*exc)
+        if self.was_training and hasattr(self.model, "train"):
+            self.model.train()
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    stop = [tokenizer.eos_token_id]
+    newline = tokenizer.encode("\n", add_bos=False)
+    if len(newline) == 1:
+        stop.append(newline[0])
+    return stop
+
+
+def clean_generation(text: str) -> str:
+    """The generated answer as compared: cut at the first newline, stripped."""
+    return text.split("\n", 1)[0].strip()
+
+
+def choice_scores(model, examples: Sequence[Example], tokenizer, batch_size: int = 32,
+                  max_len: int = DEFAULT_MAX_LEN) -> list[list[float]]:
+    """Summed log-likelihood of each choice's tokens after its prompt, per example (EOS not scored)."""
+    examples = _check_examples(examples)
+    pairs = [(i, c) for i, ex in enumerate(examples) for c in (ex.choices or ())]
+    scores: list[list[float]] = [[] for _ in examples]
+    device = _device(model)
+    with _EvalMode(model):
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            seqs, lens = zip(*(_encode(examples[i].prompt, c, tokenizer, max_len, add_eos=False) for i, c in chunk))
+            batch = _to(_collate(list(seqs), list(lens), tokenizer.pad_token_id), device)
+            logp = torch.log_softmax(model_logits(model, batch["input_ids"], batch["attention_mask"],
+                                                  batch["prompt_lengths"]), dim=-1)
+            labels = batch["labels"][:, 1:]
+            picked = logp[:, :-1].gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            totals = (picked * (labels != -100)).sum(1).tolist()
+            for (i, _), total in zip(chunk, totals):
+                scores[i].append(total)
+    return scores
+
+
+def predict(model, examples: Sequence[Example], tokenizer, batch_size: int = 32, max_new_tokens: int | None = None,
+            max_len: int = DEFAULT_MAX_LEN) -> list[str]:
+    """The model's answer per example: the likeliest choice for examples with `choices`, else the
+    greedy generation (cut at EOS/newline, stripped). max_new_tokens=None: the
+    reference answer's token count + 2 per example (a longer generation cannot match anyway)."""
+    examples = _check_examples(examples)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be None or an int >= 1, got {max_new_tokens!r}")
+    preds: list[str | None] = [None] * len(examples)
+    scored = [i for i, ex in enumerate(examples) if ex.choices is not None]
+    if scored:
+        for i, s in zip(scored, choice_scores(model, [examples[i] for i in scored], tokenizer, batch_size, max_len)):
+            preds[i] = examples[i].choices[max(range(len(s)), key=s.__getitem__)]
+    free = [i for i, ex in enumerate(examples) if ex.choices is None]
+    device, stop = _device(model), _stop_ids(tokenizer)
+    with _EvalMode(model):
+        for start in range(0, len(free), batch_size):
+            idx = free[start:start + batch_size]
+            chunk = [examples[i] for i in idx]
+            n_new = [max_new_tokens or len(tokenizer.encode(answer_text(ex.prompt, ex.answer), add_bos=False)) + 2
+                     for ex in chunk]
+            batch = _to(training_batch(chunk, tokenizer, max_len - max(n_new), include_answer=False), device)
+            outs = greedy_generate(model, batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"],
+                                   n_new, stop)
+            for i, ids in zip(idx, outs):
+                if ids and ids[-1] == tokenizer.eos_token_id:
+                    ids = ids[:-1]
+                preds[i] = clean_generation(tokenizer.decode(ids))
+    return preds  # type: ignore[return-value]
+
+
+def accuracy(model, examples: Sequence[Example], tokenizer, batch_size: int = 32, max_new_tokens: int | None = None,
+             max_len: int = DEFAULT_MAX_LEN) -> float:
+    """Fraction of examples answered right: exact match of the stripped greedy generation with the
+    stripped answer, or the likeliest choice being the answer for examples with `choices`."""
+    examples = _check_examples(examples)
+    if not examples:
+        raise ValueError("examples is empty: accuracy needs at least one example")
+    preds = predict(model, examples, tokenizer, batch_size, max_new_tokens, max_len)
+    return sum(p == ex.answer.strip() for p, ex in zip(preds, examples)) / len(examples)
+
+
+def perplexity(model, texts: Sequence[str], tokenizer, batch_size: int = 32, max_len: int = DEFAULT_MAX_LEN) -> float:
+    """exp(mean negative log-likelihood per token) over `texts`, each encoded as [bos] text [eos]
+    (cut to max_len tokens); every token after the first is predicted."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts is empty: perplexity needs at least one text")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+    device = _device(model)
+    total, count = 0.0, 0
+    with _EvalMode(model):
+        for start in range(0, len(texts), batch_size):
+            seqs = [tokenizer.encode(t, add_bos=True, add_eos=True)[:max_len] for t in texts[start:start + batch_size]]
+            batch = _to(_collate(seqs, [1] * len(seqs), tokenizer.pad_token_id), device)
+            logp = torch.log_softmax(model_logits(model, batch["input_ids"], batch["attention_mask"]), dim=-1)
+            labels = batch["labels"][:, 1:]
+            valid = labels != -100
+            picked = logp[:, :-1].gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            total -= float((picked * valid).sum())
+            count += int(valid.sum())
+    return math.exp(total / count)

@@ -1,0 +1,129 @@
+"""A synthetic world of invented people and their attributes: the pretraining corpus of the tiny
+base model, and the basic-knowledge probe whose accuracy tells how much of it survives fine-tuning.
+
+Each person (an invented name such as "Zorvak") has four attributes: the town they live in (an
+invented name), a job, a favourite food and a pet. Pretraining sees every fact as sentences
+(two templates, several shuffled "bios" per person) and as question/answer pairs in two
+phrasings. The probe asks every fact in a third, held-out phrasing; `heldout_texts` states the
+facts with held-out sentence templates (for perplexity). So the probe measures knowledge that
+pretraining put in the weights, not memorized strings, and a model that forgets the facts (or
+the question/answer format) loses probe accuracy.
+
+    world = build_world(seed=0)
+    world.pretraining_texts()[0]   # 'Zorvak lives in Plimt. Zorvak keeps a goat at home. ...'
+    world.probe()[0]               # Example(prompt='Q: In what town does Zorvak live?\\nA:', answer='Plimt')
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from .tasks import Example
+
+# Bump when the world's texts or probe change (part of the pretraining cache key).
+WORLD_VERSION = "1"
+
+JOBS = ("baker", "farmer", "miner", "sailor", "doctor", "painter", "tailor", "hunter")
+FOODS = ("bread", "rice", "plums", "soup", "cheese", "beans", "figs", "honey")
+PETS = ("cat", "dog", "owl", "goat", "frog", "crow", "hen", "mule")
+ATTRIBUTES = ("town", "job", "food", "pet")
+
+# Per attribute: sentence templates (the first two in pretraining, the last held out).
+FACT_TEMPLATES = {
+    "town": ("{e} lives in {v}.", "{e} has a home in {v}.", "The home of {e} is in {v}."),
+    "job": ("{e} works as a {v}.", "{e} is a {v} by trade.", "By trade, {e} is a {v}."),
+    "food": ("{e} likes to eat {v}.", "The favorite food of {e} is {v}.", "{e} enjoys {v} the most."),
+    "pet": ("{e} has a pet {v}.", "{e} keeps a {v} at home.", "The pet of {e} is a {v}."),
+}
+# Per attribute: question phrasings (the first two in pretraining, the last is the probe's).
+QUESTION_TEMPLATES = {
+    "town": ("Where does {e} live?", "Which town does {e} live in?", "In what town does {e} live?"),
+    "job": ("What is the job of {e}?", "What does {e} work as?", "What job does {e} have?"),
+    "food": ("What does {e} like to eat?", "What food does {e} like?", "Which food does {e} like best?"),
+    "pet": ("What pet does {e} have?", "Which animal is the pet of {e}?", "What kind of pet does {e} keep?"),
+}
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "pl", "tr", "gr")
+_VOWELS = ("a", "e", "i", "o", "u")
+_CODAS = ("", "", "k", "n", "r", "l", "s", "m", "nt", "rk")
+
+
+def _invented_names(rng: random.Random, n: int, syllables: int, taken: set[str]) -> list[str]:
+    names: list[str] = []
+    while len(names) < n:
+        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables - 1))
+        word = (word + rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)).capitalize()
+        if word not in taken and len(word) >= 4:
+            taken.add(word)
+            names.append(word)
+    return names
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    attributes: dict = field(hash=False)  # attribute name -> value
+
+
+@dataclass
+class World:
+    """The generated world; every method is deterministic in `seed`."""
+
+    seed: int
+    people: list[Person]
+    towns: tuple[str, ...]
+    bios_per_person: int = 4
+
+    def facts(self) -> list[tuple[str, str, str]]:
+        """(person, attribute, value) for every fact."""
+        return [(p.name, a, p.attributes[a]) for p in self.people for a in ATTRIBUTES]
+
+    def values(self, attribute: str) -> tuple[str, ...]:
+        """The possible values of `attribute` (chance accuracy is 1 / len of this)."""
+        return {"town": self.towns, "job": JOBS, "food": FOODS, "pet": PETS}[attribute]
+
+    def pretraining_texts(self) -> list[str]:
+        """Bios (the person's facts in shuffled order, templates 0/1) and Q/A pairs (phrasings 0/1)."""
+        rng = random.Random(f"fastcur-world-pretrain:{self.seed}")
+        texts = []
+        for p in self.people:
+            for _ in range(self.bios_per_person):
+                order = list(ATTRIBUTES)
+                rng.shuffle(order)
+                texts.append(" ".join(FACT_TEMPLATES[a][rng.randrange(2)].format(e=p.name, v=p.attributes[a])
+                                      for a in order))
+            for a in ATTRIBUTES:
+                for q in QUESTION_TEMPLATES[a][:2]:
+                    texts.append(f"Q: {q.format(e=p.name)}\nA: {p.attributes[a]}")
+        rng.shuffle(texts)
+        return texts
+
+    def heldout_texts(self) -> list[str]:
+        """One bio per person in the held-out sentence templates (for perplexity)."""
+        rng = random.Random(f"fastcur-world-heldout:{self.seed}")
+        texts = []
+        for p in self.people:
+            order = list(ATTRIBUTES)
+            rng.shuffle(order)
+            texts.append(" ".join(FACT_TEMPLATES[a][2].format(e=p.name, v=p.attributes[a]) for a in order))
+        return texts
+
+    def probe(self) -> list[Example]:
+        """Every fact asked in the held-out question phrasing; the answer is the attribute value."""
+        return [Example(f"Q: {QUESTION_TEMPLATES[a][2].format(e=name)}\nA:", value)
+                for name, a, value in self.facts()]
+
+
+def build_world(seed: int = 0, n_entities: int = 48, n_towns: int = 8, bios_per_person: int = 4) -> World:
+    """Invent `n_entities` people living in `n_towns` invented towns, with random attributes."""
+    for arg, value, low, high in (("n_entities", n_entities, 1, 5000), ("n_towns", n_towns, 2, 50),
+                                  ("bios_per_person", bios_per_person, 1, 100)):
+        if not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{arg} must be an int in [{low}, {high}], got {value!r}")
+    rng = random.Random(f"fastcur-world:{seed}")
+    taken: set[str] = set()
+    towns = tuple(_invented_names(rng, n_towns, 1, taken))
+    names = _invented_names(rng, n_entities, 2, taken)
+    people = [Person(n, {"town": rng.choice(towns), "job": rng.choice(JOBS), "food": rng.choice(FOODS),
+                         "pet": rng.choice(PETS)}) for n in names]
+    return World(seed, people, towns, bios_per_person)

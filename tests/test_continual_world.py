@@ -1,0 +1,46 @@
+"""The synthetic world: deterministic, every probe fact stated in pretraining, probe phrasings and
+held-out texts absent from pretraining."""
+import pytest
+
+from fastcur.continual import Example, build_world
+from fastcur.continual import world as W
+
+
+def test_same_seed_same_world_different_seed_differs():
+    a, b, c = build_world(5), build_world(5), build_world(6)
+    assert a.pretraining_texts() == b.pretraining_texts()
+    assert a.heldout_texts() == b.heldout_texts() and a.probe() == b.probe()
+    assert a.pretraining_texts() != c.pretraining_texts() and a.probe() != c.probe()
+
+
+def test_sizes_and_names():
+    w = build_world(0, n_entities=10, n_towns=3, bios_per_person=2)
+    names = [p.name for p in w.people]
+    assert len(set(names)) == 10 and len(set(w.towns)) == 3 and not set(names) & set(w.towns)
+    assert len(w.pretraining_texts()) == 10 * (2 + 2 * len(W.ATTRIBUTES))
+    assert len(w.heldout_texts()) == 10 and len(w.probe()) == 10 * len(W.ATTRIBUTES)
+    assert all(p.attributes["town"] in w.towns for p in w.people)
+    with pytest.raises(ValueError, match="n_entities"):
+        build_world(0, n_entities=0)
+
+
+def test_probe_asks_facts_that_pretraining_states_in_other_words():
+    w = build_world(1, n_entities=12)
+    texts = w.pretraining_texts()
+    corpus = "\n".join(texts)
+    attrs = {p.name: p.attributes for p in w.people}
+    probe = w.probe()
+    for ex, (name, attr, value) in zip(probe, w.facts()):
+        assert isinstance(ex, Example) and ex.choices is None
+        assert ex.answer == value == attrs[name][attr]
+        assert name in ex.prompt and ex.prompt.startswith("Q: ") and ex.prompt.endswith("\nA:")
+        assert ex.prompt not in corpus  # the probe's phrasing is held out
+        stated = [t.format(e=name, v=value) for t in W.FACT_TEMPLATES[attr][:2]]
+        assert any(s in corpus for s in stated)  # ...but the fact was seen
+        asked = [f"Q: {q.format(e=name)}\nA: {value}" for q in W.QUESTION_TEMPLATES[attr][:2]]
+        assert all(a in texts for a in asked)
+    for person, text in zip(w.people, w.heldout_texts()):
+        assert text not in corpus
+        held_out = [W.FACT_TEMPLATES[a][2].format(e=person.name, v=person.attributes[a]) for a in W.ATTRIBUTES]
+        assert sorted(held_out) == sorted(s if s.endswith(".") else s + "." for s in text.split(". "))
+        assert not any(s in corpus for s in held_out)
