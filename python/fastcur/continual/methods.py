@@ -272,6 +272,7 @@ class JumpLoRAIncLoRA(Method):
         import fastcur
 
         super().setup(model, ctx)
+        model.requires_grad_(False)   # only each task's fresh adapters train
         self.manager = fastcur.IncLoRA(model, target_modules=linear_targets(model), rank=RANK,
                                        ella_lambda=self.ella_lambda)
         self._params: list[nn.Parameter] = []
