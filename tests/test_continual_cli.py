@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 from fastcur.cli import main  # noqa: E402
 
 TINY = ["--steps", "2", "--batch-size", "4", "--n-probe", "4", "--n-heldout", "4", "--pretrain-steps", "2",
-        "--max-len", "48", "--no-progress", "--no-plots"]
+        "--max-len", "48", "--no-progress"]
 
 
 def task_file(path, n=12):

@@ -39,7 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from each method's last completed task")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     small = p.add_argument_group("sizes (advanced; default: the mode's)")
     small.add_argument("--batch-size", type=int)
     small.add_argument("--max-len", type=int, default=192, help="tokens per training example (default 192)")
@@ -69,7 +68,7 @@ def config_from_args(args):
                      model_dir=args.model_dir, task_files=args.task_files, probe_file=args.probe_file,
                      batch_size=args.batch_size, max_len=args.max_len, n_train=args.n_train, n_test=args.n_test,
                      n_probe=args.n_probe, n_heldout=args.n_heldout, pretrain_steps=args.pretrain_steps,
-                     resume=args.resume, progress=args.progress, plots=args.plots).resolved()
+                     resume=args.resume, progress=args.progress).resolved()
 
 
 def run_from_args(args) -> int:

@@ -88,6 +88,10 @@ class Method:
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def evaluation_model(self) -> nn.Module:
+        """What is evaluated (and called by `loss`): the model, or a wrapper around it (IMSM)."""
+        return self.model
+
     def before_task(self, index: int, task: Task) -> None:
         pass
 

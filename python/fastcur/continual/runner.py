@@ -64,7 +64,6 @@ class RunConfig:
     pretrain_steps: int | None = None
     resume: bool = False
     progress: bool = True
-    plots: bool = True
 
     def resolved(self) -> "RunConfig":
         mode = MODES["quick" if self.quick else "full"]
@@ -84,7 +83,7 @@ class RunConfig:
     def identity(self) -> dict:
         """The settings a method's results depend on (compared by --resume)."""
         d = asdict(self)
-        for key in ("methods", "out", "cache_dir", "resume", "progress", "plots"):
+        for key in ("methods", "out", "cache_dir", "resume", "progress"):
             d.pop(key)
         d["size"] = MODES["quick" if self.quick else "full"]["size"]
         return d
@@ -292,8 +291,11 @@ def train_task(method, model, task: Task, index: int, ctx: MethodContext, *, nam
 
 
 def run_method(name: str, bench: Bench, cfg: RunConfig, base: dict, *,
-               on_task_end: Callable[[str, int], None] | None = None) -> dict:
-    """Train `name` on every task in turn; returns its results entry (see report.py)."""
+               on_task_end: Callable[[str, int], None] | None = None,
+               publish: Callable[[dict], None] | None = None) -> dict:
+    """Train `name` on every task in turn; returns its results entry (see report.py).
+    `publish(partial results)` is called after each task; `on_task_end(name, index)` after the
+    task's state is saved (a test hook: raising there simulates an interruption)."""
     from . import evaluate, metrics
 
     device = torch.device(cfg.device)
@@ -305,7 +307,7 @@ def run_method(name: str, bench: Bench, cfg: RunConfig, base: dict, *,
 
     def make_batch(examples):
         batch = evaluate.training_batch(examples, bench.tokenizer, cfg.max_len)
-        return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+        return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels", "prompt_lengths")}
 
     seed_everything(cfg.seed, name, "setup")
     model = copy.deepcopy(bench.model)
@@ -326,7 +328,7 @@ def run_method(name: str, bench: Bench, cfg: RunConfig, base: dict, *,
         losses, t_train, n_params = train_task(method, model, task, i, ctx, name=name, device=device,
                                                progress=cfg.progress, desc=f"{name} [{i + 1}/{n_tasks}] {task.name}")
         res["trainable_params"] = max(res["trainable_params"], n_params)
-        m = evaluate_model(model, bench, cfg.batch_size)
+        m = evaluate_model(method.evaluation_model(), bench, cfg.batch_size)
         res["acc_matrix"].append(m["accuracy"])
         res["probe_accuracy"].append(m["probe_accuracy"])
         res["perplexity"].append(m["perplexity"])
@@ -339,6 +341,8 @@ def run_method(name: str, bench: Bench, cfg: RunConfig, base: dict, *,
         res["completed_tasks"] = i + 1
         checkpoint.save_state(cfg.out, name, config=ident, completed_tasks=i + 1, model_state=model.state_dict(),
                               method_state=method.state_dict(), results=res)
+        if publish is not None:
+            publish(_finish(dict(res)))
         if on_task_end is not None:
             on_task_end(name, i)
     return _finish(res)
@@ -363,12 +367,12 @@ def run(cfg: RunConfig, *, on_task_end: Callable[[str, int], None] | None = None
                "tasks": [t.name for t in bench.tasks], "methods": {}}
     results_path = os.path.join(cfg.out, "results.json")
     for name in cfg.methods:
-        results["methods"][name] = run_method(name, bench, cfg, base, on_task_end=on_task_end)
-        report.write_results_json(results_path, results)
-    if cfg.plots:
-        report.plot_curves(results, os.path.join(cfg.out, "curves.png"))
-        report.plot_accuracy_matrices(results, os.path.join(cfg.out, "accuracy_matrices.png"))
-    report.write_markdown_report(results, cfg.out)
+        def publish(res, name=name):   # results.json follows the run task by task
+            results["methods"][name] = res
+            report.write_results_json(results_path, results)
+
+        publish(run_method(name, bench, cfg, base, on_task_end=on_task_end, publish=publish))
+    report.write_markdown_report(results, cfg.out)   # with the two PNG plots
     if stdout is not False:
         print(report.format_table(results), file=stdout or sys.stdout)
     return results
