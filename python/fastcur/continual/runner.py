@@ -167,9 +167,12 @@ def load_bench(cfg: RunConfig) -> Bench:
         model, tokenizer = pretrain.pretrained_base(cfg.cache_dir or default_cache_dir(), seed=cfg.seed,
                                                     size=MODES["quick" if cfg.quick else "full"]["size"],
                                                     steps=cfg.pretrain_steps, progress=cfg.progress)
-    world = world_mod.build_world(seed=cfg.seed)
+    # The world the built-in base was pretrained on (its size depends on the mode).
+    size = MODES["quick" if cfg.quick else "full"]["size"]
+    world = world_mod.build_world(seed=cfg.seed, n_entities=pretrain.SIZES[size]["n_entities"])
     probe = user_probe if user_probe is not None else world.probe()
-    probe = probe[: cfg.n_probe]
+    if len(probe) > cfg.n_probe:   # a seeded sample, not the first entities only
+        probe = random.Random(_seed(cfg.seed, "probe")).sample(probe, cfg.n_probe)
     heldout = world.heldout_texts()[: cfg.n_heldout]
     rng = random.Random(_seed(cfg.seed, "pretraining-sample"))
     texts = world.pretraining_texts()
