@@ -29,18 +29,23 @@ def test_probe_asks_facts_that_pretraining_states_in_other_words():
     texts = w.pretraining_texts()
     corpus = "\n".join(texts)
     attrs = {p.name: p.attributes for p in w.people}
-    probe = w.probe()
-    for ex, (name, attr, value) in zip(probe, w.facts()):
+    phrasings_used = set()
+    for ex, (name, attr, value) in zip(w.probe(), w.facts()):
         assert isinstance(ex, Example) and ex.choices is None
         assert ex.answer == value == attrs[name][attr]
         assert name in ex.prompt and ex.prompt.startswith("Q: ") and ex.prompt.endswith("\nA:")
-        assert ex.prompt not in corpus  # the probe's phrasing is held out
-        stated = [t.format(e=name, v=value) for t in W.FACT_TEMPLATES[attr][:2]]
-        assert any(s in corpus for s in stated)  # ...but the fact was seen
-        asked = [f"Q: {q.format(e=name)}\nA: {value}" for q in W.QUESTION_TEMPLATES[attr][:2]]
-        assert all(a in texts for a in asked)
+        assert ex.prompt not in corpus  # this question is held out...
+        fact_k, question_k = w.held_out(name, attr)
+        assert ex.prompt == f"Q: {W.QUESTION_TEMPLATES[attr][question_k].format(e=name)}\nA:"
+        phrasings_used.add((attr, question_k))
+        asked = [f"Q: {q.format(e=name)}\nA: {value}" for k, q in enumerate(W.QUESTION_TEMPLATES[attr]) if k != question_k]
+        assert len(asked) == 2 and all(a in texts for a in asked)  # ...the fact is asked in the other two
+        stated = [t.format(e=name, v=value) for k, t in enumerate(W.FACT_TEMPLATES[attr]) if k != fact_k]
+        assert any(s in corpus for s in stated)
+        assert W.FACT_TEMPLATES[attr][fact_k].format(e=name, v=value) not in corpus
+    assert len(phrasings_used) > len(W.ATTRIBUTES)  # held-out phrasings vary from fact to fact
     for person, text in zip(w.people, w.heldout_texts()):
-        assert text not in corpus
-        held_out = [W.FACT_TEMPLATES[a][2].format(e=person.name, v=person.attributes[a]) for a in W.ATTRIBUTES]
+        held_out = [W.FACT_TEMPLATES[a][w.held_out(person.name, a)[0]].format(e=person.name, v=person.attributes[a])
+                    for a in W.ATTRIBUTES]
         assert sorted(held_out) == sorted(s if s.endswith(".") else s + "." for s in text.split(". "))
         assert not any(s in corpus for s in held_out)

@@ -130,19 +130,34 @@ def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return logits.float()
 
 
-def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
-                    max_new_tokens: int | Sequence[int], stop_ids: Sequence[int]) -> list[list[int]]:
-    """Greedy continuation of each right-padded prompt row (no KV cache: answers are short).
+def _is_hf_generator(model) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel) and hasattr(model, "generate")
 
-    Row b's next token comes from the logits at its own last position and is written right after
-    it, so rows of different lengths advance together. Stops a row at the first of `stop_ids`
-    (included in its output) or after max_new_tokens (one int, or one per row). Returns the new
-    token ids per row.
+
+def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
+                    max_new_tokens: int | Sequence[int], stop_ids: Sequence[int],
+                    use_hf_generate: bool | None = None) -> list[list[int]]:
+    """Greedy continuation of each right-padded prompt row.
+
+    Stops a row at the first of `stop_ids` (included in its output) or after max_new_tokens (one
+    int, or one per row). Returns the new token ids per row. A `transformers` model
+    (use_hf_generate=None or True) runs `model.generate` on the rows moved to left padding (KV
+    cache, positions from the mask); any other model runs a loop of `model_logits` without cache:
+    row b's next token comes from the logits at its own last position and is written right after
+    it, so rows of different lengths advance together.
     """
     B, L = input_ids.shape
     limits = [max_new_tokens] * B if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
     if len(limits) != B or min(limits) < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1 or {B} of them, got {max_new_tokens!r}")
+    if use_hf_generate is None:
+        use_hf_generate = _is_hf_generator(model)
+    if use_hf_generate:
+        return _hf_greedy(model, input_ids, attention_mask, limits, stop_ids)
     max_new_tokens = max(limits)
     device = input_ids.device
     lengths = attention_mask.sum(1).long()
@@ -167,6 +182,31 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                 done[b] = tok in stop or len(outputs[b]) >= limits[b]
         if all(done):
             break
+    return outputs
+
+
+def _hf_greedy(model, input_ids, attention_mask, limits: list[int], stop_ids: Sequence[int]) -> list[list[int]]:
+    B, L = input_ids.shape
+    lengths = attention_mask.sum(1).tolist()
+    pad = getattr(model.config, "pad_token_id", None)
+    if not isinstance(pad, int):  # any id in the vocabulary will do: padded positions are masked
+        pad = int(input_ids[0, 0])
+    left = torch.full_like(input_ids, pad)
+    left_mask = torch.zeros_like(attention_mask)
+    for b, n in enumerate(lengths):
+        left[b, L - n:] = input_ids[b, :n]
+        left_mask[b, L - n:] = 1
+    out = model.generate(input_ids=left, attention_mask=left_mask, max_new_tokens=max(limits), do_sample=False,
+                         num_beams=1, eos_token_id=list(stop_ids), pad_token_id=pad)
+    stop = set(int(i) for i in stop_ids)
+    outputs = []
+    for b, row in enumerate(out[:, L:].tolist()):
+        new: list[int] = []
+        for tok in row[:limits[b]]:
+            new.append(tok)
+            if tok in stop:
+                break
+        outputs.append(new)
     return outputs
 
 

@@ -2,12 +2,15 @@
 base model, and the basic-knowledge probe whose accuracy tells how much of it survives fine-tuning.
 
 Each person (an invented name such as "Zorvak") has four attributes: the town they live in (an
-invented name), a job, a favourite food and a pet. Pretraining sees every fact as sentences
-(two templates, several shuffled "bios" per person) and as question/answer pairs in two
-phrasings. The probe asks every fact in a third, held-out phrasing; `heldout_texts` states the
-facts with held-out sentence templates (for perplexity). So the probe measures knowledge that
-pretraining put in the weights, not memorized strings, and a model that forgets the facts (or
-the question/answer format) loses probe accuracy.
+invented name), a job, a favourite food and a pet. Every attribute has three sentence templates
+and three question phrasings. For each fact, one template and one phrasing are held out (chosen at
+random per fact): pretraining sees the fact in the other two templates (inside several shuffled
+"bios" per person) and asked in the other two phrasings; the probe asks it in its held-out
+phrasing, and `heldout_texts` states it in its held-out template (for perplexity). Every template
+and phrasing occurs in pretraining (for other facts), every fact too, but no probe question or
+held-out sentence does: the probe measures knowledge that pretraining put in the weights, not
+memorized strings, and a model that forgets the facts (or the question/answer format) loses
+probe accuracy.
 
     world = build_world(seed=0)
     world.pretraining_texts()[0]   # 'Zorvak lives in Plimt. Zorvak keeps a goat at home. ...'
@@ -21,21 +24,21 @@ from dataclasses import dataclass, field
 from .tasks import Example
 
 # Bump when the world's texts or probe change (part of the pretraining cache key).
-WORLD_VERSION = "1"
+WORLD_VERSION = "2"
 
 JOBS = ("baker", "farmer", "miner", "sailor", "doctor", "painter", "tailor", "hunter")
 FOODS = ("bread", "rice", "plums", "soup", "cheese", "beans", "figs", "honey")
 PETS = ("cat", "dog", "owl", "goat", "frog", "crow", "hen", "mule")
 ATTRIBUTES = ("town", "job", "food", "pet")
 
-# Per attribute: sentence templates (the first two in pretraining, the last held out).
+# Per attribute: three sentence templates.
 FACT_TEMPLATES = {
     "town": ("{e} lives in {v}.", "{e} has a home in {v}.", "The home of {e} is in {v}."),
     "job": ("{e} works as a {v}.", "{e} is a {v} by trade.", "By trade, {e} is a {v}."),
     "food": ("{e} likes to eat {v}.", "The favorite food of {e} is {v}.", "{e} enjoys {v} the most."),
     "pet": ("{e} has a pet {v}.", "{e} keeps a {v} at home.", "The pet of {e} is a {v}."),
 }
-# Per attribute: question phrasings (the first two in pretraining, the last is the probe's).
+# Per attribute: three question phrasings.
 QUESTION_TEMPLATES = {
     "town": ("Where does {e} live?", "Which town does {e} live in?", "In what town does {e} live?"),
     "job": ("What is the job of {e}?", "What does {e} work as?", "What job does {e} have?"),
@@ -82,35 +85,45 @@ class World:
         """The possible values of `attribute` (chance accuracy is 1 / len of this)."""
         return {"town": self.towns, "job": JOBS, "food": FOODS, "pet": PETS}[attribute]
 
+    def held_out(self, name: str, attribute: str) -> tuple[int, int]:
+        """(sentence template, question phrasing) index held out for this fact."""
+        rng = random.Random(f"fastcur-world-holdout:{self.seed}:{name}:{attribute}")
+        return rng.randrange(3), rng.randrange(3)
+
     def pretraining_texts(self) -> list[str]:
-        """Bios (the person's facts in shuffled order, templates 0/1) and Q/A pairs (phrasings 0/1)."""
+        """Bios (a person's facts in shuffled order, each in one of its two seen templates) and Q/A
+        pairs ("Q: <question>\nA: <value>", each fact in its two seen phrasings), shuffled."""
         rng = random.Random(f"fastcur-world-pretrain:{self.seed}")
         texts = []
         for p in self.people:
+            held = {a: self.held_out(p.name, a) for a in ATTRIBUTES}
             for _ in range(self.bios_per_person):
                 order = list(ATTRIBUTES)
                 rng.shuffle(order)
-                texts.append(" ".join(FACT_TEMPLATES[a][rng.randrange(2)].format(e=p.name, v=p.attributes[a])
-                                      for a in order))
+                texts.append(" ".join(
+                    FACT_TEMPLATES[a][rng.choice([k for k in range(3) if k != held[a][0]])].format(
+                        e=p.name, v=p.attributes[a]) for a in order))
             for a in ATTRIBUTES:
-                for q in QUESTION_TEMPLATES[a][:2]:
-                    texts.append(f"Q: {q.format(e=p.name)}\nA: {p.attributes[a]}")
+                for k, q in enumerate(QUESTION_TEMPLATES[a]):
+                    if k != held[a][1]:
+                        texts.append(f"Q: {q.format(e=p.name)}\nA: {p.attributes[a]}")
         rng.shuffle(texts)
         return texts
 
     def heldout_texts(self) -> list[str]:
-        """One bio per person in the held-out sentence templates (for perplexity)."""
+        """One bio per person, every fact in its held-out template (for perplexity)."""
         rng = random.Random(f"fastcur-world-heldout:{self.seed}")
         texts = []
         for p in self.people:
             order = list(ATTRIBUTES)
             rng.shuffle(order)
-            texts.append(" ".join(FACT_TEMPLATES[a][2].format(e=p.name, v=p.attributes[a]) for a in order))
+            texts.append(" ".join(FACT_TEMPLATES[a][self.held_out(p.name, a)[0]].format(e=p.name, v=p.attributes[a])
+                                  for a in order))
         return texts
 
     def probe(self) -> list[Example]:
-        """Every fact asked in the held-out question phrasing; the answer is the attribute value."""
-        return [Example(f"Q: {QUESTION_TEMPLATES[a][2].format(e=name)}\nA:", value)
+        """Every fact asked in its held-out phrasing; the answer is the attribute value."""
+        return [Example(f"Q: {QUESTION_TEMPLATES[a][self.held_out(name, a)[1]].format(e=name)}\nA:", value)
                 for name, a, value in self.facts()]
 
 
