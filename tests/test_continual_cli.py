@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("transformers")
 from fastcur.cli import main  # noqa: E402
 
-TINY = ["--steps", "2", "--batch-size", "4", "--n-probe", "4", "--n-heldout", "4", "--pretrain-steps", "2",
+TINY = ["--steps", "2", "--batch-size", "4", "--n-probe", "4", "--n-heldout", "4", "--pretrain-steps", "2", "--size", "tiny",
         "--max-len", "48", "--no-progress"]
 
 

@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
 
 def config(root, files, out, **kw):
     opts = dict(methods=METHODS, task_files=files, out=str(root / out), cache_dir=str(root / "cache"), steps=3,
-                batch_size=4, n_probe=4, n_heldout=4, pretrain_steps=2, max_len=48, progress=False)
+                batch_size=4, n_probe=4, n_heldout=4, pretrain_steps=2, size="tiny", max_len=48, progress=False)
     opts.update(kw)
     return RunConfig(**opts)
 

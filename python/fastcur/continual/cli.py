@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     small.add_argument("--n-test", type=int, help="test examples per built-in task")
     small.add_argument("--n-probe", type=int, help="probe questions evaluated")
     small.add_argument("--n-heldout", type=int, help="held-out texts for perplexity")
+    small.add_argument("--size", choices=["tiny", "quick", "full"],
+                       help="size of the built-in model (tiny: tests and smoke runs only)")
     small.add_argument("--pretrain-steps", type=int, help="pretraining steps of the built-in model")
 
 
@@ -67,7 +69,7 @@ def config_from_args(args):
                      device=args.device, dtype=args.dtype, out=args.out, cache_dir=args.cache_dir,
                      model_dir=args.model_dir, task_files=args.task_files, probe_file=args.probe_file,
                      batch_size=args.batch_size, max_len=args.max_len, n_train=args.n_train, n_test=args.n_test,
-                     n_probe=args.n_probe, n_heldout=args.n_heldout, pretrain_steps=args.pretrain_steps,
+                     n_probe=args.n_probe, n_heldout=args.n_heldout, pretrain_steps=args.pretrain_steps, size=args.size,
                      resume=args.resume, progress=args.progress).resolved()
 
 

@@ -133,7 +133,7 @@ def available_methods() -> list[str]:
 def parse_methods(spec: str | list[str] | None) -> list[str]:
     """'seq,lora' (or a list; None or 'all': every method) -> validated names, order kept.
     Raises ValueError listing the valid names when one is unknown."""
-    if spec is None or spec == "all":
+    if spec is None or spec == "all" or spec == ["all"]:
         return available_methods()
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     unknown = [n for n in names if n not in _REGISTRY]

@@ -33,6 +33,7 @@ MODES = {
     "quick": dict(size="quick", steps=40, n_train=256, n_test=32, n_probe=64, n_heldout=64, batch_size=16),
     "full": dict(size="full", steps=300, n_train=1024, n_test=128, n_probe=256, n_heldout=256, batch_size=32),
 }
+EVAL_BATCH = 64    # rows per evaluation forward (generation uses the KV cache)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,16 +63,21 @@ class RunConfig:
     n_probe: int | None = None
     n_heldout: int | None = None
     pretrain_steps: int | None = None
+    size: str | None = None          # the built-in model's size: "tiny" (tests), "quick", "full"
     resume: bool = False
     progress: bool = True
 
     def resolved(self) -> "RunConfig":
         mode = MODES["quick" if self.quick else "full"]
         cfg = copy.copy(self)
-        for key in ("steps", "n_train", "n_test", "n_probe", "n_heldout", "batch_size"):
+        for key in ("size", "steps", "n_train", "n_test", "n_probe", "n_heldout", "batch_size"):
             if getattr(cfg, key) is None:
                 setattr(cfg, key, mode[key])
         cfg.methods = parse_methods(cfg.methods)
+        from .pretrain import SIZES
+
+        if cfg.size not in SIZES:
+            raise ValueError(f"--size must be one of {', '.join(SIZES)}, got {cfg.size!r}")
         if cfg.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
         for key in ("steps", "batch_size", "max_len", "n_train", "n_test", "n_probe", "n_heldout"):
@@ -85,7 +91,6 @@ class RunConfig:
         d = asdict(self)
         for key in ("methods", "out", "cache_dir", "resume", "progress"):
             d.pop(key)
-        d["size"] = MODES["quick" if self.quick else "full"]["size"]
         return d
 
 
@@ -165,11 +170,9 @@ def load_bench(cfg: RunConfig) -> Bench:
         tokenizer = load_tokenizer(cfg.model_dir)
     else:
         model, tokenizer = pretrain.pretrained_base(cfg.cache_dir or default_cache_dir(), seed=cfg.seed,
-                                                    size=MODES["quick" if cfg.quick else "full"]["size"],
-                                                    steps=cfg.pretrain_steps, progress=cfg.progress)
+                                                    size=cfg.size, steps=cfg.pretrain_steps, progress=cfg.progress)
     # The world the built-in base was pretrained on (its size depends on the mode).
-    size = MODES["quick" if cfg.quick else "full"]["size"]
-    world = world_mod.build_world(seed=cfg.seed, n_entities=pretrain.SIZES[size]["n_entities"])
+    world = world_mod.build_world(seed=cfg.seed, n_entities=pretrain.SIZES[cfg.size]["n_entities"])
     probe = user_probe if user_probe is not None else world.probe()
     if len(probe) > cfg.n_probe:   # a seeded sample, not the first entities only
         probe = random.Random(_seed(cfg.seed, "probe")).sample(probe, cfg.n_probe)
@@ -222,7 +225,7 @@ def base_metrics(bench: Bench, cfg: RunConfig) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state.get("config") == ident:
             return state["metrics"]
-    m = evaluate_model(bench.model, bench, cfg.batch_size)
+    m = evaluate_model(bench.model, bench, EVAL_BATCH)
     checkpoint.atomic_torch_save({"config": ident, "metrics": m}, path)
     return m
 
@@ -328,10 +331,11 @@ def run_method(name: str, bench: Bench, cfg: RunConfig, base: dict, *,
     _reset_peak(device)
     for i in range(start, n_tasks):
         task = bench.tasks[i]
+        t_task, cpu_task = time.perf_counter(), time.process_time()
         losses, t_train, n_params = train_task(method, model, task, i, ctx, name=name, device=device,
                                                progress=cfg.progress, desc=f"{name} [{i + 1}/{n_tasks}] {task.name}")
         res["trainable_params"] = max(res["trainable_params"], n_params)
-        m = evaluate_model(method.evaluation_model(), bench, cfg.batch_size)
+        m = evaluate_model(method.evaluation_model(), bench, EVAL_BATCH)
         res["acc_matrix"].append(m["accuracy"])
         res["probe_accuracy"].append(m["probe_accuracy"])
         res["perplexity"].append(m["perplexity"])
@@ -342,6 +346,8 @@ def run_method(name: str, bench: Bench, cfg: RunConfig, base: dict, *,
         res["train_steps"] += cfg.steps
         res["peak_memory_mb"] = max(res["peak_memory_mb"], _peak_mb(device))
         res["completed_tasks"] = i + 1
+        res["wall_time_s"] = res.get("wall_time_s", 0.0) + time.perf_counter() - t_task    # training + evaluation
+        res["cpu_time_s"] = res.get("cpu_time_s", 0.0) + time.process_time() - cpu_task
         checkpoint.save_state(cfg.out, name, config=ident, completed_tasks=i + 1, model_state=model.state_dict(),
                               method_state=method.state_dict(), results=res)
         if publish is not None:
