@@ -92,6 +92,17 @@ TORCH_LIBRARY(fastcur, m) {
   m.def(
       "ella_penalty_bwd(Tensor grad, Tensor A, Tensor B, Tensor log_theta, Tensor W_past, "
       "float scale) -> (Tensor, Tensor)");
+  // IMSM (SPEC §6). h, h_tuned [B, T, d], q, q_tuned [B, d], W_A [4d, r], W_B [r, d],
+  // hidden_mask [B, T, r]? (gate dropout on the r-wide hidden, pre-scaled). Returns
+  // (h' + g (h - h') [B, T, d], z [B, T, r]: the masked hidden, float32/float64, for the backward).
+  m.def(
+      "imsm_gate(Tensor h, Tensor h_tuned, Tensor q, Tensor q_tuned, Tensor W_A, Tensor W_B, "
+      "Tensor? hidden_mask) -> (Tensor, Tensor)");
+  // Returns (dh or empty when need_h is false, dh_tuned or empty, dq, dq_tuned, dW_A, dW_B).
+  m.def(
+      "imsm_gate_bwd(Tensor grad, Tensor h, Tensor h_tuned, Tensor q, Tensor q_tuned, Tensor W_A, "
+      "Tensor W_B, Tensor? hidden_mask, Tensor z, bool need_h, bool need_h_tuned) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

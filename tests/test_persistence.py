@@ -140,6 +140,10 @@ def test_resume_into_an_injected_model_restores_the_schedule(tmp_path):
                                                               target_modules=["v_proj", "up_proj"]))
     with pytest.raises(ValueError, match=r"module 'layers.0.v_proj' was built with other options.*'seed': \(0, 4\)"):
         fastcur.load_adapter(different, tmp_path)
+    fresh = _secura_model(restrain=False)
+    fastcur.save_adapter(fresh, tmp_path / "unmerged")
+    with pytest.raises(ValueError, match=r"module 'layers.0.v_proj' has 1 SECURA merge\(s\) folded into its W"):
+        fastcur.load_adapter(model, tmp_path / "unmerged")
 
 
 def test_merged_layers_reload_merged(tmp_path):

@@ -9,6 +9,7 @@ from . import ops
 from .backend import get_backend, set_backend, use_backend
 from .config import AdapterConfig, CURLoRAConfig, JumpLoRAConfig, LoRAConfig, SecuraConfig
 from .info import info
+from .imsm import IMSM
 from .inject import (adapter_modules, disable_adapters, inject, merge, merge_and_unload,
                      print_trainable_parameters, unload, unmerge)
 from .inclora import IncLoRA, ella_penalty
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "ops", "info", "get_backend", "set_backend", "use_backend",
            "AdapterLinear", "LoRALinear", "CURLoRALinear", "SecuraLinear", "MergeSchedule",
            "JumpLoRALinear", "JumpThreshold", "IncLoRA", "ella_penalty", "f_schedule",
-           "reset_thresholds", "LaplaceRegularizer",
+           "reset_thresholds", "LaplaceRegularizer", "IMSM",
            "AdapterConfig", "LoRAConfig", "CURLoRAConfig", "SecuraConfig", "JumpLoRAConfig", "inject",
            "adapter_modules", "print_trainable_parameters", "disable_adapters", "merge", "unmerge",
            "merge_and_unload", "unload", "save_adapter", "load_adapter", "read_adapter_config",

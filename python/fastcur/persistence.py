@@ -397,6 +397,10 @@ def _build_layers(model, document, cls, tensors, present) -> dict[str, AdapterLi
             if differ:
                 raise ValueError(f"fastcur.load_adapter: module {name!r} was built with other options than "
                                  f"the saved ones (saved, model): {differ}")
+            if isinstance(layer, SecuraLinear) and layer.merges and not state.get("merges"):
+                raise ValueError(f"fastcur.load_adapter: module {name!r} has {layer.merges} SECURA merge(s) "
+                                 f"folded into its W, but the adapter was saved on the unmerged base; load "
+                                 f"into a fresh base model")
         else:
             linear = model.get_submodule(name)
             if issubclass(cls, JumpLoRAConfig):

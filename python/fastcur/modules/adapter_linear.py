@@ -53,6 +53,8 @@ class AdapterLinear(nn.Module):
     - `adapter_enabled` (default True): False runs the frozen base only (`fastcur.disable_adapters`).
     - `frozen_batch_rows` (default None): an int N makes the first N entries along dim 0 of the
       input bypass the adapter and the rest use it: IMSM's frozen and tuned streams in one batch.
+      With `detach_frozen_rows` (default False) those N rows are also cut from the autograd
+      graph (IMSM: nothing trainable sits upstream of the frozen stream, so its backward is waste).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
@@ -69,6 +71,7 @@ class AdapterLinear(nn.Module):
         self.merged = False
         self.adapter_enabled = True
         self.frozen_batch_rows: int | None = None
+        self.detach_frozen_rows = False
         if _base is None:
             self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
                                        requires_grad=False)
@@ -115,12 +118,26 @@ class AdapterLinear(nn.Module):
         if x.dim() < 2 or not 0 <= rows <= x.shape[0]:
             raise ValueError(f"fastcur.{type(self).__name__}: frozen_batch_rows = {rows} needs an input "
                              f"with at least 2 dims and >= {rows} rows on dim 0, got shape {tuple(x.shape)}")
-        frozen = F.linear(x[:rows], self.weight, self.bias)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            # No input gradient wanted (e.g. decoding): an additive adapter lets one base GEMM
+            # serve both streams, so W is read once per call instead of twice.
+            delta = self.adapter_delta(x[rows:])
+            if delta is not None:
+                y = F.linear(x, self.weight, self.bias)
+                y[rows:] += delta
+                return y
+        frozen = F.linear(x[:rows].detach() if self.detach_frozen_rows else x[:rows], self.weight, self.bias)
         return torch.cat([frozen, self.adapted_forward(x[rows:])], dim=0)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] with the adapter applied (input already checked)."""
         raise NotImplementedError(f"fastcur.{type(self).__name__} does not implement adapted_forward()")
+
+    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Optional: for adapters whose output is `F.linear(x, W, b) + delta(x)` (LoRA), the
+        delta alone, x [..., in] -> [..., out]; None (the default) for any other adapter.
+        Only the `frozen_batch_rows` path uses it."""
+        return None
 
     def _check_unmerged(self, what: str) -> None:
         # A merged W already holds the update: the frozen base is gone until unmerge().

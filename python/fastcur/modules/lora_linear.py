@@ -62,6 +62,10 @@ class LoRALinear(AdapterLinear):
             return y
         return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
+    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """s (dropout(x) A^T) B^T, x [..., in] -> [..., out] (LoRA is additive)."""
+        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ΔW into W (forward then runs the plain linear); undo with `unmerge`."""

@@ -3,6 +3,7 @@ from . import reference
 from .cur_linear import cur_linear
 from .cur_select import cur_select
 from .ella_penalty import ella_penalty
+from .imsm_gate import imsm_gate
 from .jump_linear import jump_linear
 from .jump_rank_linear import jump_rank_linear
 from .lalora import (kfac_factor, kfac_penalty, laplace_diag_penalty, laplace_diag_penalty_grad_,
@@ -13,4 +14,5 @@ from .signorm_merge import signorm_merge
 
 __all__ = ["reference", "cur_linear", "cur_select", "signorm", "secura_linear", "signorm_merge",
            "jump_linear", "jump_rank_linear", "ella_penalty", "lora_fisher_diag",
-           "laplace_diag_penalty", "laplace_diag_penalty_grad_", "kfac_factor", "kfac_penalty"]
+           "laplace_diag_penalty", "laplace_diag_penalty_grad_", "kfac_factor", "kfac_penalty",
+           "imsm_gate"]

@@ -1,0 +1,363 @@
+"""IMSM (SPEC §6): interweave the memories of the frozen and the adapted model, one model copy.
+
+    model = fastcur.inject(LlamaForCausalLM(config), fastcur.LoRAConfig(rank=8))
+    imsm = fastcur.IMSM(model, gate_rank=8, gate_dropout=0.1)
+    out = imsm(input_ids, attention_mask, prompt_lengths=prompt_lengths, labels=labels)
+    out.loss.backward()                       # adapters + W_A, W_B get gradients
+    tokens = imsm.generate(prompt_ids, max_new_tokens=32)
+
+Both streams run as ONE batched forward of the same model: the batch is doubled and every
+fastcur adapter layer gets `frozen_batch_rows = B`, so rows [:B] are the frozen model (adapters
+bypassed) and rows [B:] the adapted one. The final hidden states (after the final norm) of the
+two halves are the memories h and h'; their means over the prompt tokens are the queries q, q';
+`fastcur.ops.imsm_gate` mixes them and the frozen LM head gives the logits.
+
+The frozen stream has no trainable tensor upstream, so it is run without gradient bookkeeping
+where the layers allow it (the adapter layers cut the graph at the frozen rows) and h, q enter
+the gate detached: the gradients of every trainable tensor are those of the two-copy model.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules.adapter_linear import AdapterLinear
+from .ops.imsm_gate import imsm_gate
+
+GATE_WEIGHTS = "imsm_gate.safetensors"
+GATE_CONFIG = "imsm_config.json"
+
+
+@dataclass
+class IMSMOutput:
+    """loss: next-token cross-entropy over answer tokens (None without labels);
+    logits: [B, T, vocab] from the interwoven hidden states."""
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+def _adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLinear)}
+
+
+def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The decoder stack whose output is the final-normed hidden state, and the LM head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    backbone = None
+    if hasattr(model, "get_decoder"):
+        backbone = model.get_decoder()
+    if backbone is None or backbone is model:
+        backbone = getattr(model, "model", None)
+    if backbone is None or head is None:
+        raise TypeError(f"fastcur.IMSM: expected a transformers causal LM with a decoder (`model.model` / "
+                        f"`get_decoder()`) and an LM head (`get_output_embeddings()`), got {type(model).__name__}")
+    return backbone, head
+
+
+class IMSM(nn.Module):
+    """IMSM around a causal LM whose linear layers carry fastcur adapters (any method).
+
+    Trainable: the adapters' tensors and the gate `W_A` [4d, gate_rank] (kaiming, as a Linear
+    of 4d inputs) and `W_B` [gate_rank, d] (zeros, so the gate is exactly 0.5 at init).
+    Gate dropout (`gate_dropout`, training only) acts on the gate_rank-wide hidden
+    `[q ⊕ h ⊕ h' ⊕ q'] W_A`, the one place where it leaves the fused gate deterministic.
+
+    `train_streams`: how a forward with gradients runs the two streams. "batched" (default,
+    SPEC §6): one pass over the doubled batch. "sequential": the frozen stream under no_grad,
+    then the tuned one, the same weights: no autograd state is kept for the frozen rows (the
+    batched pass keeps it in norms, attention and activations, whose ops see the whole batch),
+    so less activation memory and backward work in training. Without gradients (evaluation,
+    `generate`) both streams always run batched.
+    """
+
+    def __init__(self, model: nn.Module, gate_rank: int = 8, gate_dropout: float = 0.1,
+                 train_streams: str = "batched"):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"fastcur.IMSM: model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(gate_rank, int) or isinstance(gate_rank, bool) or gate_rank < 1:
+            raise ValueError(f"fastcur.IMSM: gate_rank must be a positive int, got {gate_rank!r}")
+        if not isinstance(gate_dropout, (int, float)) or not 0.0 <= gate_dropout < 1.0:
+            raise ValueError(f"fastcur.IMSM: gate_dropout must be in [0, 1), got {gate_dropout!r}")
+        if train_streams not in ("batched", "sequential"):
+            raise ValueError(f"fastcur.IMSM: train_streams must be 'batched' or 'sequential', got {train_streams!r}")
+        self.train_streams = train_streams
+        self.adapters = _adapter_layers(model)
+        if not self.adapters:
+            raise ValueError("fastcur.IMSM: the model has no fastcur adapter layers (AdapterLinear); "
+                             "add adapters first, e.g. fastcur.inject(model, fastcur.LoRAConfig())")
+        self.model = model
+        _backbone_and_head(model)  # fails early on a model that is not a causal LM
+        d = model.config.hidden_size
+        weight = self.head.weight
+        self.hidden_size, self.gate_rank, self.gate_dropout = d, gate_rank, float(gate_dropout)
+        self.W_A = nn.Parameter(torch.empty(4 * d, gate_rank, device=weight.device, dtype=weight.dtype))
+        self.W_B = nn.Parameter(torch.zeros(gate_rank, d, device=weight.device, dtype=weight.dtype))
+        self.reset_gate()
+
+    @property
+    def backbone(self) -> nn.Module:
+        return _backbone_and_head(self.model)[0]
+
+    @property
+    def head(self) -> nn.Module:
+        return _backbone_and_head(self.model)[1]
+
+    @torch.no_grad()
+    def reset_gate(self) -> None:
+        """W_A: nn.Linear(4d, r_g)'s kaiming init (bound 1/sqrt(4d)); W_B: zeros (g = 0.5)."""
+        w = torch.empty(self.gate_rank, 4 * self.hidden_size, dtype=torch.float32)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        self.W_A.copy_(w.t())
+        self.W_B.zero_()
+
+    # -- the two streams in one batch ---------------------------------------------------------
+    @contextlib.contextmanager
+    def _frozen_rows(self, rows: int):
+        merged = [name for name, m in self.adapters.items() if m.merged]
+        if merged:
+            raise RuntimeError(f"fastcur.IMSM: the frozen stream needs unmerged adapters, but {merged[0]} "
+                               f"is merged; call unmerge() first")
+        saved = [(m, m.frozen_batch_rows, m.detach_frozen_rows) for m in self.adapters.values()]
+        for m in self.adapters.values():
+            m.frozen_batch_rows, m.detach_frozen_rows = rows, True
+        try:
+            yield
+        finally:
+            for m, r, det in saved:
+                m.frozen_batch_rows, m.detach_frozen_rows = r, det
+
+    def streams(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False):
+        """One batched pass of both streams: input_ids [B, T] -> (h [B, T, d] frozen, detached;
+        h_tuned [B, T, d]; the cache of the doubled batch or None)."""
+        B = input_ids.shape[0]
+        two = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
+        with self._frozen_rows(B):
+            out = self.backbone(input_ids=two(input_ids), attention_mask=two(attention_mask),
+                                position_ids=two(position_ids), past_key_values=past_key_values,
+                                use_cache=use_cache)
+        hs = out.last_hidden_state
+        return hs[:B].detach(), hs[B:], (out.past_key_values if use_cache else None)
+
+    def _sequential_streams(self, input_ids, attention_mask):
+        """train_streams="sequential": the frozen stream first, under no_grad with the adapters
+        off (same weights), then the tuned stream: no autograd state for the frozen rows."""
+        layers = list(self.adapters.values())
+        saved = [m.adapter_enabled for m in layers]
+        try:
+            for m in layers:
+                m.adapter_enabled = False
+            with torch.no_grad():
+                h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        finally:
+            for m, on in zip(layers, saved):
+                m.adapter_enabled = on
+        h_tuned = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return h, h_tuned
+
+    def interweave(self, h: torch.Tensor, h_tuned: torch.Tensor, q: torch.Tensor,
+                   q_tuned: torch.Tensor) -> torch.Tensor:
+        """The gate and the frozen LM head: h, h_tuned [B, T, d], q, q_tuned [B, d] -> logits
+        [B, T, vocab]. Gate dropout on the hidden in training mode."""
+        mask = None
+        if self.training and self.gate_dropout > 0:
+            keep = 1.0 - self.gate_dropout
+            mask = torch.bernoulli(torch.full((*h.shape[:2], self.gate_rank), keep, device=h.device,
+                                              dtype=h.dtype)).div_(keep)
+        mixed = imsm_gate(h, h_tuned, q, q_tuned, self.W_A, self.W_B, mask)
+        if isinstance(self.head, AdapterLinear):  # the LM head stays frozen (SPEC §6)
+            return F.linear(mixed, self.head.weight, self.head.bias)
+        return self.head(mixed)
+
+    # -- training forward ---------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                prompt_lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                prompt_mask: torch.Tensor | None = None) -> IMSMOutput:
+        """input_ids [B, T] (right padding); attention_mask [B, T] or None; the prompt is the
+        first `prompt_lengths[b]` tokens of row b, or the True entries of `prompt_mask` [B, T]
+        (default: every attended token); labels [B, T] with -100 outside the answer tokens
+        (shifted inside, as transformers does). Returns `IMSMOutput(loss, logits)`."""
+        input_ids, attention_mask = self._check_ids(input_ids, attention_mask)
+        pm = self._prompt_mask(input_ids, attention_mask, prompt_lengths, prompt_mask)
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"fastcur.IMSM: labels must have input_ids' shape {tuple(input_ids.shape)}, got {got}")
+        if self.train_streams == "sequential" and torch.is_grad_enabled():
+            h, h_tuned = self._sequential_streams(input_ids, attention_mask)
+        else:
+            h, h_tuned, _ = self.streams(input_ids, attention_mask)
+        q, q_tuned = _masked_mean(h, pm), _masked_mean(h_tuned, pm)
+        logits = self.interweave(h, h_tuned, q, q_tuned)
+        loss = None
+        if labels is not None:
+            acc = torch.promote_types(logits.dtype, torch.float32)  # half logits: CE in float32
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).to(acc), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        return IMSMOutput(loss, logits)
+
+    # -- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 20, eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding with one KV cache for both streams (the doubled batch).
+
+        input_ids [B, T] (left padding with `attention_mask` [B, T]; every attended token is
+        prompt); q, q' are computed once from the prompt. Returns [B, T + n], n <= max_new_tokens
+        (rows that produced `eos_token_id` continue with it until every row has).
+        """
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"fastcur.IMSM.generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        input_ids, attention_mask = self._check_ids(input_ids, attention_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pm = self._prompt_mask(input_ids, attention_mask, None, None)
+        mask = attention_mask.long()
+        position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
+        out = input_ids
+        if max_new_tokens == 0:
+            return out
+        was_training = self.training
+        self.eval()  # no dropout anywhere while decoding
+        try:
+            h, h_tuned, cache = self.streams(input_ids, mask, position_ids, self._new_cache(), use_cache=True)
+            q, q_tuned = _masked_mean(h, pm), _masked_mean(h_tuned, pm)
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for step in range(max_new_tokens):
+                logits = self.interweave(h[:, -1:], h_tuned[:, -1:], q, q_tuned)[:, -1]
+                tok = logits.argmax(-1)
+                if eos_token_id is not None:
+                    tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
+                    done |= tok == eos_token_id
+                out = torch.cat([out, tok[:, None]], dim=1)
+                if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                    break
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                position_ids = position_ids[:, -1:] + 1
+                h, h_tuned, cache = self.streams(tok[:, None], mask, position_ids, cache, use_cache=True)
+        finally:
+            self.train(was_training)
+        return out
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:
+            return DynamicCache()
+
+    # -- save / load ----------------------------------------------------------------------------
+    def save_adapter(self, directory: str) -> None:
+        """The adapters (`fastcur.save_adapter`: adapter_model.safetensors + adapter_config.json)
+        and the gate (imsm_gate.safetensors: W_A, W_B; imsm_config.json), each written atomically."""
+        from safetensors.torch import save_file
+
+        from . import save_adapter
+        os.makedirs(directory, exist_ok=True)
+        save_adapter(self.model, directory)
+        _atomic(directory, GATE_WEIGHTS, lambda p: save_file(
+            {"W_A": self.W_A.detach().contiguous().cpu(), "W_B": self.W_B.detach().contiguous().cpu()}, p))
+        config = {"gate_rank": self.gate_rank, "gate_dropout": self.gate_dropout, "hidden_size": self.hidden_size}
+        _atomic(directory, GATE_CONFIG, lambda p: _write_text(p, json.dumps(config, indent=2)))
+
+    @classmethod
+    def load_adapter(cls, model: nn.Module, directory: str) -> "IMSM":
+        """Inject and load the adapters into the fresh base `model` (`fastcur.load_adapter`),
+        then wrap it in an IMSM with the saved gate. Reproduces the saved IMSM's outputs."""
+        from safetensors.torch import load_file
+
+        from . import load_adapter
+        for name in (GATE_WEIGHTS, GATE_CONFIG):
+            if not os.path.isfile(os.path.join(directory, name)):
+                raise FileNotFoundError(f"fastcur.IMSM.load_adapter: {directory!r} has no {name} "
+                                        f"(saved by IMSM.save_adapter?)")
+        with open(os.path.join(directory, GATE_CONFIG)) as f:
+            config = json.load(f)
+        model = load_adapter(model, directory)
+        imsm = cls(model, gate_rank=int(config["gate_rank"]), gate_dropout=float(config["gate_dropout"]))
+        tensors = load_file(os.path.join(directory, GATE_WEIGHTS))
+        with torch.no_grad():
+            for name in ("W_A", "W_B"):
+                p, t = getattr(imsm, name), tensors[name]
+                if t.shape != p.shape:
+                    raise ValueError(f"fastcur.IMSM.load_adapter: saved {name} has shape {tuple(t.shape)}, "
+                                     f"the model needs {tuple(p.shape)} (another hidden size?)")
+                p.copy_(t)
+        return imsm
+
+    # -- checks ---------------------------------------------------------------------------------
+    def _check_ids(self, input_ids, attention_mask):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            got = (f"{input_ids.dtype} of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
+                   else type(input_ids).__name__)
+            raise ValueError(f"fastcur.IMSM: input_ids must be an integer tensor [B, T], got {got}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("fastcur.IMSM: input_ids must have at least one token, got shape "
+                             f"{tuple(input_ids.shape)}")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+                raise ValueError(f"fastcur.IMSM: attention_mask must have input_ids' shape "
+                                 f"{tuple(input_ids.shape)}, got {got}")
+        return input_ids, attention_mask
+
+    def _prompt_mask(self, input_ids, attention_mask, prompt_lengths, prompt_mask) -> torch.Tensor:
+        """[B, T] bool: the prompt tokens the query means run over."""
+        B, T = input_ids.shape
+        if prompt_lengths is not None and prompt_mask is not None:
+            raise ValueError("fastcur.IMSM: pass prompt_lengths or prompt_mask, not both")
+        if prompt_lengths is not None:
+            pl = torch.as_tensor(prompt_lengths, device=input_ids.device)
+            if pl.shape != (B,) or pl.is_floating_point():
+                raise ValueError(f"fastcur.IMSM: prompt_lengths must be {B} integers (one per row of "
+                                 f"input_ids), got {tuple(pl.shape)} {pl.dtype}")
+            if bool((pl < 1).any()) or bool((pl > T).any()):
+                raise ValueError(f"fastcur.IMSM: prompt_lengths must be in [1, T = {T}] (the sequence "
+                                 f"length), got {pl.tolist()}")
+            pm = torch.arange(T, device=input_ids.device)[None, :] < pl[:, None]
+        elif prompt_mask is not None:
+            if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.shape != (B, T):
+                got = tuple(prompt_mask.shape) if isinstance(prompt_mask, torch.Tensor) else type(prompt_mask).__name__
+                raise ValueError(f"fastcur.IMSM: prompt_mask must have input_ids' shape {(B, T)}, got {got}")
+            pm = prompt_mask.bool()
+        else:
+            pm = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        if attention_mask is not None:
+            pm = pm & attention_mask.bool()
+        if bool((pm.sum(1) == 0).any()):
+            raise ValueError("fastcur.IMSM: every row needs at least one attended prompt token "
+                             "(check prompt_lengths / prompt_mask against attention_mask)")
+        return pm
+
+
+def _masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """h [B, T, d], mask [B, T] bool -> [B, d]: the mean over the True positions."""
+    w = mask.to(h.dtype)
+    # where(), not h * 0: a padded position may hold NaN (a fully masked attention row).
+    return torch.where(mask[..., None], h, 0).sum(1) / w.sum(1, keepdim=True)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _atomic(directory: str, name: str, write) -> None:
+    """write(path) into a temp file in `directory`, then rename it onto `name`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
