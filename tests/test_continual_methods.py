@@ -21,7 +21,7 @@ from fastcur.continual.runner import train_task  # noqa: E402
 from fastcur.continual.tasks import Example, Task  # noqa: E402
 
 EXPECTED = ["seq", "lora", "lora-er", "lora-ewc", "curlora", "secura", "secura-merge", "jumplora-inclora",
-            "jumplora-ella", "lalora-diag", "lalora-kfac"]
+            "jumplora-ella", "lalora-diag", "lalora-kfac", "imsm-lora"]
 
 
 def tiny_llama(seed=0):
@@ -43,7 +43,8 @@ def make_batch(examples):
         ids[i, :len(p) + len(a)] = torch.tensor(p + a)
         labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
         mask[i, :len(p) + len(a)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "prompt_lengths": torch.tensor([len(p) for p, _ in rows])}
 
 
 def toy_task(name, fn, n=24, seed=0):
@@ -91,7 +92,8 @@ def _run(method_name, model, method, tasks, ctx, start=0):
 @pytest.mark.parametrize("name", EXPECTED)
 def test_method_trains_and_its_state_resumes_exactly(name):
     base, ctx = tiny_llama(), context()
-    probe = make_batch(TASKS[0].train[:4] + TASKS[1].train[:4])
+    batch = make_batch(TASKS[0].train[:4] + TASKS[1].train[:4])
+    probe = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         base_logits = base(**probe).logits
 
@@ -103,8 +105,9 @@ def test_method_trains_and_its_state_resumes_exactly(name):
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     saved_method = copy.deepcopy(method.state_dict())
     _run(name, model, method, TASKS, ctx, start=1)
+    run_model = method.evaluation_model().eval()
     with torch.no_grad():
-        logits = model(**probe).logits
+        logits = run_model(**probe).logits
     assert torch.isfinite(logits).all()
     assert (logits - base_logits).abs().max() > 1e-4, "training changed nothing"
 
@@ -115,7 +118,7 @@ def test_method_trains_and_its_state_resumes_exactly(name):
     method2.load_state_dict(saved_method)
     _run(name, model2, method2, TASKS, ctx, start=1)
     with torch.no_grad():
-        torch.testing.assert_close(model2(**probe).logits, logits, rtol=0, atol=0)
+        torch.testing.assert_close(method2.evaluation_model().eval()(**probe).logits, logits, rtol=0, atol=0)
 
 
 def test_adapter_methods_train_only_adapter_tensors():

@@ -351,3 +351,34 @@ class LaLoRADiag(_LaLoRA):
 @register("lalora-kfac")
 class LaLoRAKFAC(_LaLoRA):
     kind = "kfac"
+
+
+@register("imsm-lora")
+class IMSMLoRA(LoRA):
+    """IMSM over LoRA: the frozen and the LoRA-adapted model's final hidden states interwoven by
+    a query-aware gate (gate rank 8, dropout 0.1) before the frozen LM head; the adapters and
+    the gate train, the evaluated model is the IMSM wrapper."""
+
+    def setup(self, model, ctx):
+        import fastcur
+
+        super().setup(model, ctx)
+        self.imsm = fastcur.IMSM(model, gate_rank=8, gate_dropout=0.1)
+
+    def parameters(self):
+        return [p for p in self.imsm.parameters() if p.requires_grad]
+
+    def evaluation_model(self):
+        return self.imsm
+
+    def loss(self, model, batch):
+        return self.imsm(batch["input_ids"], batch["attention_mask"], prompt_lengths=batch["prompt_lengths"],
+                         labels=batch["labels"]).loss
+
+    def state_dict(self):
+        return {"gate": {"W_A": self.imsm.W_A.detach().cpu().clone(), "W_B": self.imsm.W_B.detach().cpu().clone()}}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            self.imsm.W_A.copy_(state["gate"]["W_A"])
+            self.imsm.W_B.copy_(state["gate"]["W_B"])

@@ -275,7 +275,7 @@ def train_task(method, model, task: Task, index: int, ctx: MethodContext, *, nam
     opt = torch.optim.AdamW(params, lr=method.lr, weight_decay=0.0)
     rng = random.Random(_seed(ctx.seed, name, index, "batches"))
     stream = _batch_stream(task.train, ctx.batch_size, rng)
-    model.train()
+    method.evaluation_model().train()   # the model, or its wrapper (IMSM) with it
     losses, t_train = [], 0.0
     bar = tqdm(range(ctx.steps), desc=desc, leave=False, disable=not progress, file=sys.stderr)
     for _ in bar:
