@@ -31,9 +31,9 @@ from .tasks import Example, Task
 
 # Learning rates per method family (AdamW, constant, no weight decay); one value per family so
 # the comparison is at equal budgets, not per-method tuning.
-LR_FULL = 3e-4          # full fine-tuning (seq)
-LR_LORA = 2e-3          # LoRA-style A/B adapters (lora, lora-er, lora-ewc, lalora-*, jumplora-*, imsm-lora)
-LR_CUR = 2e-2           # CUR-based adapters (curlora, secura*): r x r / a x r cores between low-norm C, R
+LR_FULL = 1e-3          # full fine-tuning (seq)
+LR_LORA = 5e-3          # LoRA-style A/B adapters (lora, lora-er, lora-ewc, lalora-*, jumplora-*, imsm-lora)
+LR_CUR = 5e-2           # CUR-based adapters (curlora, secura*): r x r / a x r cores between low-norm C, R
 RANK = 8
 
 
