@@ -56,7 +56,7 @@ def toy_task(name, fn, n=24, seed=0):
 TASKS = [toy_task("add", lambda a, b: str((a + b) % 10)), toy_task("mul", lambda a, b: str(a * b % 10))]
 
 
-def context(steps=4):
+def context(steps=2):
     pre = [Example("", f"item {i} is {i % 7}.") for i in range(16)]
     return MethodContext(make_batch=make_batch, pretraining=pre, steps=steps, batch_size=4, seed=0, fisher_batches=2)
 
