@@ -17,7 +17,7 @@ Providers:
                          adapted model run separately, the gate as nn.Linear(4d, 8) -> dropout ->
                          nn.Linear(8, d) on the concatenation [q ⊕ h ⊕ h' ⊕ q'], one KV cache each
 The runner's peak memory is the peak *extra* bytes of one call; the weights each provider keeps
-resident are in its note (`weights=... MB`): IMSM and the plain model hold one copy, the two-copy
+resident are in its note (`weights=... MiB`): IMSM and the plain model hold one copy, the two-copy
 reference two. Tokens per second = B N / time.
 """
 from __future__ import annotations
@@ -132,7 +132,7 @@ def plain_step(case: Case) -> Prepared:
     model = _adapted_llama(case).train()
     ids, _, labels = _batch(case)
     return Prepared(lambda: model(input_ids=ids, labels=labels).loss, leaves=_trainable(model),
-                    note=f"weights={_mbytes(model):.1f} MB")
+                    note=f"weights={_mbytes(model):.1f} MiB")
 
 
 def imsm_step(case: Case) -> Prepared:
@@ -142,7 +142,7 @@ def imsm_step(case: Case) -> Prepared:
     imsm = fastcur.IMSM(_adapted_llama(case), gate_rank=GATE_RANK, gate_dropout=GATE_DROPOUT).train()
     ids, pl, labels = _batch(case)
     return Prepared(lambda: imsm(ids, prompt_lengths=pl, labels=labels).loss, leaves=_trainable(imsm),
-                    note=f"weights={_mbytes(imsm):.1f} MB, gate backend={resolve('imsm_gate', case.device)}")
+                    note=f"weights={_mbytes(imsm):.1f} MiB, gate backend={resolve('imsm_gate', case.device)}")
 
 
 def imsm_sequential_step(case: Case) -> Prepared:
@@ -152,7 +152,7 @@ def imsm_sequential_step(case: Case) -> Prepared:
                         train_streams="sequential").train()
     ids, pl, labels = _batch(case)
     return Prepared(lambda: imsm(ids, prompt_lengths=pl, labels=labels).loss, leaves=_trainable(imsm),
-                    note=f"weights={_mbytes(imsm):.1f} MB")
+                    note=f"weights={_mbytes(imsm):.1f} MiB")
 
 
 def two_copy_step(case: Case) -> Prepared:
@@ -171,7 +171,7 @@ def two_copy_step(case: Case) -> Prepared:
         logits = tuned.lm_head(gate(h, h_tuned, _prompt_mean(h, pl), _prompt_mean(h_tuned, pl)))
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
-    return Prepared(forward, leaves=_trainable(tuned, gate), note=f"weights={_mbytes(tuned, frozen, gate):.1f} MB")
+    return Prepared(forward, leaves=_trainable(tuned, gate), note=f"weights={_mbytes(tuned, frozen, gate):.1f} MiB")
 
 
 # -- generation (mode infer: forward decodes N new tokens greedily) ----------------------------------
@@ -197,7 +197,7 @@ def plain_generate(case: Case) -> Prepared:
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
         return torch.cat([ids, *tokens], dim=1)
 
-    return Prepared(forward, note=f"weights={_mbytes(model):.1f} MB")
+    return Prepared(forward, note=f"weights={_mbytes(model):.1f} MiB")
 
 
 def imsm_generate(case: Case) -> Prepared:
@@ -206,7 +206,7 @@ def imsm_generate(case: Case) -> Prepared:
     imsm = fastcur.IMSM(_adapted_llama(case), gate_rank=GATE_RANK, gate_dropout=GATE_DROPOUT).eval()
     ids, _, _ = _batch(case)
     n = case.shape["N"]
-    return Prepared(lambda: imsm.generate(ids, max_new_tokens=n), note=f"weights={_mbytes(imsm):.1f} MB")
+    return Prepared(lambda: imsm.generate(ids, max_new_tokens=n), note=f"weights={_mbytes(imsm):.1f} MiB")
 
 
 def two_copy_generate(case: Case) -> Prepared:
@@ -234,7 +234,7 @@ def two_copy_generate(case: Case) -> Prepared:
             ht = tuned.model(input_ids=tok, past_key_values=ct, use_cache=True).last_hidden_state
         return torch.cat([ids, *tokens], dim=1)
 
-    return Prepared(forward, note=f"weights={_mbytes(tuned, frozen, gate):.1f} MB")
+    return Prepared(forward, note=f"weights={_mbytes(tuned, frozen, gate):.1f} MiB")
 
 
 BENCHMARK = Benchmark(

@@ -79,6 +79,11 @@ def test_pretrained_base_is_deterministic_cached_atomically_and_reused(tmp_path,
     assert (info["seed"], info["size"], info["steps"]) == (1, "tiny", 2)
     assert 0.0 <= info["probe_accuracy"] <= 1.0 and info["heldout_perplexity"] > 1.0
     assert info["parameters"] == sum(p.numel() for p in a.parameters())
+    from fastcur.continual import accuracy, base_world
+
+    world = base_world(1, "tiny")
+    assert len(world.people) == P.SIZES["tiny"]["n_entities"]
+    assert accuracy(a, world.probe(), tok, batch_size=64) == info["probe_accuracy"]  # the world it was measured on
     assert pretrain_info(tmp_path / "a", seed=2, size="tiny", steps=2) is None
 
     # same key: loaded from the cache, no training

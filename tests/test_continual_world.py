@@ -17,7 +17,9 @@ def test_sizes_and_names():
     w = build_world(0, n_entities=10, n_towns=3, bios_per_person=2)
     names = [p.name for p in w.people]
     assert len(set(names)) == 10 and len(set(w.towns)) == 3 and not set(names) & set(w.towns)
-    assert len(w.pretraining_texts()) == 10 * (2 + 2 * len(W.ATTRIBUTES))
+    assert len(w.pretraining_texts()) == 10 * (2 + 2 * len(W.ATTRIBUTES)) + len(W.general_knowledge())
+    bare = build_world(0, n_entities=10, n_towns=3, bios_per_person=2, general_knowledge=False)
+    assert len(bare.pretraining_texts()) == 10 * (2 + 2 * len(W.ATTRIBUTES))
     assert len(w.heldout_texts()) == 10 and len(w.probe()) == 10 * len(W.ATTRIBUTES)
     assert all(p.attributes["town"] in w.towns for p in w.people)
     with pytest.raises(ValueError, match="n_entities"):
@@ -49,3 +51,19 @@ def test_probe_asks_facts_that_pretraining_states_in_other_words():
                     for a in W.ATTRIBUTES]
         assert sorted(held_out) == sorted(s if s.endswith(".") else s + "." for s in text.split(". "))
         assert not any(s in corpus for s in held_out)
+
+
+def test_general_knowledge_states_what_the_tasks_use():
+    from fastcur.continual import tasks as T
+
+    texts = W.general_knowledge()
+    assert set(texts) <= set(build_world(0).pretraining_texts())
+    assert "3 plus 4 is 7." in texts and "5 minus 5 is 0." in texts
+    for sentence in (t for t in texts if " plus " in t or " minus " in t):
+        a, op, b, _, c = sentence.rstrip(".").split()
+        assert int(c) == (int(a) + int(b) if op == "plus" else int(a) - int(b)) >= 0
+    assert sum(" plus " in t for t in texts) == 25 and sum(" minus " in t for t in texts) == 15
+    for en, vel in {**T.VEL_NOUNS, **T.VEL_ADJECTIVES}.items():
+        assert f"In Vel, {en} is {vel}." in texts
+    assert all(f"{w.capitalize()} is a positive word." in texts for w in T.SENTIMENT_POSITIVE)
+    assert all(f"{w.capitalize()} is a negative word." in texts for w in T.SENTIMENT_NEGATIVE)

@@ -9,7 +9,7 @@ from .data_files import load_jsonl_examples, load_jsonl_task
 from .evaluate import accuracy, lm_batches, perplexity, predict, training_batch
 from .metrics import (average_accuracy, average_accuracy_curve, backward_transfer, forgetting, retention,
                       retention_curve)
-from .pretrain import default_cache_dir, pretrain_info, pretrained_base, tiny_llama_config
+from .pretrain import base_world, default_cache_dir, pretrain_info, pretrained_base, tiny_llama_config
 from .report import (format_table, plot_accuracy_matrices, plot_curves, write_markdown_report,
                      write_results_json)
 from .tasks import Example, Task, builtin_task_names, builtin_tasks, make_task
@@ -20,5 +20,5 @@ __all__ = ["ByteTokenizer", "load_tokenizer", "Example", "Task", "builtin_tasks"
            "make_task", "load_jsonl_task", "load_jsonl_examples", "World", "build_world", "accuracy",
            "perplexity", "predict", "lm_batches", "training_batch", "average_accuracy", "average_accuracy_curve",
            "backward_transfer", "forgetting", "retention", "retention_curve", "tiny_llama_config",
-           "pretrained_base", "pretrain_info", "default_cache_dir", "format_table", "write_results_json",
+           "pretrained_base", "pretrain_info", "base_world", "default_cache_dir", "format_table", "write_results_json",
            "plot_curves", "plot_accuracy_matrices", "write_markdown_report"]

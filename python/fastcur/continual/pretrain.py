@@ -125,6 +125,12 @@ def pretrain(model, texts: list[str], tokenizer, steps: int, batch_size: int = 1
     return {"losses": losses, "seconds": time.perf_counter() - start}
 
 
+def base_world(seed: int = 0, size: str = "quick"):
+    """The World that `pretrained_base(seed=seed, size=size)` pretrains on: use its probe() and
+    heldout_texts() to measure that base model (the number of people depends on the size)."""
+    return build_world(seed, n_entities=_check_size(size)["n_entities"])
+
+
 def cache_key(seed: int = 0, size: str = "quick", steps: int | None = None) -> str:
     """The folder name of a cached base model: every input that changes the weights is in it."""
     from .. import __version__
@@ -156,7 +162,7 @@ def pretrained_base(cache_dir: str | os.PathLike | None = None, seed: int = 0, s
         return model.to(device).eval(), tokenizer
 
     torch.manual_seed(seed)
-    world = build_world(seed, n_entities=shape["n_entities"])
+    world = base_world(seed, size)
     model = LlamaForCausalLM(tiny_llama_config(tokenizer.vocab_size, size)).to(device)
     log = pretrain(model, world.pretraining_texts(), tokenizer, steps, batch_size=shape["batch_size"],
                    lr=shape["lr"], seed=seed, progress=progress)

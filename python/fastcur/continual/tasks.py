@@ -1,18 +1,21 @@
 """The built-in task sequence of the continual benchmark: five small synthetic tasks, one per family
 the continual-learning papers use, generated deterministically from a seed.
 
-| name          | family (paper's data set) | what the model does                                   | scored by |
-|---------------|---------------------------|-------------------------------------------------------|-----------|
-| arithmetic    | gsm8k-like                | one-step word problem, numbers 1..9 -> "7"             | exact match |
-| translation   | newsde-like               | short English phrase -> invented language "Vel"        | exact match |
-| summarization | cnndm-like                | 2-3 sentence article -> "Name verb" of the key sentence | exact match |
-| logic         | logiqa-like               | syllogism / ordering question with 3 options           | likelihood of each choice |
-| sentiment     | sst2-like                 | one-sentence review -> positive / negative             | likelihood of each choice |
+| name          | family (paper's data set) | prompt -> answer                                          | scored by |
+|---------------|---------------------------|-----------------------------------------------------------|-----------|
+| arithmetic    | gsm8k-like                | one-step word problem, numbers 1..5 -> "7"                 | exact match |
+| translation   | newsde-like               | "the red cat" -> invented language "Vel": "mika zor"       | exact match |
+| summarization | cnndm-like                | 2-3 sentence article -> who did the newsworthy thing       | exact match |
+| logic         | logiqa-like               | syllogism (All/No/Some ...) -> yes / no / maybe            | likelihood of each choice |
+| sentiment     | sst2-like                 | one-sentence review -> positive / negative                 | likelihood of each choice |
 
-Prompts end in a marker ("A:", "Vel:", "Summary:", ...) with no trailing space; answers carry no
-leading space (`evaluate` joins them with one space). Answers are a few bytes so that a tiny
-byte-level model learns each task in tens to hundreds of steps, and the tasks share no format, so
-training on one disturbs the others (forgetting shows in the accuracy matrix).
+Prompts end in a marker ("Answer:", "Vel:", "Sentiment:", ...) with no trailing space; answers
+carry no leading space (`evaluate` joins them with one space). Every task has its own prompt
+format, distinct from the probe's "Q: ...\nA:", so forgetting shows as lost knowledge rather than
+a hijacked format. Answers are a few bytes and build on what the base model learnt in
+pretraining (world.py states sums and differences, the Vel lexicon and the polarity of the review
+words), so a tiny byte-level model learns each task in tens to hundreds of steps, and training on
+one disturbs the others (forgetting shows in the accuracy matrix).
 
 Determinism: a task's examples depend only on (seed, task name). Every prompt within a task is
 distinct, so train and test never share a prompt.
@@ -24,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 # Bump when any generator's output changes (part of cache keys and results' config).
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -92,13 +95,14 @@ def _sample_distinct(name: str, seed: int, n_train: int, n_test: int,
 
 # ---------------------------------------------------------------- arithmetic (GSM8K-like)
 _ITEMS = ("apple", "pen", "coin", "book", "egg", "card", "shell", "stamp", "cup", "toy")
+MAX_OPERAND = 5  # numbers 1..5: the sums and differences the base model saw in pretraining
 
 
 def _arithmetic(rng: random.Random) -> Example:
     a_name, b_name = rng.sample(NAMES, 2)
     item = rng.choice(_ITEMS)
+    a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
     kind = rng.randrange(4)
-    a, b = rng.randint(1, 9), rng.randint(1, 9)
     if kind == 0:
         q, ans = f"{a_name} has {a} {item}s and gets {b} more. How many {item}s now?", a + b
     elif kind == 1:
@@ -109,34 +113,29 @@ def _arithmetic(rng: random.Random) -> Example:
             q, ans = f"{a_name} has {a} {item}s and gives {b} to {b_name}. How many are left?", a - b
         else:
             q, ans = f"{a_name} had {a} {item}s and lost {b}. How many are left?", a - b
-    return Example(f"Q: {q}\nA:", str(ans))
+    return Example(f"Problem: {q}\nAnswer:", str(ans))
 
 
 # ---------------------------------------------------------------- translation (NewsDE-like)
-# Fixed invented lexicon "Vel": adjectives follow the noun; "la" is "the", "e" is "and".
+# Fixed invented lexicon "Vel" (the base model's pretraining states it word by word, see world.py):
+# adjectives follow the noun; "la" is "the".
 VEL_ADJECTIVES = {"red": "zor", "big": "kel", "old": "mav", "small": "tiu", "green": "pra",
                   "happy": "sen", "cold": "dul", "dark": "vok"}
 VEL_NOUNS = {"cat": "mika", "dog": "tuno", "house": "bela", "tree": "raku", "boat": "silo",
              "bird": "fena", "king": "gort", "river": "lumi", "stone": "pazo", "child": "neri",
              "horse": "kova", "fish": "udra"}
-VEL_VERBS = {"sees": "vi", "likes": "amo", "finds": "tro"}
+_VEL_WRAPPERS = ("English: {}\nVel:", "Translate to Vel: {}\nVel:", "Say it in Vel: {}\nVel:",
+                 "In Vel, please: {}\nVel:")
 
 
 def _translation(rng: random.Random) -> Example:
-    kind = rng.randrange(3)
-    if kind == 0:
-        adj, noun = rng.choice(list(VEL_ADJECTIVES)), rng.choice(list(VEL_NOUNS))
-        en, vel = f"the {adj} {noun}", f"la {VEL_NOUNS[noun]} {VEL_ADJECTIVES[adj]}"
-    elif kind == 1:
-        n1, n2 = rng.sample(list(VEL_NOUNS), 2)
-        en, vel = f"the {n1} and the {n2}", f"la {VEL_NOUNS[n1]} e la {VEL_NOUNS[n2]}"
+    noun = rng.choice(list(VEL_NOUNS))
+    if rng.random() < 0.8:
+        adj = rng.choice(list(VEL_ADJECTIVES))
+        en, vel = f"the {adj} {noun}", f"{VEL_NOUNS[noun]} {VEL_ADJECTIVES[adj]}"
     else:
-        n1, n2 = rng.sample(list(VEL_NOUNS), 2)
-        verb = rng.choice(list(VEL_VERBS))
-        en, vel = f"the {n1} {verb} the {n2}", f"{VEL_NOUNS[n1]} {VEL_VERBS[verb]} {VEL_NOUNS[n2]}"
-    wrapper = rng.randrange(2)
-    prompt = f"English: {en}\nVel:" if wrapper == 0 else f"Translate to Vel: {en}\nVel:"
-    return Example(prompt, vel)
+        en, vel = f"the {noun}", f"la {VEL_NOUNS[noun]}"
+    return Example(rng.choice(_VEL_WRAPPERS).format(en), vel)
 
 
 # ---------------------------------------------------------------- summarization (CNN/DM-like)
@@ -150,69 +149,56 @@ _FILLERS = ("The weather was mild.", "Many people watched.", "It was a quiet wee
 
 
 def _summarization(rng: random.Random) -> Example:
+    """The key sentence is the one where someone did something newsworthy; the summary is who."""
     who, other = rng.sample(NAMES, 2)
-    verb, obj = rng.choice(_NEWS_VERBS), rng.choice(_NEWS_OBJECTS)
-    sentences = [f"{who} {verb} {obj}."]
+    sentences = [f"{who} {rng.choice(_NEWS_VERBS)} {rng.choice(_NEWS_OBJECTS)}."]
     n_filler = rng.randint(1, 2)
     sentences += rng.sample(_FILLERS, n_filler)
-    if n_filler == 1 and rng.random() < 0.5:  # a distractor name that did nothing newsworthy
+    if n_filler == 1 and rng.random() < 0.25:  # a distractor name that did nothing newsworthy
         sentences.append(f"{other} was there too.")
     rng.shuffle(sentences)
-    return Example(f"Article: {' '.join(sentences)}\nSummary:", f"{who} {verb}")
+    return Example(f"Article: {' '.join(sentences)}\nWho made the news:", who)
 
 
 # ---------------------------------------------------------------- logic (LogiQA-like)
 _KINDS = ("blip", "zork", "mib", "trel", "gan", "fop", "lurk", "sim")
-_COMPARATIVES = (("taller", "tallest", "shortest"), ("older", "oldest", "youngest"),
-                 ("faster", "fastest", "slowest"))
+# quantifier -> the answer to "Is N a Y?" given "N is a X"
+_QUANTIFIERS = (("All", "yes"), ("Every one of the", "yes"), ("No", "no"), ("None of the", "no"),
+                ("Some", "maybe"), ("A few", "maybe"))
+LOGIC_CHOICES = ("yes", "no", "maybe")
 
 
 def _logic(rng: random.Random) -> Example:
-    if rng.random() < 0.5:
-        x, y = rng.sample(_KINDS, 2)
-        who = rng.choice(NAMES)
-        quant, answer = rng.choice((("All", "yes"), ("No", "no"), ("Some", "maybe")))
-        q = f"{quant} {x}s are {y}s. {who} is a {x}. Is {who} a {y}?"
-        choices = ("yes", "no", "maybe")
-    else:
-        a, b, c = rng.sample(NAMES, 3)  # a > b > c
-        comp, top, bottom = rng.choice(_COMPARATIVES)
-        facts = [f"{a} is {comp} than {b}.", f"{b} is {comp} than {c}."]
-        rng.shuffle(facts)
-        if rng.random() < 0.5:
-            q, answer = f"{' '.join(facts)} Who is the {top}?", a
-        else:
-            q, answer = f"{' '.join(facts)} Who is the {bottom}?", c
-        shown = [a, b, c]
-        rng.shuffle(shown)
-        choices = tuple(shown)
-    return Example(f"Q: {q} Options: {', '.join(choices)}.\nA:", answer, choices)
+    x, y = rng.sample(_KINDS, 2)
+    who = rng.choice(NAMES)
+    quant, answer = rng.choice(_QUANTIFIERS)
+    premises = [f"{quant} {x}s are {y}s.", f"{who} is a {x}."]
+    rng.shuffle(premises)
+    q = f"{' '.join(premises)} Is {who} a {y}?"
+    return Example(f"Premises: {q}\nOptions: yes, no, maybe\nConclusion:", answer, LOGIC_CHOICES)
 
 
 # ---------------------------------------------------------------- sentiment (SST-2-like)
-_POSITIVE = ("good", "great", "lovely", "fun", "warm", "bright", "clever", "charming", "superb",
-             "moving", "fresh", "delightful")
-_NEGATIVE = ("bad", "dull", "boring", "awful", "cold", "weak", "messy", "bland", "tedious",
-             "clumsy", "stale", "painful")
+SENTIMENT_POSITIVE = ("good", "great", "lovely", "fun", "warm", "bright", "clever", "charming", "superb",
+                      "moving", "fresh", "delightful")
+SENTIMENT_NEGATIVE = ("bad", "dull", "boring", "awful", "cold", "weak", "messy", "bland", "tedious",
+                      "clumsy", "stale", "painful")
 _SUBJECTS = ("film", "plot", "music", "food", "acting", "ending", "story", "show", "book", "cast",
              "script", "service")
 
 
 def _sentiment(rng: random.Random) -> Example:
     positive = rng.random() < 0.5
-    words = _POSITIVE if positive else _NEGATIVE
+    words = SENTIMENT_POSITIVE if positive else SENTIMENT_NEGATIVE
     subject = rng.choice(_SUBJECTS)
-    kind = rng.randrange(4)
+    kind = rng.randrange(3)
     if kind == 0:
         text = f"The {subject} was {rng.choice(words)}."
     elif kind == 1:
         w1, w2 = rng.sample(words, 2)
         text = f"The {subject} was {w1} and {w2}."
-    elif kind == 2:
+    else:
         text = f"What a {rng.choice(words)} {subject}!"
-    else:  # negation flips the label
-        flipped = _NEGATIVE if positive else _POSITIVE
-        text = f"The {subject} was not {rng.choice(flipped)}."
     label = "positive" if positive else "negative"
     return Example(f"Review: {text}\nSentiment:", label, ("positive", "negative"))
 

@@ -12,6 +12,9 @@ held-out sentence does: the probe measures knowledge that pretraining put in the
 memorized strings, and a model that forgets the facts (or the question/answer format) loses
 probe accuracy.
 
+Pretraining also states the general knowledge the built-in tasks build on (`general_knowledge`):
+sums and differences of 1..5, the Vel lexicon word by word, and the polarity of the review words.
+
     world = build_world(seed=0)
     world.pretraining_texts()[0]   # 'Zorvak lives in Plimt. Zorvak keeps a goat at home. ...'
     world.probe()[0]               # Example(prompt='Q: In what town does Zorvak live?\\nA:', answer='Plimt')
@@ -21,10 +24,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .tasks import Example
+from .tasks import MAX_OPERAND, SENTIMENT_NEGATIVE, SENTIMENT_POSITIVE, VEL_ADJECTIVES, VEL_NOUNS, Example
 
 # Bump when the world's texts or probe change (part of the pretraining cache key).
-WORLD_VERSION = "2"
+WORLD_VERSION = "4"
 
 JOBS = ("baker", "farmer", "miner", "sailor", "doctor", "painter", "tailor", "hunter")
 FOODS = ("bread", "rice", "plums", "soup", "cheese", "beans", "figs", "honey")
@@ -49,6 +52,19 @@ QUESTION_TEMPLATES = {
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "pl", "tr", "gr")
 _VOWELS = ("a", "e", "i", "o", "u")
 _CODAS = ("", "", "k", "n", "r", "l", "s", "m", "nt", "rk")
+
+
+def general_knowledge() -> list[str]:
+    """Sentences the built-in tasks rely on: "3 plus 4 is 7.", "5 minus 4 is 1." (numbers 1..5),
+    "In Vel, cat is
+    mika.", "In Vel, the is la.", "Lovely is a positive word." (fixed, not seeded)."""
+    n = range(1, MAX_OPERAND + 1)
+    texts = [f"{a} plus {b} is {a + b}." for a in n for b in n]
+    texts += [f"{a} minus {b} is {a - b}." for a in n for b in n if b <= a]
+    texts += [f"In Vel, {en} is {vel}." for en, vel in {**VEL_ADJECTIVES, **VEL_NOUNS, "the": "la"}.items()]
+    texts += [f"{w.capitalize()} is a positive word." for w in SENTIMENT_POSITIVE]
+    texts += [f"{w.capitalize()} is a negative word." for w in SENTIMENT_NEGATIVE]
+    return texts
 
 
 def _invented_names(rng: random.Random, n: int, syllables: int, taken: set[str]) -> list[str]:
@@ -76,6 +92,7 @@ class World:
     people: list[Person]
     towns: tuple[str, ...]
     bios_per_person: int = 4
+    general_knowledge: bool = True
 
     def facts(self) -> list[tuple[str, str, str]]:
         """(person, attribute, value) for every fact."""
@@ -91,8 +108,9 @@ class World:
         return rng.randrange(3), rng.randrange(3)
 
     def pretraining_texts(self) -> list[str]:
-        """Bios (a person's facts in shuffled order, each in one of its two seen templates) and Q/A
-        pairs ("Q: <question>\nA: <value>", each fact in its two seen phrasings), shuffled."""
+        """Bios (a person's facts in shuffled order, each in one of its two seen templates), Q/A pairs
+        ("Q: <question>\nA: <value>", each fact in its two seen phrasings) and, with
+        general_knowledge, the `general_knowledge()` sentences; shuffled."""
         rng = random.Random(f"fastcur-world-pretrain:{self.seed}")
         texts = []
         for p in self.people:
@@ -107,6 +125,8 @@ class World:
                 for k, q in enumerate(QUESTION_TEMPLATES[a]):
                     if k != held[a][1]:
                         texts.append(f"Q: {q.format(e=p.name)}\nA: {p.attributes[a]}")
+        if self.general_knowledge:
+            texts += general_knowledge()
         rng.shuffle(texts)
         return texts
 
@@ -127,7 +147,8 @@ class World:
                 for name, a, value in self.facts()]
 
 
-def build_world(seed: int = 0, n_entities: int = 48, n_towns: int = 8, bios_per_person: int = 4) -> World:
+def build_world(seed: int = 0, n_entities: int = 48, n_towns: int = 8, bios_per_person: int = 4,
+                general_knowledge: bool = True) -> World:
     """Invent `n_entities` people living in `n_towns` invented towns, with random attributes."""
     for arg, value, low, high in (("n_entities", n_entities, 1, 5000), ("n_towns", n_towns, 2, 50),
                                   ("bios_per_person", bios_per_person, 1, 100)):
@@ -139,4 +160,4 @@ def build_world(seed: int = 0, n_entities: int = 48, n_towns: int = 8, bios_per_
     names = _invented_names(rng, n_entities, 2, taken)
     people = [Person(n, {"town": rng.choice(towns), "job": rng.choice(JOBS), "food": rng.choice(FOODS),
                          "pet": rng.choice(PETS)}) for n in names]
-    return World(seed, people, towns, bios_per_person)
+    return World(seed, people, towns, bios_per_person, general_knowledge)
