@@ -149,7 +149,7 @@ class Bench:
 
 
 def load_bench(cfg: RunConfig) -> Bench:
-    from . import data_files, pretrain, tasks as tasks_mod, world as world_mod
+    from . import data_files, pretrain, tasks as tasks_mod
 
     # User files first: a typo should fail before minutes of pretraining.
     if cfg.task_files:
@@ -172,7 +172,7 @@ def load_bench(cfg: RunConfig) -> Bench:
         model, tokenizer = pretrain.pretrained_base(cfg.cache_dir or default_cache_dir(), seed=cfg.seed,
                                                     size=cfg.size, steps=cfg.pretrain_steps, progress=cfg.progress)
     # The world the built-in base was pretrained on (its size depends on the mode).
-    world = world_mod.build_world(seed=cfg.seed, n_entities=pretrain.SIZES[cfg.size]["n_entities"])
+    world = pretrain.base_world(cfg.seed, cfg.size)
     probe = user_probe if user_probe is not None else world.probe()
     if len(probe) > cfg.n_probe:   # a seeded sample, not the first entities only
         probe = random.Random(_seed(cfg.seed, "probe")).sample(probe, cfg.n_probe)
