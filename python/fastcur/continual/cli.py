@@ -17,7 +17,7 @@ from .methods import available_methods
 def add_arguments(p: argparse.ArgumentParser) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="quick", action="store_true", default=True,
-                      help="the quick benchmark (default): small model and data, 30 steps per task")
+                      help="the quick benchmark (default): small model and data, 100 steps per task")
     mode.add_argument("--full", dest="quick", action="store_false",
                       help="the full benchmark: larger model, more data, 300 steps per task")
     p.add_argument("--methods", default="all",
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSONL task files (one object per line: prompt, answer[, choices]), in training order")
     p.add_argument("--probe", dest="probe_file", metavar="FILE",
                    help="JSONL basic-knowledge probe (default: the built-in world's held-out questions)")
-    p.add_argument("--steps", type=int, help="optimizer steps per task (default: 30 quick, 300 full)")
+    p.add_argument("--steps", type=int, help="optimizer steps per task (default: 100 quick, 300 full)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -30,7 +30,7 @@ from .tasks import Example, Task
 
 # Defaults per mode; any of them can be overridden in RunConfig (the CLI's options).
 MODES = {
-    "quick": dict(size="quick", steps=30, n_train=256, n_test=32, n_probe=64, n_heldout=64, batch_size=16),
+    "quick": dict(size="quick", steps=100, n_train=256, n_test=32, n_probe=64, n_heldout=64, batch_size=16),
     "full": dict(size="full", steps=300, n_train=1024, n_test=128, n_probe=256, n_heldout=256, batch_size=32),
 }
 EVAL_BATCH = 64    # rows per evaluation forward (generation uses the KV cache)
