@@ -248,7 +248,9 @@ class Secura(Method):
 @register("secura-merge")
 class SecuraMerge(Secura):
     """SECURA with the merge schedule: every layer folds its update into W every steps/4
-    optimizer steps (fastcur.MergeSchedule, plain merges, C and R selected again)."""
+    optimizer steps (fastcur.MergeSchedule, plain merges, C and R selected again). A lower
+    learning rate than SECURA's: at 5e-2 the repeated folds diverged (NaN loss, quick run)."""
+    lr = 1e-2
 
     def setup(self, model, ctx):
         import fastcur
