@@ -29,9 +29,10 @@ install: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# The continual-learning benchmark, quick mode (`fastcur continual --help` for the options;
+# DEMO_ARGS adds some). The small CUR-LoRA MLP demo stays as `fastcur demo`.
 demo: setup
-	$(PY) -m fastcur.cli info
-	$(PY) -m fastcur.cli demo
+	$(PY) -m fastcur.cli continual --quick $(DEMO_ARGS)
 
 bench: setup
 	$(PY) -m fastcur.cli bench $(BENCH_ARGS)

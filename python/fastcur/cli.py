@@ -1,4 +1,4 @@
-"""The `fastcur` console script: `fastcur info`, `fastcur demo`, `fastcur bench`."""
+"""The `fastcur` console script: `fastcur info`, `fastcur demo`, `fastcur continual`, `fastcur bench`."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,12 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_continual(args) -> int:
+    from .continual.cli import run_from_args
+
+    return run_from_args(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastcur", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("continual", help="the continual-learning benchmark: forgetting, method by method")
+    from .continual.cli import add_arguments as continual_arguments
+
+    continual_arguments(p)
+    p.set_defaults(fn=_cmd_continual)
 
     # `fastcur bench ...` hands every argument to the benchmark runner (its own --help).
     sub.add_parser("bench", help="run benchmarks (see `fastcur bench --help`)", add_help=False)

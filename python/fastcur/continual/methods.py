@@ -1,0 +1,386 @@
+"""The continual-learning methods `fastcur continual` compares, registered by name.
+
+A method is a small object the runner drives, task after task, with the same step budget:
+
+    method = build_method("lora-ewc")
+    method.setup(model, ctx)                 # inject adapters / freeze; cheap
+    for i, task in enumerate(tasks):
+        method.before_task(i, task)          # fresh adapters (IncLoRA), curvature fit (LaLoRA)
+        opt = AdamW(method.parameters(), lr=method.lr)
+        for step in range(steps):
+            loss = method.loss(model, ctx.make_batch(method.mix_batch(examples, rng)))
+            loss.backward(); opt.step(); opt.zero_grad(); method.after_step()
+        method.after_task(i, task)           # EWC Fisher, replay buffer, IncLoRA fold
+    method.state_dict() / method.load_state_dict(state)   # what --resume restores
+
+Every adapter method adapts the same layers: every nn.Linear of the model except its output
+embedding (the LM head), found by `linear_targets`.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .ewc import EWC
+from .replay import ReplayBuffer
+from .tasks import Example, Task
+
+# Learning rates per method family (AdamW, constant, no weight decay); one value per family so
+# the comparison is at equal budgets, not per-method tuning.
+LR_FULL = 1e-3          # full fine-tuning (seq)
+LR_LORA = 5e-3          # LoRA-style A/B adapters (lora, lora-er, lora-ewc, lalora-*, jumplora-*, imsm-lora)
+LR_CUR = 5e-2           # CUR-based adapters (curlora, secura*): r x r / a x r cores between low-norm C, R
+RANK = 8
+
+
+@dataclass
+class MethodContext:
+    """What a method may use beyond the model.
+
+    make_batch: list of Examples -> a training batch dict on the model's device
+        (input_ids, attention_mask, labels [B, T]).
+    pretraining: examples of the pretraining distribution (LaLoRA's source data).
+    steps: optimizer steps per task; batch_size: examples per batch; seed: the run's seed.
+    """
+    make_batch: Callable[[list[Example]], dict]
+    pretraining: list[Example] = field(default_factory=list)
+    steps: int = 100
+    batch_size: int = 16
+    seed: int = 0
+    fisher_batches: int = 4
+
+
+def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy on the answer tokens (labels -100 elsewhere)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def linear_targets(model: nn.Module) -> list[str]:
+    """Qualified names of the nn.Linear layers to adapt: all but the output embedding (LM head).
+    Raises ValueError when there is none."""
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    names = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and m is not head]
+    if not names:
+        kinds = sorted({type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(recurse=False))})
+        raise ValueError(f"the model ({type(model).__name__}) has no nn.Linear layer to adapt besides the LM head "
+                         f"(layers with parameters: {', '.join(kinds) or 'none'}); fastcur adapters wrap "
+                         f"torch.nn.Linear (e.g. GPT-2's Conv1D is not supported)")
+    return names
+
+
+def _batches(examples: list[Example], ctx: MethodContext, limit: int):
+    for start in range(0, min(len(examples), limit * ctx.batch_size), ctx.batch_size):
+        yield ctx.make_batch(examples[start:start + ctx.batch_size])
+
+
+class Method:
+    """Base: train whatever requires grad with the plain LM loss. Subclasses override hooks."""
+    name = "base"
+    lr = LR_LORA
+
+    def setup(self, model: nn.Module, ctx: MethodContext) -> None:
+        self.model, self.ctx = model, ctx
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def evaluation_model(self) -> nn.Module:
+        """What is evaluated (and called by `loss`): the model, or a wrapper around it (IMSM)."""
+        return self.model
+
+    def before_task(self, index: int, task: Task) -> None:
+        pass
+
+    def mix_batch(self, examples: list[Example], rng: random.Random) -> list[Example]:
+        return examples
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return lm_loss(model, batch)
+
+    def after_step(self) -> None:
+        pass
+
+    def after_task(self, index: int, task: Task) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+_REGISTRY: dict[str, Callable[[], Method]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def available_methods() -> list[str]:
+    """Registered method names, in the order of the comparison."""
+    return list(_REGISTRY)
+
+
+def parse_methods(spec: str | list[str] | None) -> list[str]:
+    """'seq,lora' (or a list; None or 'all': every method) -> validated names, order kept.
+    Raises ValueError listing the valid names when one is unknown."""
+    if spec is None or spec == "all" or spec == ["all"]:
+        return available_methods()
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown or not names:
+        raise ValueError(f"--methods: unknown method(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"valid methods: {', '.join(available_methods())} (or 'all')")
+    return list(dict.fromkeys(names))
+
+
+def build_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        parse_methods([name])
+    return _REGISTRY[name]()
+
+
+# -- the methods ---------------------------------------------------------------------------------
+@register("seq")
+class Sequential(Method):
+    """SEQ: full fine-tuning of every parameter, task after task."""
+    lr = LR_FULL
+
+    def setup(self, model, ctx):
+        super().setup(model, ctx)
+        model.requires_grad_(True)
+
+
+def _inject(model: nn.Module, config) -> None:
+    import fastcur
+
+    fastcur.inject(model, config)
+
+
+@register("lora")
+class LoRA(Method):
+    """One LoRA adapter (r = 8, alpha = 16) on every linear layer, trained through all tasks."""
+
+    def setup(self, model, ctx):
+        import fastcur
+
+        super().setup(model, ctx)
+        _inject(model, fastcur.LoRAConfig(rank=RANK, alpha=2.0 * RANK, target_modules=linear_targets(model)))
+
+
+@register("lora-er")
+class LoRAReplay(LoRA):
+    """LoRA + experience replay: 64 training examples kept per finished task; a quarter of every
+    batch is drawn from them."""
+
+    def setup(self, model, ctx):
+        super().setup(model, ctx)
+        self.buffer = ReplayBuffer(per_task=64, ratio=0.25, seed=ctx.seed)
+
+    def mix_batch(self, examples, rng):
+        return self.buffer.mix(examples, rng)
+
+    def after_task(self, index, task):
+        self.buffer.add_task(index, task.train)
+
+    def state_dict(self):
+        return {"buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.buffer.load_state_dict(state["buffer"])
+
+
+@register("lora-ewc")
+class LoRAEWC(LoRA):
+    """LoRA + online EWC on the adapter tensors (diagonal Fisher on each finished task)."""
+    ewc_lambda = 100.0
+
+    def setup(self, model, ctx):
+        super().setup(model, ctx)
+        self.ewc = EWC(model, lam=self.ewc_lambda)
+
+    def loss(self, model, batch):
+        return lm_loss(model, batch) + self.ewc.penalty()
+
+    def after_task(self, index, task):
+        self.ewc.consolidate(list(_batches(task.train, self.ctx, self.ctx.fisher_batches)), lm_loss)
+
+    def state_dict(self):
+        return {"ewc": self.ewc.state_dict()}
+
+    def load_state_dict(self, state):
+        self.ewc.load_state_dict(state["ewc"])
+
+
+@register("curlora")
+class CURLoRA(Method):
+    """CUR-LoRA (r = 8, inverted-norm sampling): only the r x r core U trains."""
+    lr = LR_CUR
+
+    def setup(self, model, ctx):
+        import fastcur
+
+        super().setup(model, ctx)
+        _inject(model, fastcur.CURLoRAConfig(rank=RANK, seed=ctx.seed, target_modules=linear_targets(model)))
+
+
+@register("secura")
+class Secura(Method):
+    """SECURA (CABR-LoRA r = 8, a = 32, SigNorm on the output)."""
+    lr = LR_CUR
+
+    def setup(self, model, ctx):
+        import fastcur
+
+        super().setup(model, ctx)
+        _inject(model, fastcur.SecuraConfig(rank=RANK, target_modules=linear_targets(model)))
+
+
+@register("secura-merge")
+class SecuraMerge(Secura):
+    """SECURA with the merge schedule: every layer folds its update into W every steps/4
+    optimizer steps (fastcur.MergeSchedule, plain merges, C and R selected again). A lower
+    learning rate than SECURA's: at 5e-2 the repeated folds diverged (NaN loss, quick run)."""
+    lr = 1e-2
+
+    def setup(self, model, ctx):
+        import fastcur
+
+        super().setup(model, ctx)
+        self.schedule = fastcur.MergeSchedule(model, None, every=max(1, ctx.steps // 4))
+
+    def after_step(self):
+        self.schedule.step()
+
+    def state_dict(self):
+        return {"steps": self.schedule.steps, "merges": self.schedule.merges}
+
+    def load_state_dict(self, state):
+        self.schedule.steps, self.schedule.merges = int(state["steps"]), int(state["merges"])
+
+
+@register("jumplora-inclora")
+class JumpLoRAIncLoRA(Method):
+    """JumpLoRA + IncLoRA: fresh weight-gated JumpLoRA adapters (r = 8, alpha = 32, one global
+    θ) per task, the f schedule over the task's steps, the sparse ΔW folded into W at its end."""
+    ella_lambda = 0.0
+
+    def setup(self, model, ctx):
+        import fastcur
+
+        super().setup(model, ctx)
+        model.requires_grad_(False)   # only each task's fresh adapters train
+        self.manager = fastcur.IncLoRA(model, target_modules=linear_targets(model), rank=RANK,
+                                       ella_lambda=self.ella_lambda)
+        self._params: list[nn.Parameter] = []
+
+    def before_task(self, index, task):
+        self._params = self.manager.start_task(total_steps=self.ctx.steps)
+
+    def parameters(self):
+        return self._params
+
+    def loss(self, model, batch):
+        return lm_loss(model, batch) + self.manager.penalty()
+
+    def after_step(self):
+        self.manager.step()
+
+    def after_task(self, index, task):
+        self.manager.end_task()
+
+    def state_dict(self):
+        return {"task": self.manager.task, "W_past": {k: v.cpu() for k, v in self.manager.W_past.items()}}
+
+    def load_state_dict(self, state):
+        device = next(self.model.parameters()).device
+        self.manager.task = int(state["task"])
+        self.manager.W_past = {k: v.to(device) for k, v in state["W_past"].items()}
+
+
+@register("jumplora-ella")
+class JumpLoRAELLA(JumpLoRAIncLoRA):
+    """JumpLoRA + IncLoRA + ELLA: penalizes the new task's ΔW where past tasks' updates are large."""
+    ella_lambda = 10.0
+
+
+class _LaLoRA(LoRA):
+    """LoRA + a Laplace penalty fitted once on pretraining data at the adapters' init (LaLoRA)."""
+    kind = "diag"
+    lalora_lambda = 1.0
+
+    def setup(self, model, ctx):
+        import fastcur
+
+        super().setup(model, ctx)
+        self.reg = fastcur.LaplaceRegularizer(model, kind=self.kind, lam=self.lalora_lambda)
+
+    def before_task(self, index, task):
+        if not self.reg.fitted:
+            if not self.ctx.pretraining:
+                raise ValueError(f"{self.name}: no pretraining examples to fit the Laplace curvature on")
+            self.reg.fit(list(_batches(self.ctx.pretraining, self.ctx, self.ctx.fisher_batches)), lm_loss,
+                         progress=False)
+
+    def loss(self, model, batch):
+        return lm_loss(model, batch) + self.reg.penalty()
+
+    def state_dict(self):
+        if not self.reg.fitted:
+            return {}
+        state = self.reg.state_dict()
+        return {"lalora": {**state, "tensors": {k: v.cpu() for k, v in state["tensors"].items()}}}
+
+    def load_state_dict(self, state):
+        if "lalora" in state:
+            self.reg.load_state_dict(state["lalora"])
+
+
+@register("lalora-diag")
+class LaLoRADiag(_LaLoRA):
+    kind = "diag"
+
+
+@register("lalora-kfac")
+class LaLoRAKFAC(_LaLoRA):
+    kind = "kfac"
+
+
+@register("imsm-lora")
+class IMSMLoRA(LoRA):
+    """IMSM over LoRA: the frozen and the LoRA-adapted model's final hidden states interwoven by
+    a query-aware gate (gate rank 8, dropout 0.1) before the frozen LM head; the adapters and
+    the gate train, the evaluated model is the IMSM wrapper."""
+
+    def setup(self, model, ctx):
+        import fastcur
+
+        super().setup(model, ctx)
+        self.imsm = fastcur.IMSM(model, gate_rank=8, gate_dropout=0.1)
+
+    def parameters(self):
+        return [p for p in self.imsm.parameters() if p.requires_grad]
+
+    def evaluation_model(self):
+        return self.imsm
+
+    def loss(self, model, batch):
+        return self.imsm(batch["input_ids"], batch["attention_mask"], prompt_lengths=batch["prompt_lengths"],
+                         labels=batch["labels"]).loss
+
+    def state_dict(self):
+        return {"gate": {"W_A": self.imsm.W_A.detach().cpu().clone(), "W_B": self.imsm.W_B.detach().cpu().clone()}}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            self.imsm.W_A.copy_(state["gate"]["W_A"])
+            self.imsm.W_B.copy_(state["gate"]["W_B"])
