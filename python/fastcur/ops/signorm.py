@@ -17,6 +17,7 @@ from .. import _extension
 from ..backend import resolve
 from . import reference
 from ._checks import ArgChecker
+from ._registry import register_with_backward
 from ._signorm_args import check_options
 
 
@@ -50,12 +51,8 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register(fwd: str, bwd: str) -> None:
-    torch.library.register_fake(fwd)(_fwd_fake)
-    torch.library.register_fake(bwd)(_bwd_fake)
-    ns, name = bwd.split("::")
-    bwd_op = getattr(getattr(torch.ops, ns), name).default
-    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
+_register = functools.partial(register_with_backward, fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
+                               make_backward=_make_backward, setup_context=_setup_context)
 
 
 if _extension.available():
