@@ -22,13 +22,13 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._atomic import atomic_write
 from .modules.adapter_linear import AdapterLinear
 from .ops.imsm_gate import imsm_gate
 
@@ -352,12 +352,4 @@ def _write_text(path: str, text: str) -> None:
 
 def _atomic(directory: str, name: str, write) -> None:
     """write(path) into a temp file in `directory`, then rename it onto `name`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(os.path.join(directory, name), write)

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from ._atomic import atomic_write
 from .modules.adapter_linear import LinearTap, LowRankTap
 from .ops import lalora as ops
 
@@ -360,16 +360,7 @@ class LaplaceRegularizer:
 
         state = self.state_dict()
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.pop("tensors").items()}
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(prefix=".lalora-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"fastcur_lalora": json.dumps(state)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fastcur_lalora": json.dumps(state)}))
 
     def load(self, path: str | os.PathLike) -> "LaplaceRegularizer":
         """Read a file written by `save` (validated against this model's adapters)."""

@@ -37,12 +37,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._atomic import atomic_write
 from .config import AdapterConfig, JumpLoRAConfig, config_class, config_class_of_layer
 from .inject import CONFIG_ATTR, _set_module, adapter_modules, freeze_base, unwrap
 from .modules.adapter_linear import AdapterLinear
@@ -64,28 +64,7 @@ def _version() -> str:
 
 
 # -- writing --------------------------------------------------------------------------------------
-def _atomic_write(path: str, write) -> None:
-    """Write `path` through a temporary file in the same folder + fsync + os.replace."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:                                   # make the rename itself durable (POSIX)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+_atomic_write = atomic_write
 
 
 def _sha256(path: str) -> str:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .._atomic import atomic_write, atomic_write_text
 
 CURVES_PNG = "curves.png"
 MATRICES_PNG = "accuracy_matrices.png"
@@ -30,25 +31,7 @@ COLUMNS = ("method", "avg acc", "BWT", "retention", "probe acc", "perplexity", "
 
 
 # ------------------------------------------------------------------ atomic writes
-def _atomic_write(path: str | os.PathLike, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _atomic_write_text(path, text: str) -> Path:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    return _atomic_write(path, write)
+_atomic_write, _atomic_write_text = atomic_write, atomic_write_text
 
 
 def _jsonable(obj):
