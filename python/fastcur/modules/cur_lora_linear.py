@@ -8,9 +8,10 @@ from torch import nn
 from ..ops.cur_linear import cur_linear
 from ..ops.cur_select import cur_select
 from .adapter_linear import AdapterLinear, LinearTap
+from .cur_selection import CURSelection
 
 
-class CURLoRALinear(AdapterLinear):
+class CURLoRALinear(CURSelection, AdapterLinear):
     """`y = x W^T + b + s * ((x R^T) U^T) C^T` with C = W[:, cols], R = W[rows], U trained.
 
     Args (beyond nn.Linear's):
@@ -52,7 +53,7 @@ class CURLoRALinear(AdapterLinear):
         self.register_buffer("R", torch.zeros(rank, in_features, **factory))
         self._selected = False
         self._tied_key: tuple | None = None      # (id, version) of W when C, R were verified slices
-        self._u_version_at_select = None
+        self._adapter_version_at_select = None
         if _base is not None:
             self.select()
 
@@ -70,50 +71,13 @@ class CURLoRALinear(AdapterLinear):
         self.C.copy_(self.weight[:, cols])
         self.R.copy_(self.weight[rows])
         self._selected = True
-        self._u_version_at_select = self.U._version
+        self._adapter_version_at_select = self.U._version
         self._tied_key = self._weight_key()
         return self
 
-    @torch.compiler.disable(reason="fastcur.CURLoRALinear: rows and columns are not selected yet (nn.Linear-"
-                            "style constructor, or new base weights loaded) and selection runs on the "
-                            "host; call .select() on the layer (or run one eager forward) before "
-                            "torch.compile(fullgraph=True)")
-    def _select_in_forward(self) -> None:
-        # A graph break under torch.compile: without fullgraph the selection runs eagerly.
-        self.select()
+    def _trained_tensor(self) -> torch.Tensor:
+        return self.U
 
-    def _weight_key(self) -> tuple:
-        return (id(self.weight), self.weight._version)
-
-    @property
-    def tied(self) -> bool:
-        """True while C and R are known to be exact slices of the current W.
-
-        Always False inside `torch.compile`: W's version counter is data-dependent in a graph,
-        so a compiled forward takes the explicit C, R path (the same function, one extra
-        rank-r GEMM) and never trusts indices a later in-place change of W could invalidate."""
-        if torch.compiler.is_compiling():
-            return False
-        return self._selected and self._tied_key == self._weight_key()
-
-    @torch.no_grad()
-    def _verify_tied(self) -> None:
-        """Re-establish the tied fast path if C and R are (still) exact slices of W."""
-        exact = (torch.equal(self.C, self.weight[:, self.cols]) and torch.equal(self.R, self.weight[self.rows]))
-        self._tied_key = self._weight_key() if exact else None
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if prefix + "rows" in state_dict and prefix + "cols" in state_dict:
-            self._selected = True             # a saved adapter: keep its indices, C and R
-            self._u_version_at_select = self.U._version
-            self._verify_tied()
-        elif prefix + "weight" in state_dict and self._selected and self.U._version == self._u_version_at_select:
-            self._selected = False            # new base weights, untrained U: select again lazily
-
-    # -- forward, merge ------------------------------------------------------------------------
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] (checked by `AdapterLinear.forward`)."""
         if not self._selected:

@@ -14,9 +14,10 @@ from ..ops.secura_linear import secura_linear
 from ..ops.secura_restrain import secura_linear_restrained
 from ..ops.signorm_merge import signorm_merge
 from .adapter_linear import AdapterLinear, LowRankTap
+from .cur_selection import CURSelection
 
 
-class SecuraLinear(AdapterLinear):
+class SecuraLinear(CURSelection, AdapterLinear):
     """`y = signorm(x W^T + b, s (((x R^T) B_c) A_c) C^T + lora_bias)`: SECURA's layer.
 
     Args (beyond nn.Linear's):
@@ -100,7 +101,7 @@ class SecuraLinear(AdapterLinear):
         self.merges = 0          # merges folded into W so far (W is no longer the base's after one)
         self._selected = False
         self._tied_key: tuple | None = None
-        self._a_version_at_select = None
+        self._adapter_version_at_select = None
         if _base is not None:
             self.select()
 
@@ -120,7 +121,7 @@ class SecuraLinear(AdapterLinear):
         if init_adapter:
             self.reset_adapter()
         self._selected = True
-        self._a_version_at_select = self.A_c._version
+        self._adapter_version_at_select = self.A_c._version
         self._tied_key = self._weight_key()
         return self
 
@@ -137,45 +138,9 @@ class SecuraLinear(AdapterLinear):
         if self.lora_bias is not None:
             self.lora_bias.zero_()
 
-    @torch.compiler.disable(reason="fastcur.SecuraLinear: rows and columns are not selected yet (nn.Linear-"
-                            "style constructor, or new base weights loaded) and selection runs on the "
-                            "host; call .select() on the layer (or run one eager forward) before "
-                            "torch.compile(fullgraph=True)")
-    def _select_in_forward(self) -> None:
-        # A graph break under torch.compile: without fullgraph the selection runs eagerly.
-        self.select()
+    def _trained_tensor(self) -> torch.Tensor:
+        return self.A_c
 
-    def _weight_key(self) -> tuple:
-        return (id(self.weight), self.weight._version)
-
-    @property
-    def tied(self) -> bool:
-        """True while C and R are known to be exact slices of the current W.
-
-        Always False inside `torch.compile`: W's version counter is data-dependent in a graph,
-        so a compiled forward takes the explicit C, R path (the same function, one extra
-        rank-r GEMM) and never trusts indices a later in-place change of W could invalidate."""
-        if torch.compiler.is_compiling():
-            return False
-        return self._selected and self._tied_key == self._weight_key()
-
-    @torch.no_grad()
-    def _verify_tied(self) -> None:
-        exact = torch.equal(self.C, self.weight[:, self.cols]) and torch.equal(self.R, self.weight[self.rows])
-        self._tied_key = self._weight_key() if exact else None
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if prefix + "rows" in state_dict and prefix + "cols" in state_dict:
-            self._selected = True             # a saved adapter: keep its indices, C, R, A_c, B_c
-            self._a_version_at_select = self.A_c._version
-            self._verify_tied()
-        elif prefix + "weight" in state_dict and self._selected and self.A_c._version == self._a_version_at_select:
-            self._selected = False            # new base weights, untrained adapter: select again
-
-    # -- forward ------------------------------------------------------------------------------
     @torch.compiler.disable(reason="fastcur.SecuraLinear: restrain=True draws its channels on the host "
                             "in training mode (a graph break); for torch.compile(fullgraph=True) use "
                             "restrain=False, or eval mode (which never restrains)")
