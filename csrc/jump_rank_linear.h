@@ -32,6 +32,16 @@ inline void check_jump_rank_linear_args(const at::Tensor& x, const at::Tensor& w
   }
 }
 
+inline void check_jump_rank_bwd_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                     const at::Tensor& weight, const at::Tensor& A,
+                                     const at::Tensor& h, double bandwidth) {
+  check_matrix(grad_y, "grad_y", x.size(0), weight.size(0));
+  check_like(grad_y, "grad_y", weight, "weight");
+  check_matrix(h, "h", x.size(0), A.size(0));
+  check_like(h, "h", weight, "weight");
+  TORCH_CHECK(bandwidth > 0, "fastcur: bandwidth must be > 0, got ", bandwidth);
+}
+
 // Returns (y, h = x A^T) ; h is saved for the backward.
 template <typename Gate, typename RankUpdate>
 std::tuple<at::Tensor, at::Tensor> jump_rank_linear_forward(
@@ -53,12 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_rank_linear_back
     const at::Tensor& B, const at::Tensor& log_theta, const at::Tensor& h, double scale,
     double bandwidth, bool need_dx, GateBwd rank_gate_bwd, RankUpdate rank_update_) {
   check_jump_rank_linear_args(x, weight, c10::nullopt, A, B, log_theta);
-  const int64_t M = x.size(0), n = weight.size(0), r = A.size(0);
-  check_matrix(grad_y, "grad_y", M, n);
-  check_like(grad_y, "grad_y", weight, "weight");
-  check_matrix(h, "h", M, r);
-  check_like(h, "h", weight, "weight");
-  TORCH_CHECK(bandwidth > 0, "fastcur: bandwidth must be > 0, got ", bandwidth);
+  check_jump_rank_bwd_args(grad_y, x, weight, A, h, bandwidth);
   at::Tensor dg = at::mm(grad_y, B);
   dg.mul_(scale);                                            // dg = s dy B   [M, r]
   at::Tensor g, dh, dlog;

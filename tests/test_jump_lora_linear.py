@@ -96,7 +96,7 @@ def test_reset_over_shared_layers_leaves_lora_many_survivors():
     model = nn.Sequential(*layers, own)
     result = fastcur.reset_thresholds(model)
     assert set(result) == {id(th), id(own.threshold)}
-    Zs = [(m.lora_B.weight @ m.lora_A.weight).detach() for m in layers]
+    Zs = [(m.lora_B.weight.double() @ m.lora_A.weight.double()).float().detach() for m in layers]
     survivors = sum(int((Z.abs() > th.theta).sum()) for Z in Zs)
     params = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in layers)
     assert abs(survivors - params) <= 1

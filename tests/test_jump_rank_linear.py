@@ -37,6 +37,18 @@ def test_matches_reference_all_grads(backend, dtype, shape):
     check_against_reference(run_backend(backend, 1.5, bw), ref_fn(1.5, bw), inputs, dtype, names=NAMES)
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("grads", ["all", "adapter"])
+def test_cpp_row_blocks(dtype, grads):
+    # n + k = 2100: the CPU kernel takes blocks of 124 rows, so 300 rows make three blocks
+    # (the last one ragged), split between the threads, each with its own partials of dA, dB
+    # and the θ window sums.
+    inputs, bw = rank_inputs((300,), 1000, 1100, 6, gap=False, grads=grads, seed=5)
+    check_against_reference(run_backend("cpp", 1.5, bw), ref_fn(1.5, bw), inputs, dtype,
+                            names=NAMES)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_straight_through_gradient_matches_spec(backend):
     (x, W, b, A, B, lt), bw = rank_inputs((41,), 30, 20, 4, gap=False, seed=3)

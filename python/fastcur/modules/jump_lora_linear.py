@@ -246,14 +246,26 @@ class JumpLoRALinear(AdapterLinear):
 
 def _abs_z_chunks(layers: list[JumpLoRALinear], acc: torch.dtype,
                   chunk_elems: int) -> Callable[[], Iterator[torch.Tensor]]:
-    """A factory of iterators over |Z| of every layer, a block of rows at a time (flat)."""
+    """A factory of iterators over |Z| of every layer, a block of rows at a time (flat).
+
+    Each entry is accumulated rank by rank in float64 (a product, exact for float32 factors,
+    then one correctly rounded add per rank) and rounded to `acc`: every entry is the same
+    value whatever the block size. A BLAS product is not: its summation order depends on the
+    number of rows (seen with MKL on Intel CPUs), which made θ depend on `chunk_elems`.
+    """
     def gen():
         for layer in layers:
-            A = layer.lora_A.weight.detach().to(acc)
-            B = layer.lora_B.weight.detach().to(acc)
+            A = layer.lora_A.weight.detach().to(torch.float64)
+            B = layer.lora_B.weight.detach().to(torch.float64)
             rows = max(1, chunk_elems // max(A.shape[1], 1))
             for i0 in range(0, B.shape[0], rows):
-                yield (B[i0:i0 + rows] @ A).abs().reshape(-1)
+                Bc = B[i0:i0 + rows]
+                z = torch.zeros(Bc.shape[0], A.shape[1], dtype=torch.float64, device=A.device)
+                term = torch.empty_like(z)
+                for j in range(A.shape[0]):
+                    torch.mul(Bc[:, j:j + 1], A[j], out=term)
+                    z.add_(term)
+                yield z.abs_().to(acc).reshape(-1)
     return gen
 
 
