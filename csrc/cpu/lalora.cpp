@@ -23,11 +23,13 @@ void square_add(scalar_t* __restrict__ acc, const scalar_t* __restrict__ g, int6
 
 // The CPU schedule: parallel over examples, one example at a time per thread, with per-thread
 // accumulators. One example's X_e [T, k] and G_e [T, n] stay in cache between the two GEMMs
-// that read each (x A^T then P^T X; G B then G^T H), so x and grad_out are read from memory
+// that read each (X A^T then P^T X; G B then H^T G), so x and grad_out are read from memory
 // about once. Measured here (E 32, T 128, n = k = 1024, r 16, 1 thread): ~2x faster than the
 // grouped batched-GEMM schedule of csrc/lalora.h (whose 8-example groups, 4 MB per operand,
-// fall out of cache between the two reads). Memory: (threads + 1) x (n r + r k) accumulators
-// plus one example's gradients per thread, independent of E.
+// fall out of cache between the two reads). B's gradient is formed transposed, H_e^T G_e
+// [r, n]: MKL's [r, T] x [T, n] product measured 24 us against 36 us for G_e^T H_e [n, r].
+// Memory: (threads + 1) x (n r + r k) accumulators plus one example's gradients per thread,
+// independent of E.
 std::tuple<at::Tensor, at::Tensor> lora_fisher_diag_cpu(const at::Tensor& x, const at::Tensor& grad_out,
                                                         const at::Tensor& A, const at::Tensor& B, double scale) {
   check_lora_fisher_args(x, grad_out, A, B);
@@ -39,24 +41,24 @@ std::tuple<at::Tensor, at::Tensor> lora_fisher_diag_cpu(const at::Tensor& x, con
   const at::Tensor Af = A.to(acc).contiguous(), Bf = B.to(acc).contiguous();
   const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
   const int nthreads = at::get_num_threads();
-  std::vector<at::Tensor> accA(nthreads), accB(nthreads);
+  std::vector<at::Tensor> accA(nthreads), accB(nthreads);   // accB holds B's Fisher transposed
   AT_DISPATCH_FLOATING_TYPES(acc, "fastcur_lora_fisher_diag_cpu", [&] {
     const scalar_t c = static_cast<scalar_t>(scale * scale);
     at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
       const int tid = at::get_thread_num();
       if (!accA[tid].defined()) {
         accA[tid] = at::zeros({r, k}, opts);
-        accB[tid] = at::zeros({n, r}, opts);
+        accB[tid] = at::zeros({r, n}, opts);
       }
       at::Tensor H = at::empty({T, r}, opts), P = at::empty({T, r}, opts);
-      at::Tensor gA = at::empty({r, k}, opts), gB = at::empty({n, r}, opts);
+      at::Tensor gA = at::empty({r, k}, opts), gBt = at::empty({r, n}, opts);
       for (int64_t e = begin; e < end; ++e) {
         const at::Tensor Xe = xc[e].to(acc), Ge = gc[e].to(acc);  // views for float32 / float64
         at::mm_out(H, Xe, Af.t());           // X_e A^T      [T, r]
         at::mm_out(P, Ge, Bf);               // G_e B        [T, r]
-        at::mm_out(gB, Ge.t(), H);           // G_e^T H_e    [n, r]
+        at::mm_out(gBt, H.t(), Ge);          // H_e^T G_e    [r, n]
         at::mm_out(gA, P.t(), Xe);           // P_e^T X_e    [r, k]
-        square_add<scalar_t>(accB[tid].data_ptr<scalar_t>(), gB.data_ptr<scalar_t>(), n * r, c);
+        square_add<scalar_t>(accB[tid].data_ptr<scalar_t>(), gBt.data_ptr<scalar_t>(), n * r, c);
         square_add<scalar_t>(accA[tid].data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(), r * k, c);
       }
     });
@@ -64,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fisher_diag_cpu(const at::Tensor& x, con
   for (int t = 0; t < nthreads; ++t) {
     if (accA[t].defined()) {
       FA.add_(accA[t]);
-      FB.add_(accB[t]);
+      FB.add_(accB[t].t());
     }
   }
   return {FA, FB};
