@@ -99,16 +99,20 @@ void rank_update_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& E,
 
 // The float32/float64 schedule: one pass over blocks of rows (about 1 MB of the two
 // [rows, features] matrices a pass reads, so a block stays in the thread's L2 cache) doing
-// the skinny products while the block is hot, with single-threaded ATen GEMMs (MKL runs
-// sequentially inside a parallel region) and cpu::small_k_rows for the low-rank term written
-// into y or dx; then the big GEMM accumulates onto what that pass wrote (beta = 1: no extra
-// pass over y or dx).
+// the skinny products while the block is hot, then the big GEMM accumulating onto what that
+// pass wrote (beta = 1: no extra pass over y or dx).
 //   forward:  h = x_blk A^T, g, y_blk = s g B^T + b;        then y += x W^T
 //   backward: dg = dy_blk B, the gate terms, per-thread partials of s g^T dy and dh^T x,
 //             dx_blk = dh A;                                 then dx += dy W
-// The generic schedule (csrc/jump_rank_linear.h) runs each skinny product as a whole-matrix
-// multi-threaded GEMM, reading x, dy and dx once more each; measured here its overhead over
-// nn.Linear was 7.8 ms of a 95 ms step at M = n = k = 2048, r = 8.
+// The products that first read a block from memory (x A^T, dy B) and the writers into y and
+// dx are the row kernels of cpu/skinny_rows.h, which stream the rows in order; the two
+// accumulations, whose operands are by then in L2, are single-threaded ATen GEMMs (MKL runs
+// sequentially inside a parallel region). Measured per thread at M = n = k = 2048, r = 8, 16
+// blocks: dy B 1.13 ms (MKL, whose access pattern defeats the prefetchers: 1.45), s g^T dy
+// 0.31, dh^T x 1.5 (it reads x from memory), dh A 0.44; the step is bound by memory
+// bandwidth (about 9 GB/s per thread here). The generic schedule (csrc/jump_rank_linear.h)
+// runs each skinny product as a whole-matrix multi-threaded GEMM, reading x, dy and dx once
+// more each: 7.8 ms over nn.Linear of a 95 ms step, against 4-6 ms for this one.
 int64_t rows_per_block(int64_t a, int64_t b) {
   return std::max<int64_t>(8, (int64_t{1} << 18) / std::max<int64_t>(a + b, 1));
 }
@@ -146,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> jump_rank_linear_fwd_fused(
     const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& log_theta, double scale) {
   const int64_t M = x_in.size(0), n = weight.size(0), k = weight.size(1), r = A.size(0);
-  const at::Tensor x = x_in.contiguous(), At = A.t();
+  const at::Tensor x = x_in.contiguous(), Ac = A.contiguous();
   // [s B^T; b]: the bias rides along the up projection as a rank-1 term (a column of ones in
   // the gate buffer).
   const int64_t rb = r + (bias.has_value() ? 1 : 0);
@@ -162,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor> jump_rank_linear_fwd_fused(
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t m0 = blk * rows, mb = std::min(rows, M - m0);
         scalar_t* hp = h.data_ptr<scalar_t>() + m0 * r;
-        at::Tensor h_blk = h.narrow(0, m0, mb);
-        at::mm_out(h_blk, x.narrow(0, m0, mb), At);                          // x A^T
+        cpu::rows_dot(hp, x.data_ptr<scalar_t>() + m0 * k, k, Ac.data_ptr<scalar_t>(), mb, r,
+                      k);                                                     // x A^T
         gate_rows<scalar_t>(hp, mb, r, th, scale, gs.data(), rb);
         cpu::small_k_rows(y.data_ptr<scalar_t>() + m0 * n, n, gs.data(),
                           Bt.data_ptr<scalar_t>(), mb, rb, n);                  // s g B^T + b
@@ -180,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_rank_linear_bwd_
     double eps, bool need_dx) {
   const int64_t M = x_in.size(0), n = weight.size(0), k = weight.size(1), r = A.size(0);
   const at::Tensor dy = grad_y.contiguous(), x = x_in.contiguous(), h = h_in.contiguous();
-  const at::Tensor Bc = B.contiguous(), Ac = A.contiguous();
+  const at::Tensor Bt = B.t().contiguous(), Ac = A.contiguous();
   const std::vector<double> th = thetas(log_theta);
   const int64_t rows = rows_per_block(n, k), blocks = (M + rows - 1) / rows;
   at::Tensor dh = at::empty_like(h);
@@ -200,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_rank_linear_bwd_
         const at::Tensor dy_blk = dy.narrow(0, m0, mb);
         at::Tensor dg = dg_buf.narrow(0, 0, mb), gs = gs_buf.narrow(0, 0, mb);
         at::Tensor dh_blk = dh.narrow(0, m0, mb);
-        at::mm_out(dg, dy_blk, Bc);                                  // dy B       [mb, r]
+        cpu::rows_dot(dg.data_ptr<scalar_t>(), dy_blk.data_ptr<scalar_t>(), n,
+                      Bt.data_ptr<scalar_t>(), mb, r, n);              // dy B       [mb, r]
         gate_block<scalar_t>(h.data_ptr<scalar_t>() + m0 * r, dg.data_ptr<scalar_t>(), mb * r, r,
                              th, scale, eps, gs.data_ptr<scalar_t>(), dh_blk.data_ptr<scalar_t>(),
                              sums.data());

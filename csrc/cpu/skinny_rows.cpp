@@ -1,5 +1,5 @@
-// small_k_rows of skinny_rows.h, written with GCC vector types so the accumulators live in
-// registers.
+// The row kernels of skinny_rows.h, written with GCC vector types (cpu/simd.h) so the
+// accumulators live in registers.
 #include "skinny_rows.h"
 #include "simd.h"
 
@@ -10,6 +10,44 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kChunk = 512;   // columns per chunk: the K rows of rhs it reads stay in L1
+
+// out[j] (+)= x[c0:c1] . V[j, c0:c1] for j < rj <= 8: eight register accumulators, x loaded
+// once per step.
+template <typename T>
+FASTCUR_INLINE void dot_channels(T* out, const T* x, const T* V, int64_t rj, int64_t n,
+                                 int64_t c0, int64_t c1) {
+  using W = typename Vec<T>::type;
+  constexpr int64_t L = sizeof(W) / sizeof(T);
+  W acc[8] = {};
+  int64_t c = c0;
+  if (rj == 8) {
+    for (; c + L <= c1; c += L) {
+      const W xv = load<W>(x + c);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) acc[j] += xv * load<W>(V + j * n + c);
+    }
+  }
+  for (int64_t j = 0; j < rj; ++j) {
+    T s = T(0);
+    for (int64_t cc = c; cc < c1; ++cc) s += x[cc] * V[j * n + cc];
+    for (int64_t l = 0; l < L; ++l) s += acc[j][l];
+    out[j] = c0 == 0 ? s : out[j] + s;
+  }
+}
+
+// Rows outermost (X streams through once, in order), V [r, n] from L1/L2.
+template <typename T>
+FASTCUR_INLINE void rows_dot_impl(T* out, const T* X, int64_t ldx, const T* V, int64_t mb,
+                                  int64_t r, int64_t n) {
+  if (n == 0) {
+    for (int64_t i = 0; i < mb * r; ++i) out[i] = T(0);
+    return;
+  }
+  for (int64_t m = 0; m < mb; ++m)
+    for (int64_t j0 = 0; j0 < r; j0 += 8)
+      dot_channels(out + m * r + j0, X + m * ldx, V + j0 * n, std::min<int64_t>(8, r - j0), n,
+                   0, n);
+}
 
 // Four output vectors accumulated over the K rows of rhs in registers, stored once.
 template <typename T>
@@ -50,6 +88,15 @@ FASTCUR_INLINE void small_k_rows_impl(T* out, int64_t ldo, const T* lhs, const T
 }
 
 }  // namespace
+
+FASTCUR_CPU_CLONES void rows_dot(float* out, const float* X, int64_t ldx, const float* V,
+                                 int64_t mb, int64_t r, int64_t n) {
+  rows_dot_impl(out, X, ldx, V, mb, r, n);
+}
+FASTCUR_CPU_CLONES void rows_dot(double* out, const double* X, int64_t ldx, const double* V,
+                                 int64_t mb, int64_t r, int64_t n) {
+  rows_dot_impl(out, X, ldx, V, mb, r, n);
+}
 
 FASTCUR_CPU_CLONES void small_k_rows(float* out, int64_t ldo, const float* lhs, const float* rhs,
                                      int64_t mb, int64_t K, int64_t n) {

@@ -1,13 +1,16 @@
-// out[m, :] = Σ_j lhs[m, j] rhs[j, :] for a block of `mb` rows, K small (an adapter's rank, + 1
-// when a bias rides along as a column of ones): the writer of the low-rank term into a block
-// of a layer's output or input gradient. Coefficients that are exactly 0 (gated-off channels)
-// are skipped. `out` rows have stride `ldo`; lhs [mb, K] and rhs [K, n] are contiguous.
+// Row-block kernels for the low-rank products of the adapters on the CPU, a block of `mb` rows
+// of an activation at a time (row strides ldx / ldo; the small operands contiguous):
+//   rows_dot    (out [mb, r], X, V [r, n]):      out[m, j] = Σ_c X[m, c] V[j, c]     (X V^T)
+//   small_k_rows(out, lhs [mb, K], rhs [K, n]):  out[m, :] = Σ_j lhs[m, j] rhs[j, :]  (lhs rhs)
+// r and K are small (an adapter's rank; + 1 when a bias rides along as a column of ones).
+// small_k_rows skips coefficients that are exactly 0 (gated-off channels).
 //
-// Why not an ATen/MKL GEMM per block: MKL's small-K product writing into freshly allocated
-// (not yet faulted-in) pages measured 200 us per 64 x 2048 block against 23 us into warm
-// ones; this writer, 22 us into either. The loop is cloned for x86-64-v4 (AVX-512) and
-// x86-64-v3 (AVX2 + FMA) with a run-time pick (GCC target_clones), so it vectorizes wide
-// although the extension is built for the baseline ISA.
+// Why not ATen/MKL GEMMs per block: rows_dot streams X's rows in order, which the hardware
+// prefetchers follow when X comes from memory (measured 64 x 2048 blocks, in a layer: 70 us
+// against 91 us for MKL); MKL's small-K product writing into freshly allocated (not yet
+// faulted-in) pages measured 200 us per block against 23 us into warm ones, small_k_rows
+// 22-28 us into either. The loops are cloned for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2 +
+// FMA) with a run-time pick (cpu/simd.h), although the extension is built for the baseline.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +18,10 @@
 namespace fastcur {
 namespace cpu {
 
+void rows_dot(float* out, const float* X, int64_t ldx, const float* V, int64_t mb, int64_t r,
+              int64_t n);
+void rows_dot(double* out, const double* X, int64_t ldx, const double* V, int64_t mb, int64_t r,
+              int64_t n);
 void small_k_rows(float* out, int64_t ldo, const float* lhs, const float* rhs, int64_t mb,
                   int64_t K, int64_t n);
 void small_k_rows(double* out, int64_t ldo, const double* lhs, const double* rhs, int64_t mb,
