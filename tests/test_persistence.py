@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fastcur
-from model_zoo import ids, perturb_adapters, tiny_lm
+from tiny_models import ids, perturb_adapters, tiny_lm
 
 CONFIGS = {
     "lora": fastcur.LoRAConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
