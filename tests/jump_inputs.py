@@ -15,6 +15,25 @@ def _bf16_exact(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).double()
 
 
+def _draw(lead, k, n, r, bias, seed):
+    """x [*lead, k], W [n, k], b [n] (or None), A [r, k], B [n, r]: float64, bf16-exact."""
+    g = torch.Generator().manual_seed(seed)
+    W = _bf16_exact(torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5)
+    x = _bf16_exact(torch.randn(*lead, k, generator=g, dtype=torch.float64))
+    b = _bf16_exact(torch.randn(n, generator=g, dtype=torch.float64)) if bias else None
+    A = _bf16_exact(torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5)
+    B = _bf16_exact(torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5)
+    return x, W, b, A, B
+
+
+def _require_grads(named: dict, grads: str) -> None:
+    """Turn on requires_grad for the tensors `grads` names: all, the adapter's and x, or the params."""
+    wants = {"all": "x W b A B t", "adapter": "x A B t", "params": "A B t"}[grads].split()
+    for key, t in named.items():
+        if t is not None and key in wants:
+            t.requires_grad_(True)
+
+
 def place_theta(values: torch.Tensor, *, gap: bool, margin: float = 0.012, lo: float = 0.5,
                 hi: float = 1.0):
     """(log_theta [] float64, bandwidth, achieved margin) for the non-negative `values`."""
@@ -48,22 +67,13 @@ def jump_inputs(lead, k, n, r, *, gap: bool, seed: int = 0, bias: bool = True,
     With gap=True, seeds from `seed` on are tried until θ sits `margin` away from every |Z|.
     """
     for s in range(seed, seed + 200):
-        g = torch.Generator().manual_seed(s)
-        W = _bf16_exact(torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5)
-        x = _bf16_exact(torch.randn(*lead, k, generator=g, dtype=torch.float64))
-        b = _bf16_exact(torch.randn(n, generator=g, dtype=torch.float64)) if bias else None
-        A = _bf16_exact(torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5)
-        B = _bf16_exact(torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5)
+        x, W, b, A, B = _draw(lead, k, n, r, bias, seed=s)
         lt, bw, m = place_theta((B @ A).abs(), gap=gap, margin=margin)
         if not gap or m >= margin:
             break
     else:
         raise RuntimeError("no seed gave the requested margin")
-    wants = {"all": "x W b A B t", "adapter": "x A B t", "params": "A B t"}[grads].split()
-    named = dict(x=x, W=W, b=b, A=A, B=B, t=lt)
-    for key, t in named.items():
-        if t is not None and key in wants:
-            t.requires_grad_(True)
+    _require_grads(dict(x=x, W=W, b=b, A=A, B=B, t=lt), grads)
     return [x, W, b, A, B, lt], bw, m
 
 
@@ -71,12 +81,7 @@ def rank_inputs(lead, k, n, r, *, gap: bool, seed: int = 0, bias: bool = True, g
                 margin: float = 0.015):
     """[x, W, b, A, B, log_theta [r]] float64 masters and the bandwidth (see module doc)."""
     for s in range(seed, seed + 200):
-        g = torch.Generator().manual_seed(s)
-        W = _bf16_exact(torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5)
-        x = _bf16_exact(torch.randn(*lead, k, generator=g, dtype=torch.float64))
-        b = _bf16_exact(torch.randn(n, generator=g, dtype=torch.float64)) if bias else None
-        A = _bf16_exact(torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5)
-        B = _bf16_exact(torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5)
+        x, W, b, A, B = _draw(lead, k, n, r, bias, seed=s)
         h = (x.reshape(-1, k) @ A.T)
         lts, bws, ok = [], [], True
         for j in range(r):
@@ -101,9 +106,5 @@ def rank_inputs(lead, k, n, r, *, gap: bool, seed: int = 0, bias: bool = True, g
         raise RuntimeError("no seed gave the requested margin")
     lt = torch.stack(lts)
     bw = min(bws) if gap else max(bws)
-    wants = {"all": "x W b A B t", "adapter": "x A B t", "params": "A B t"}[grads].split()
-    named = dict(x=x, W=W, b=b, A=A, B=B, t=lt)
-    for key, t in named.items():
-        if t is not None and key in wants:
-            t.requires_grad_(True)
+    _require_grads(dict(x=x, W=W, b=b, A=A, B=B, t=lt), grads)
     return [x, W, b, A, B, lt], bw

@@ -1,6 +1,7 @@
 """Batches, greedy generation over right-padded rows, choice scoring, accuracy and perplexity,
 checked against a scripted model with hand-known answers and against unpadded one-row forwards
 (and Hugging Face's own generate/loss) of a random tiny Llama."""
+import functools
 import math
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from fastcur.continual import ByteTokenizer, Example, accuracy, lm_batches, perplexity, predict, training_batch
 from fastcur.continual.evaluate import answer_text, choice_scores, greedy_generate, model_logits
+from tiny_models import byte_llama
 
 TOK = ByteTokenizer()
 
@@ -40,14 +42,7 @@ class ScriptedLM(nn.Module):
         return SimpleNamespace(logits=logits)
 
 
-def tiny_llama(seed=0, vocab=TOK.vocab_size):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   pad_token_id=TOK.pad_token_id, bos_token_id=TOK.bos_token_id,
-                                   eos_token_id=TOK.eos_token_id)
-    return transformers.LlamaForCausalLM(cfg).eval()
+tiny_llama = functools.partial(byte_llama, intermediate_size=64, max_position_embeddings=256)
 
 
 def test_answer_text_joins_with_one_space():

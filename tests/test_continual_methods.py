@@ -3,6 +3,7 @@ trains, that a method's saved state (model + method) continues exactly as the un
 object would (what --resume relies on), the replay buffer, and EWC against explicit
 per-example gradients."""
 import copy
+import functools
 import random
 
 import pytest
@@ -10,7 +11,6 @@ import torch
 from torch import nn
 
 pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import fastcur  # noqa: E402
 from fastcur.continual.ewc import EWC  # noqa: E402
@@ -19,17 +19,13 @@ from fastcur.continual.methods import (MethodContext, available_methods, build_m
 from fastcur.continual.replay import ReplayBuffer  # noqa: E402
 from fastcur.continual.runner import train_task  # noqa: E402
 from fastcur.continual.tasks import Example, Task  # noqa: E402
+from tiny_models import byte_llama  # noqa: E402
 
 EXPECTED = ["seq", "lora", "lora-er", "lora-ewc", "curlora", "secura", "secura-merge", "jumplora-inclora",
             "jumplora-ella", "lalora-diag", "lalora-kfac", "imsm-lora"]
 
 
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                      pad_token_id=256, bos_token_id=257, eos_token_id=258)
-    return LlamaForCausalLM(cfg).eval()
+tiny_llama = functools.partial(byte_llama, num_hidden_layers=1, num_key_value_heads=4)
 
 
 def make_batch(examples):

@@ -8,6 +8,7 @@ import torch
 
 from fastcur.continual import ByteTokenizer, default_cache_dir, pretrain_info, pretrained_base, tiny_llama_config
 from fastcur.continual import pretrain as P
+from tiny_models import tiny_llama
 
 pytest.importorskip("transformers")
 
@@ -25,12 +26,9 @@ def test_config_sizes():
 
 
 def test_pretrain_loop_learns_a_small_corpus():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
     tok = ByteTokenizer()
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, max_position_embeddings=64))
+    model = tiny_llama(0, vocab_size=259, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=2)
     texts = ["Zorvak lives in Plimt.", "Q: Where does Zorvak live?\nA: Plimt"]
     log = P.pretrain(model, texts, tok, steps=40, batch_size=4, lr=1e-2, progress=False)
     assert len(log["losses"]) == 40 and log["seconds"] > 0

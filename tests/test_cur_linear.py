@@ -7,7 +7,9 @@ import fastcur
 from fastcur.ops import reference
 from fastcur.testing import check_against_reference
 
+from compile_check import assert_compiled_like_eager
 from conftest import available_backends
+from cur_inputs import base_inputs, c_and_r
 
 BACKENDS = available_backends("cur_linear")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -17,16 +19,9 @@ SHAPES = [((37,), 50, 45, 5), ((1,), 16, 16, 1), ((2, 3), 33, 70, 7), ((64,), 96
 
 def make_inputs(lead, k, n, r, *, tied, bias=True, grads="all", seed=0):
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
-    rows = torch.randperm(n, generator=g)[:r]
-    cols = torch.randperm(k, generator=g)[:r]
-    x = torch.randn(*lead, k, generator=g, dtype=torch.float64)
-    b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    W, rows, cols, x, b = base_inputs(g, lead, k, n, r, bias)
     U = torch.randn(r, r, generator=g, dtype=torch.float64) / r ** 0.5
-    C, R = W[:, cols].clone(), W[rows].clone()
-    if not tied:  # explicit C and R that are not slices of W
-        C = torch.randn(n, r, generator=g, dtype=torch.float64) / k ** 0.5
-        R = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
+    C, R = c_and_r(g, W, rows, cols, tied=tied)
     wants = {"all": "x W b C U R", "adapter": "x U", "U": "U"}[grads].split()
     named = {"x": x, "W": W, "b": b, "C": C, "U": U, "R": R}
     for name, t in named.items():
@@ -113,13 +108,7 @@ def test_torch_compile_fullgraph():
     def step(x, U):
         return fastcur.ops.cur_linear(x, W, b, C, U, R, 0.5, rows=rows, cols=cols).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss_c = compiled(x, U)
-    (gc,) = torch.autograd.grad(loss_c, U)
-    loss_e = step(x, U)
-    (ge,) = torch.autograd.grad(loss_e, U)
-    torch.testing.assert_close(loss_c, loss_e)
-    torch.testing.assert_close(gc, ge)
+    assert_compiled_like_eager(step, (x, U), [U], same_loss=True)
 
 
 @pytest.mark.cuda

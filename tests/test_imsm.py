@@ -3,6 +3,7 @@ two-copy reference (a deep-copied frozen model and the adapted model run separat
 SPEC §6 writes it, float64); gate 0.5 at init; cached generation equals recomputation; LoRA,
 CUR-LoRA and SECURA adapters; bad input."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 import fastcur
 from fastcur.ops import reference
+import tiny_models
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,12 +22,8 @@ METHODS = {
 }
 
 
-def tiny_llama(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      attn_implementation="sdpa")  # eager NaNs on padding in float64 (transformers 5.23)
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+# float64 by default; sdpa attention: eager NaNs on padding in float64 (transformers 5.23)
+tiny_llama = functools.partial(tiny_models.tiny_llama, dtype=torch.float64, attn_implementation="sdpa")
 
 
 def add_adapters(model, method="lora", seed=1):
@@ -41,7 +39,7 @@ def add_adapters(model, method="lora", seed=1):
 
 
 def make_imsm(method="lora", random_gate=True, dtype=torch.float64):
-    imsm = fastcur.IMSM(add_adapters(tiny_llama(dtype), method), gate_rank=8, gate_dropout=0.0)
+    imsm = fastcur.IMSM(add_adapters(tiny_llama(dtype=dtype), method), gate_rank=8, gate_dropout=0.0)
     if random_gate:
         with torch.no_grad():
             imsm.W_B.normal_(0, 0.3)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fastcur
-from model_zoo import ids, perturb_adapters, tiny_llama, tiny_lm
+from tiny_models import ids, perturb_adapters, tiny_llama, tiny_lm
 
 ALL = ["layers.0.q_proj", "layers.0.v_proj", "layers.0.up_proj", "layers.0.down_proj",
        "layers.1.q_proj", "layers.1.v_proj", "layers.1.up_proj", "layers.1.down_proj"]

@@ -8,6 +8,7 @@ import fastcur
 from fastcur.ops import reference
 from fastcur.testing import check_against_reference
 
+from compile_check import assert_compiled_like_eager
 from conftest import available_backends
 from jump_inputs import jump_inputs
 
@@ -153,14 +154,7 @@ def test_torch_compile_fullgraph():
     def step(x, A, B, lt):
         return fastcur.ops.jump_linear(x, W, b, A, B, lt, 1.5, 0.5).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss_c = compiled(x, A, B, lt)
-    gc = torch.autograd.grad(loss_c, [A, B, lt])
-    loss_e = step(x, A, B, lt)
-    ge = torch.autograd.grad(loss_e, [A, B, lt])
-    torch.testing.assert_close(loss_c, loss_e)
-    for a, e in zip(gc, ge):
-        torch.testing.assert_close(a, e)
+    assert_compiled_like_eager(step, (x, A, B, lt), [A, B, lt], same_loss=True)
 
 
 @pytest.mark.cuda

@@ -8,6 +8,7 @@ import fastcur
 from fastcur.ops import reference
 from fastcur.testing import check_against_reference
 
+from compile_check import assert_compiled_like_eager
 from conftest import available_backends
 from jump_inputs import rank_inputs
 
@@ -116,11 +117,7 @@ def test_torch_compile_fullgraph():
     def step(x, A, B, lt):
         return fastcur.ops.jump_rank_linear(x, W, b, A, B, lt, 1.5).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    gc = torch.autograd.grad(compiled(x, A, B, lt), [A, B])
-    ge = torch.autograd.grad(step(x, A, B, lt), [A, B])
-    for a, e in zip(gc, ge):
-        torch.testing.assert_close(a, e)
+    assert_compiled_like_eager(step, (x, A, B, lt), [A, B])
 
 
 @pytest.mark.cuda

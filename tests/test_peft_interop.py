@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fastcur
-from model_zoo import ids, perturb_adapters, tiny_llama, tiny_lm
+from tiny_models import ids, perturb_adapters, tiny_llama, tiny_lm
 
 peft = pytest.importorskip("peft")
 

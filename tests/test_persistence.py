@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fastcur
-from model_zoo import ids, perturb_adapters, tiny_lm
+from tiny_models import ids, perturb_adapters, tiny_lm
 
 CONFIGS = {
     "lora": fastcur.LoRAConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -236,9 +236,29 @@ def test_a_crash_between_the_two_files_is_detected(tmp_path, monkeypatch):
 
 
 # -- errors ---------------------------------------------------------------------------------------
-def _unchanged(model, grads):
+def _refused_unchanged(model, saved, match):
+    """load_adapter(model, saved) raises ValueError(match) and leaves the model as it was."""
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        fastcur.load_adapter(model, saved)
     assert not fastcur.adapter_modules(model)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+
+
+def _drop_hash(saved) -> dict:
+    """Remove weights_sha256 from the saved config (a hand-edited pair has no hash to check);
+    returns the config written."""
+    config = saved / "adapter_config.json"
+    doc = json.loads(config.read_text())
+    doc.pop("weights_sha256")
+    config.write_text(json.dumps(doc))
+    return doc
+
+
+def _rewrite_by_hand(saved, tensors):
+    """Write `tensors` over the saved weights, as a hand edit would (no hash)."""
+    save_file(tensors, saved / "adapter_model.safetensors")
+    _drop_hash(saved)
 
 
 @pytest.fixture
@@ -248,12 +268,8 @@ def saved(tmp_path):
 
 
 def test_wrong_base_names_each_module_and_shapes(saved):
-    model = tiny_lm(d=32)
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match=r"not the base.*module 'layers.0.q_proj' has weight shape \[out, in\] = "
-                                         r"\[32, 32\], the adapter was saved for \[24, 24\]"):
-        fastcur.load_adapter(model, saved)
-    _unchanged(model, grads)
+    _refused_unchanged(tiny_lm(d=32), saved, r"not the base.*module 'layers.0.q_proj' has weight shape "
+                                             r"\[out, in\] = \[32, 32\], the adapter was saved for \[24, 24\]")
     with pytest.raises(ValueError, match=r"module 'layers.1.q_proj' does not exist"):
         fastcur.load_adapter(tiny_lm(n=1), saved)
     with pytest.raises(ValueError, match=r"module 'layers.0.q_proj' is a CURLoRALinear, the adapter has a LoRALinear"):
@@ -268,36 +284,20 @@ def test_another_methods_adapter_is_refused(saved):
 
 
 def test_missing_and_extra_keys_are_listed(saved):
-    path = saved / "adapter_model.safetensors"
-    tensors = load_file(path)
+    tensors = load_file(saved / "adapter_model.safetensors")
     del tensors["layers.0.q_proj.lora_B.weight"]
     tensors["layers.0.q_proj.lora_C.weight"] = torch.zeros(2)
-    save_file(tensors, path)
-    doc = json.loads((saved / "adapter_config.json").read_text())
-    doc.pop("weights_sha256")                       # a hand-edited pair: no hash to check
-    (saved / "adapter_config.json").write_text(json.dumps(doc))
-    model = tiny_lm()
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match=r"missing keys: layers.0.q_proj.lora_B.weight; unexpected keys: "
-                                         r"layers.0.q_proj.lora_C.weight"):
-        fastcur.load_adapter(model, saved)
-    _unchanged(model, grads)
+    _rewrite_by_hand(saved, tensors)
+    _refused_unchanged(tiny_lm(), saved, r"missing keys: layers.0.q_proj.lora_B.weight; unexpected keys: "
+                                         r"layers.0.q_proj.lora_C.weight")
 
 
 def test_a_tensor_of_the_wrong_shape_names_it(saved):
-    path = saved / "adapter_model.safetensors"
-    tensors = load_file(path)
+    tensors = load_file(saved / "adapter_model.safetensors")
     tensors["layers.1.v_proj.lora_A.weight"] = torch.zeros(4, 23)
-    save_file(tensors, path)
-    doc = json.loads((saved / "adapter_config.json").read_text())
-    doc.pop("weights_sha256")
-    (saved / "adapter_config.json").write_text(json.dumps(doc))
-    model = tiny_lm()
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match=r"tensor layers.1.v_proj.lora_A.weight has shape \[4, 23\], module "
-                                         r"'layers.1.v_proj' needs \[4, 24\]"):
-        fastcur.load_adapter(model, saved)
-    _unchanged(model, grads)
+    _rewrite_by_hand(saved, tensors)
+    _refused_unchanged(tiny_lm(), saved, r"tensor layers.1.v_proj.lora_A.weight has shape \[4, 23\], module "
+                                         r"'layers.1.v_proj' needs \[4, 24\]")
 
 
 def test_corrupt_files_are_named(saved):
@@ -306,9 +306,7 @@ def test_corrupt_files_are_named(saved):
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"adapter_model.safetensors does not match adapter_config.json.*corrupt or truncated"):
         fastcur.load_adapter(tiny_lm(), saved)
-    doc = json.loads(config.read_text())
-    doc.pop("weights_sha256")
-    config.write_text(json.dumps(doc))
+    doc = _drop_hash(saved)
     with pytest.raises(ValueError, match=r"adapter_model.safetensors is not a readable safetensors file"):
         fastcur.load_adapter(tiny_lm(), saved)
     config.write_text(json.dumps(doc)[:-20])

@@ -9,7 +9,9 @@ import fastcur
 from fastcur.ops import reference
 from fastcur.testing import check_against_reference
 
+from compile_check import assert_compiled_like_eager
 from conftest import available_backends
+from cur_inputs import base_inputs, c_and_r
 
 BACKENDS = available_backends("secura_linear")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -20,18 +22,11 @@ NAMES = "x W b C A_c B_c R lb".split()
 
 def make_inputs(lead, k, n, r, a, *, tied, bias=True, lora_bias=True, grads="all", seed=0):
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
-    rows = torch.randperm(n, generator=g)[:r]
-    cols = torch.randperm(k, generator=g)[:r]
-    x = torch.randn(*lead, k, generator=g, dtype=torch.float64)
-    b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    W, rows, cols, x, b = base_inputs(g, lead, k, n, r, bias)
     A_c = torch.randn(a, r, generator=g, dtype=torch.float64) / r ** 0.5
     B_c = torch.randn(r, a, generator=g, dtype=torch.float64) / a ** 0.5
     lb = 0.1 * torch.randn(n, generator=g, dtype=torch.float64) if lora_bias else None
-    C, R = W[:, cols].clone(), W[rows].clone()
-    if not tied:
-        C = torch.randn(n, r, generator=g, dtype=torch.float64) / k ** 0.5
-        R = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
+    C, R = c_and_r(g, W, rows, cols, tied=tied)
     wants = {"all": NAMES, "adapter": ["x", "A_c", "B_c"], "core": ["A_c", "B_c"]}[grads]
     inputs = [x, W, b, C, A_c, B_c, R, lb]
     for name, t in zip(NAMES, inputs):
@@ -158,10 +153,7 @@ def test_torch_compile_fullgraph():
     def step(x, B_c):
         return fastcur.ops.secura_linear(x, W, b, C, A_c, B_c, R, lb, 0.5, rows=rows, cols=cols).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    (gc,) = torch.autograd.grad(compiled(x, B_c), B_c)
-    (ge,) = torch.autograd.grad(step(x, B_c), B_c)
-    torch.testing.assert_close(gc, ge)
+    assert_compiled_like_eager(step, (x, B_c), [B_c])
 
 
 @pytest.mark.cuda

@@ -1,8 +1,12 @@
-"""Tiny randomly initialised transformers causal LMs (built from configs, offline) and the
-adapter settings the model-level tests inject into them.
+"""Tiny models for the model-level tests, built offline with seeded random weights, and the
+adapter settings those tests inject into them.
 
-Sizes keep every test fast: hidden 32, 2 layers, 4 heads (2 key/value heads), vocab 96.
-Qwen2 has biases on q/k/v (so adapters over biased layers are exercised), Llama has none.
+- `tiny_lm`: a plain torch stack with HF-like names (`layers.0.q_proj`, `lm_head`), no
+  transformers needed.
+- `tiny_llama` / `byte_llama`: a LlamaForCausalLM, hidden 32, 4 heads (2 key/value heads);
+  each test file keeps its own sizes through LlamaConfig fields.
+- `tiny_causal_lm`: Llama or Qwen2 for the adapter-method tests (vocab 96). Qwen2 has biases on
+  q/k/v (so adapters over biased layers are exercised), Llama has none.
 """
 from __future__ import annotations
 
@@ -18,21 +22,92 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 VOCAB = 96
 
 
-def tiny_causal_lm(arch: str, seed: int = 0, layers: int = 2, dtype=torch.float32) -> nn.Module:
-    """A LlamaForCausalLM or Qwen2ForCausalLM with random weights (seeded), in eval mode."""
-    import transformers
+class Block(nn.Module):
+    def __init__(self, d: int, h: int):
+        super().__init__()
+        self.q_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d, bias=False)
+        self.up_proj, self.down_proj = nn.Linear(d, h), nn.Linear(h, d)
+        self.norm = nn.LayerNorm(d)
 
-    cls_cfg, cls_model = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
-                          "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[arch]
+    def forward(self, x):
+        x = x + self.v_proj(torch.tanh(self.q_proj(self.norm(x))))
+        return x + self.down_proj(torch.relu(self.up_proj(x)))
+
+
+class TinyLM(nn.Module):
+    """embed -> 2 blocks -> lm_head: names like `layers.0.q_proj`, an output head `lm_head`."""
+
+    def __init__(self, vocab: int = 29, d: int = 24, h: int = 40, n: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Block(d, h) for _ in range(n))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.layers:
+            x = block(x)
+        return self.lm_head(x)
+
+
+def tiny_lm(seed: int = 0, **kw) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM(**kw)
+
+
+def random_causal_lm(arch: str, seed: int = 0, dtype=torch.float32, **config) -> nn.Module:
+    """A transformers LlamaForCausalLM or Qwen2ForCausalLM built from the config fields `config`,
+    random weights (seeded), cast to `dtype`, in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**config)).to(dtype).eval()
+
+
+TINY_LLAMA = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32, **config) -> nn.Module:
+    """A random LlamaForCausalLM (seeded, eval mode): TINY_LLAMA's sizes, `config` over them."""
+    return random_causal_lm("llama", seed, dtype, **{**TINY_LLAMA, **config})
+
+
+def byte_llama(seed: int = 0, **config) -> nn.Module:
+    """`tiny_llama` over fastcur.continual.ByteTokenizer's 259 tokens (pad 256, bos 257, eos 258)."""
+    return tiny_llama(seed, **{"vocab_size": 259, "pad_token_id": 256, "bos_token_id": 257,
+                               "eos_token_id": 258, **config})
+
+
+def tiny_causal_lm(arch: str, seed: int = 0, layers: int = 2, dtype=torch.float32) -> nn.Module:
+    """A LlamaForCausalLM or Qwen2ForCausalLM over VOCAB tokens with random weights (seeded), in
+    eval mode."""
     # initializer_range 0.2 (HF's default is 0.02): the CUR methods build their adapters from
     # W's own columns and rows, and the default's tiny weights make their updates vanishingly small.
-    config = getattr(transformers, cls_cfg)(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    return random_causal_lm(
+        arch, seed, dtype, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         initializer_range=0.2, tie_word_embeddings=False, use_cache=True)
-    torch.manual_seed(seed)
-    model = getattr(transformers, cls_model)(config).to(dtype)
-    return model.eval()
+
+
+def ids(seed: int = 1, shape=(3, 7), vocab: int = 29) -> torch.Tensor:
+    """Random int64 token ids of `shape` (seeded); vocab 29 is TinyLM's."""
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def batch(n: int = 2, t: int = 8, seed: int = 1) -> torch.Tensor:
+    """[n, t] int64 token ids for `tiny_causal_lm`."""
+    return ids(seed, (n, t), VOCAB)
+
+
+@torch.no_grad()
+def perturb_adapters(model: nn.Module, seed: int = 3, std: float = 0.1) -> None:
+    """Give every trainable tensor random values, as training would (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
 
 
 def method_config(method: str) -> fastcur.AdapterConfig:
@@ -63,12 +138,6 @@ def inject_method(model: nn.Module, method: str) -> nn.Module:
 def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     """{name: parameter} of the trainable parameters."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def batch(n: int = 2, t: int = 8, seed: int = 1) -> torch.Tensor:
-    """[n, t] int64 token ids."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (n, t), generator=g)
 
 
 @pytest.fixture(scope="module")
