@@ -18,53 +18,32 @@ Shape fields: M tokens, n out features, k in features, r rank.
 """
 from __future__ import annotations
 
-import functools
-import math
 import sys
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 if __package__ in (None, ""):          # run as a script: use the installed package's runner
-    from fastcur.benchmarks.runner import Benchmark, Case, Prepared, main
+    from fastcur.benchmarks import providers
+    from fastcur.benchmarks.providers import FLOOR, PEFT_LORA, REFERENCE, SEED_CODE
+    from fastcur.benchmarks.runner import Benchmark, Case, Prepared, run_script
 else:
-    from .runner import Benchmark, Case, Prepared, main
+    from . import providers
+    from .providers import FLOOR, PEFT_LORA, REFERENCE, SEED_CODE
+    from .runner import Benchmark, Case, Prepared, run_script
 
-FLOOR = "nn.Linear (frozen)"
 FOCUS = "CURLoRALinear"
-REFERENCE = "reference (unfused)"
-SEED_CODE = "seed-code-style"
-PEFT_LORA = "PEFT LoRA"
 
 
-@functools.lru_cache(maxsize=1)
-def _host_data(M: int, n: int, k: int, seed: int):
-    """W [n, k], b [n], x [M, k] in float32 on the CPU, the same for every provider of a case."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(n, k, generator=g) / math.sqrt(k)
-    b = torch.randn(n, generator=g) * 0.1
-    x = torch.randn(M, k, generator=g)
-    U = torch.randn(64, 64, generator=g) * 0.02       # a nonzero adapter core (sliced to r x r)
-    return W, b, x, U
+def _draw_core(g: torch.Generator, shape: dict) -> tuple:
+    return (torch.randn(64, 64, generator=g) * 0.02,)     # a nonzero adapter core (sliced to r x r)
 
 
-def _linear(case: Case) -> tuple[nn.Linear, torch.Tensor]:
-    """A frozen nn.Linear with the case's weights and the input (requiring grad unless "infer");
-    each provider gets its own copies, so no provider reads another's tensors."""
-    M, n, k = case.shape["M"], case.shape["n"], case.shape["k"]
-    W, b, x, _ = _host_data(M, n, k, case.seed)
-    lin = nn.Linear(k, n, bias=True, device=case.device, dtype=case.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(W)
-        lin.bias.copy_(b)
-    lin.requires_grad_(False)
-    x = x.to(device=case.device, dtype=case.dtype).requires_grad_(case.requires_grad)
-    return lin, x
+_DATA = providers.SeededLinear(_draw_core)       # W, b, x, U
 
 
 def _u_init(case: Case, r: int) -> torch.Tensor:
-    _, _, _, U = _host_data(case.shape["M"], case.shape["n"], case.shape["k"], case.seed)
+    _, _, _, U = _DATA.host(case)
     if r <= U.shape[0]:
         core = U[:r, :r]
     else:
@@ -75,7 +54,7 @@ def _u_init(case: Case, r: int) -> torch.Tensor:
 def _cur_module(case: Case):
     import fastcur
 
-    lin, x = _linear(case)
+    lin, x = _DATA.linear(case)
     r = case.shape["r"]
     module = fastcur.CURLoRALinear.from_linear(lin, rank=r, scale=1.0, select="sample", seed=0)
     with torch.no_grad():
@@ -83,18 +62,12 @@ def _cur_module(case: Case):
     return module, x
 
 
-def nn_linear(case: Case) -> Prepared:
-    lin, x = _linear(case)
-    return Prepared(lambda: lin(x), leaves=[x])
-
-
 def cur_lora_linear(case: Case) -> Prepared:
     from fastcur.backend import resolve
 
     module, x = _cur_module(case)
-    leaves = [x, module.U] if case.requires_grad else []
     note = f"backend={resolve('cur_linear', case.device)}, {'tied' if module.tied else 'explicit C, R'}"
-    return Prepared(lambda: module(x), leaves=leaves, note=note)
+    return Prepared(lambda: module(x), leaves=providers.train_leaves(case, x, module.U), note=note)
 
 
 def reference_unfused(case: Case) -> Prepared:
@@ -103,8 +76,7 @@ def reference_unfused(case: Case) -> Prepared:
     module, x = _cur_module(case)
     W, b, C, R = module.weight, module.bias, module.C, module.R
     U = module.U
-    leaves = [x, U] if case.requires_grad else []
-    return Prepared(lambda: reference.cur_linear(x, W, b, C, U, R, 1.0), leaves=leaves)
+    return Prepared(lambda: reference.cur_linear(x, W, b, C, U, R, 1.0), leaves=providers.train_leaves(case, x, U))
 
 
 def seed_code_style(case: Case) -> Prepared:
@@ -116,41 +88,11 @@ def seed_code_style(case: Case) -> Prepared:
         # As the CURLoRA paper's code: the adapted weight is rebuilt (n x k) at every call.
         return F.linear(x, W + (C @ U) @ R, b)
 
-    leaves = [x, U] if case.requires_grad else []
-    return Prepared(forward, leaves=leaves, note="W + C U R per call, one F.linear")
-
-
-class _Holder(nn.Module):
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x):
-        return self.proj(x)
+    return Prepared(forward, leaves=providers.train_leaves(case, x, U), note="W + C U R per call, one F.linear")
 
 
 def peft_lora(case: Case) -> Prepared:
-    import peft
-    from peft import LoraConfig, get_peft_model
-
-    lin, x = _linear(case)
-    r = case.shape["r"]
-    config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["proj"], bias="none")
-    model = get_peft_model(_Holder(lin), config, autocast_adapter_dtype=False)
-    layer = model.base_model.model.proj                # peft.tuners.lora.Linear
-    g = torch.Generator().manual_seed(case.seed + 3)
-    with torch.no_grad():                              # a nonzero B, as after some training
-        B = layer.lora_B["default"].weight
-        B.copy_((torch.randn(B.shape, generator=g) * 0.02).to(B.dtype))
-    params = [p for p in model.parameters() if p.requires_grad]
-    leaves = [x, *params] if case.requires_grad else []
-    return Prepared(lambda: layer(x), leaves=leaves, note=f"peft {peft.__version__}")
-
-
-def flops(case: Case) -> float:
-    """The floor's useful work: x W^T (2 M n k), plus dy W (2 M n k) in fwd+bwd."""
-    M, n, k = case.shape["M"], case.shape["n"], case.shape["k"]
-    return 2.0 * M * n * k * (2 if case.mode == "fwd+bwd" else 1)
+    return providers.peft_adapter(case, *_DATA.linear(case), alpha=case.shape["r"])
 
 
 FULL_SHAPES = [(M, nk, nk, r) for M in (512, 2048) for nk in (1024, 2048, 4096) for r in (8, 16, 64)]
@@ -160,7 +102,7 @@ BENCHMARK = Benchmark(
     name="cur_linear",
     description="CUR-LoRA linear layer y = x W^T + b + s ((x R^T) U^T) C^T (SPEC §2), x [M, k], W [n, k], rank r",
     providers={
-        FLOOR: nn_linear,
+        FLOOR: _DATA.floor,
         FOCUS: cur_lora_linear,
         REFERENCE: reference_unfused,
         SEED_CODE: seed_code_style,
@@ -175,10 +117,10 @@ BENCHMARK = Benchmark(
     dtypes=("float32", "bfloat16"),
     quick_dtypes=("float32",),
     modes=("fwd", "fwd+bwd"),
-    flops=flops,
+    flops=providers.linear_flops,
     details={"bias": True, "scale": 1.0, "select": "sample", "peft_autocast_adapter_dtype": False},
 )
 
 
 if __name__ == "__main__":
-    sys.exit(main(["cur_linear", *sys.argv[1:]]))
+    sys.exit(run_script("cur_linear"))

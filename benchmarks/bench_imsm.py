@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 if __package__ in (None, ""):          # run as a script: use the installed package's runner
-    from fastcur.benchmarks.runner import Benchmark, Case, Prepared, Skip, main
+    from fastcur.benchmarks.providers import trainable_parameters
+    from fastcur.benchmarks.runner import Benchmark, Case, Prepared, Skip, run_script
 else:
-    from .runner import Benchmark, Case, Prepared, Skip, main
+    from .providers import trainable_parameters
+    from .runner import Benchmark, Case, Prepared, Skip, run_script
 
 FLOOR = "adapted model (plain)"
 FOCUS = "IMSM (fastcur)"
@@ -101,10 +103,6 @@ def _mbytes(*modules: nn.Module) -> float:
     return total / 2**20
 
 
-def _trainable(*modules: nn.Module) -> list:
-    return [p for m in modules for p in m.parameters() if p.requires_grad]
-
-
 class PaperGate(nn.Module):
     """The paper's gate as its code writes it: the concatenation is formed, then two Linears."""
 
@@ -131,7 +129,7 @@ def _prompt_mean(h, prompt_lengths):
 def plain_step(case: Case) -> Prepared:
     model = _adapted_llama(case).train()
     ids, _, labels = _batch(case)
-    return Prepared(lambda: model(input_ids=ids, labels=labels).loss, leaves=_trainable(model),
+    return Prepared(lambda: model(input_ids=ids, labels=labels).loss, leaves=trainable_parameters(model),
                     note=f"weights={_mbytes(model):.1f} MiB")
 
 
@@ -141,7 +139,7 @@ def imsm_step(case: Case) -> Prepared:
 
     imsm = fastcur.IMSM(_adapted_llama(case), gate_rank=GATE_RANK, gate_dropout=GATE_DROPOUT).train()
     ids, pl, labels = _batch(case)
-    return Prepared(lambda: imsm(ids, prompt_lengths=pl, labels=labels).loss, leaves=_trainable(imsm),
+    return Prepared(lambda: imsm(ids, prompt_lengths=pl, labels=labels).loss, leaves=trainable_parameters(imsm),
                     note=f"weights={_mbytes(imsm):.1f} MiB, gate backend={resolve('imsm_gate', case.device)}")
 
 
@@ -151,7 +149,7 @@ def imsm_sequential_step(case: Case) -> Prepared:
     imsm = fastcur.IMSM(_adapted_llama(case), gate_rank=GATE_RANK, gate_dropout=GATE_DROPOUT,
                         train_streams="sequential").train()
     ids, pl, labels = _batch(case)
-    return Prepared(lambda: imsm(ids, prompt_lengths=pl, labels=labels).loss, leaves=_trainable(imsm),
+    return Prepared(lambda: imsm(ids, prompt_lengths=pl, labels=labels).loss, leaves=trainable_parameters(imsm),
                     note=f"weights={_mbytes(imsm):.1f} MiB")
 
 
@@ -171,7 +169,8 @@ def two_copy_step(case: Case) -> Prepared:
         logits = tuned.lm_head(gate(h, h_tuned, _prompt_mean(h, pl), _prompt_mean(h_tuned, pl)))
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
-    return Prepared(forward, leaves=_trainable(tuned, gate), note=f"weights={_mbytes(tuned, frozen, gate):.1f} MiB")
+    return Prepared(forward, leaves=trainable_parameters(tuned, gate),
+                    note=f"weights={_mbytes(tuned, frozen, gate):.1f} MiB")
 
 
 # -- generation (mode infer: forward decodes N new tokens greedily) ----------------------------------
@@ -276,6 +275,4 @@ BENCHMARKS = {"generate": GENERATE}
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    part = args.pop(0) if args and args[0] in BENCHMARKS else None
-    sys.exit(main([f"imsm:{part}" if part else "imsm", *args]))
+    sys.exit(run_script("imsm", BENCHMARKS))

@@ -27,25 +27,23 @@ Shape fields: M tokens, n out features, k in features, r rank.
 """
 from __future__ import annotations
 
-import functools
 import math
 import sys
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 if __package__ in (None, ""):          # run as a script: use the installed package's runner
-    from fastcur.benchmarks.runner import Benchmark, Case, Prepared, main
+    from fastcur.benchmarks import providers
+    from fastcur.benchmarks.providers import FLOOR, PEFT_LORA, REFERENCE, SEED_CODE
+    from fastcur.benchmarks.runner import Benchmark, Case, Prepared, run_script
 else:
-    from .runner import Benchmark, Case, Prepared, main
+    from . import providers
+    from .providers import FLOOR, PEFT_LORA, REFERENCE, SEED_CODE
+    from .runner import Benchmark, Case, Prepared, run_script
 
-FLOOR = "nn.Linear (frozen)"
 FOCUS = "JumpLoRALinear (weight)"
 RANK_GATE = "JumpLoRALinear (rank)"
-REFERENCE = "reference (unfused)"
-SEED_CODE = "seed-code-style"
-PEFT_LORA = "PEFT LoRA"
 ELLA_FUSED = "+ ELLA fused"
 ELLA_SEPARATE = "+ ELLA separate"
 ALPHA = 32.0
@@ -53,36 +51,23 @@ F_VALUE = 1.0
 BANDWIDTH = 1e-3
 
 
-@functools.lru_cache(maxsize=1)
-def _host_data(M: int, n: int, k: int, r: int, seed: int):
-    """W [n, k], b [n], x [M, k], A [r, k], B [n, r] (float32, CPU), shared by the providers."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(n, k, generator=g) / math.sqrt(k)
-    b = torch.randn(n, generator=g) * 0.1
-    x = torch.randn(M, k, generator=g)
+def _draw_adapter(g: torch.Generator, shape: dict) -> tuple:
+    """A [r, k], B [n, r]: a trained-looking adapter (nonzero B)."""
+    n, k, r = shape["n"], shape["k"], shape["r"]
     A = torch.randn(r, k, generator=g) / math.sqrt(k)
-    B = torch.randn(n, r, generator=g) * 0.02      # a trained-looking, nonzero B
-    return W, b, x, A, B
+    B = torch.randn(n, r, generator=g) * 0.02
+    return A, B
 
 
-def _linear(case: Case) -> tuple[nn.Linear, torch.Tensor]:
-    M, n, k, r = (case.shape[f] for f in ("M", "n", "k", "r"))
-    W, b, x, _, _ = _host_data(M, n, k, r, case.seed)
-    lin = nn.Linear(k, n, bias=True, device=case.device, dtype=case.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(W)
-        lin.bias.copy_(b)
-    lin.requires_grad_(False)
-    x = x.to(device=case.device, dtype=case.dtype).requires_grad_(case.requires_grad)
-    return lin, x
+_DATA = providers.SeededLinear(_draw_adapter)      # W, b, x, A, B
 
 
 def _jump_module(case: Case, gate: str):
     import fastcur
 
-    lin, x = _linear(case)
-    M, n, k, r = (case.shape[f] for f in ("M", "n", "k", "r"))
-    _, _, _, A, B = _host_data(M, n, k, r, case.seed)
+    lin, x = _DATA.linear(case)
+    r = case.shape["r"]
+    _, _, _, A, B = _DATA.host(case)
     module = fastcur.JumpLoRALinear.from_linear(lin, rank=r, alpha=ALPHA, gate=gate, f=F_VALUE,
                                                 bandwidth=BANDWIDTH)
     with torch.no_grad():
@@ -129,14 +114,7 @@ def ella_separate(case: Case) -> Prepared:
 
 
 def _trainable(module, x, case):
-    if not case.requires_grad:
-        return []
-    return [x, module.lora_A.weight, module.lora_B.weight, module.threshold.log_theta]
-
-
-def nn_linear(case: Case) -> Prepared:
-    lin, x = _linear(case)
-    return Prepared(lambda: lin(x), leaves=[x])
+    return providers.train_leaves(case, x, module.lora_A.weight, module.lora_B.weight, module.threshold.log_theta)
 
 
 def _jump(case: Case, gate: str) -> Prepared:
@@ -225,37 +203,8 @@ def seed_code_style(case: Case) -> Prepared:
                     note="delta_W = B A, two JumpReLU Functions, second full GEMM")
 
 
-class _Holder(nn.Module):
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def peft_lora(case: Case) -> Prepared:
-    import peft
-    from peft import LoraConfig, get_peft_model
-
-    lin, x = _linear(case)
-    r = case.shape["r"]
-    config = LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["proj"], bias="none")
-    model = get_peft_model(_Holder(lin), config, autocast_adapter_dtype=False)
-    layer = model.base_model.model.proj
-    g = torch.Generator().manual_seed(case.seed + 3)
-    with torch.no_grad():
-        Bw = layer.lora_B["default"].weight
-        Bw.copy_((torch.randn(Bw.shape, generator=g) * 0.02).to(Bw.dtype))
-    params = [p for p in model.parameters() if p.requires_grad]
-    leaves = [x, *params] if case.requires_grad else []
-    return Prepared(lambda: layer(x), leaves=leaves, note=f"peft {peft.__version__}")
-
-
-def flops(case: Case) -> float:
-    """The floor's useful work: x W^T (2 M n k), plus dy W (2 M n k) in fwd+bwd."""
-    M, n, k = case.shape["M"], case.shape["n"], case.shape["k"]
-    return 2.0 * M * n * k * (2 if case.mode == "fwd+bwd" else 1)
+    return providers.peft_adapter(case, *_DATA.linear(case), alpha=ALPHA)
 
 
 FULL_SHAPES = [(M, nk, nk, r) for M in (512, 2048) for nk in (1024, 2048, 4096) for r in (8, 16)]
@@ -266,7 +215,7 @@ BENCHMARK = Benchmark(
     description="JumpLoRA linear layer y = x (W + ΔW)^T + b, ΔW = s (f J(B A) + (1-f) B A) "
                 "(SPEC §4), x [M, k], W [n, k], rank r; rank-gated variant alongside",
     providers={
-        FLOOR: nn_linear,
+        FLOOR: _DATA.floor,
         FOCUS: jump_weight,
         RANK_GATE: jump_rank,
         REFERENCE: reference_unfused,
@@ -284,11 +233,11 @@ BENCHMARK = Benchmark(
     dtypes=("float32", "bfloat16"),
     quick_dtypes=("float32",),
     modes=("fwd", "fwd+bwd"),
-    flops=flops,
+    flops=providers.linear_flops,
     details={"bias": True, "alpha": ALPHA, "f": F_VALUE, "bandwidth": BANDWIDTH,
              "theta": "exact reset (weight gate); per-channel median of h (rank gate)"},
 )
 
 
 if __name__ == "__main__":
-    sys.exit(main(["jumplora", *sys.argv[1:]]))
+    sys.exit(run_script("jumplora"))

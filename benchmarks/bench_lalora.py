@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 if __package__ in (None, ""):          # run as a script: use the installed package's runner
-    from fastcur.benchmarks.runner import Benchmark, Case, Prepared, Skip, main
+    from fastcur.benchmarks.runner import Benchmark, Case, Prepared, Skip, run_script
 else:
-    from .runner import Benchmark, Case, Prepared, Skip, main
+    from .runner import Benchmark, Case, Prepared, Skip, run_script
 
 FLOOR = "baseline"
 FOCUS = "fastcur"
@@ -214,4 +214,4 @@ BENCHMARK = Benchmark(
 
 
 if __name__ == "__main__":
-    sys.exit(main(["lalora", *sys.argv[1:]]))
+    sys.exit(run_script("lalora"))

@@ -22,52 +22,29 @@ inner rank a, a nonzero B_c as after some training):
 """
 from __future__ import annotations
 
-import functools
 import math
 import sys
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 if __package__ in (None, ""):          # run as a script: use the installed package's runner
-    from fastcur.benchmarks.runner import Benchmark, Case, Prepared, main
+    from fastcur.benchmarks import providers
+    from fastcur.benchmarks.providers import FLOOR, PEFT_DORA, PEFT_LORA, REFERENCE, SEED_CODE
+    from fastcur.benchmarks.runner import Benchmark, Case, Prepared, run_script
 else:
-    from .runner import Benchmark, Case, Prepared, main
+    from . import providers
+    from .providers import FLOOR, PEFT_DORA, PEFT_LORA, REFERENCE, SEED_CODE
+    from .runner import Benchmark, Case, Prepared, run_script
 
-FLOOR = "nn.Linear (frozen)"
 FOCUS = "SecuraLinear"
-REFERENCE = "reference (unfused)"
-SEED_CODE = "seed-code-style"
-PEFT_DORA = "PEFT DoRA"
-PEFT_LORA = "PEFT LoRA"
-
-
-@functools.lru_cache(maxsize=1)
-def _host_data(M: int, n: int, k: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(n, k, generator=g) / math.sqrt(k)
-    b = torch.randn(n, generator=g) * 0.1
-    x = torch.randn(M, k, generator=g)
-    return W, b, x
-
-
-def _linear(case: Case) -> tuple[nn.Linear, torch.Tensor]:
-    M, n, k = case.shape["M"], case.shape["n"], case.shape["k"]
-    W, b, x = _host_data(M, n, k, case.seed)
-    lin = nn.Linear(k, n, bias=True, device=case.device, dtype=case.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(W)
-        lin.bias.copy_(b)
-    lin.requires_grad_(False)
-    x = x.to(device=case.device, dtype=case.dtype).requires_grad_(case.requires_grad)
-    return lin, x
+_DATA = providers.SeededLinear()        # W, b, x
 
 
 def _secura_module(case: Case, **options):
     import fastcur
 
-    lin, x = _linear(case)
+    lin, x = _DATA.linear(case)
     module = fastcur.SecuraLinear.from_linear(lin, rank=case.shape["r"], inner_rank=case.shape["a"], **options)
     g = torch.Generator().manual_seed(case.seed + 5)
     with torch.no_grad():  # a nonzero adapter, as after some training
@@ -75,27 +52,20 @@ def _secura_module(case: Case, **options):
     return module, x
 
 
-def nn_linear(case: Case) -> Prepared:
-    lin, x = _linear(case)
-    return Prepared(lambda: lin(x), leaves=[x])
-
-
 def secura_linear(case: Case) -> Prepared:
     from fastcur.backend import resolve
 
     module, x = _secura_module(case)
-    leaves = [x, module.A_c, module.B_c] if case.requires_grad else []
     note = f"backend={resolve('secura_linear', case.device)}, {'tied' if module.tied else 'explicit C, R'}"
-    return Prepared(lambda: module(x), leaves=leaves, note=note)
+    return Prepared(lambda: module(x), leaves=providers.train_leaves(case, x, module.A_c, module.B_c), note=note)
 
 
 def reference_unfused(case: Case) -> Prepared:
     from fastcur.ops import reference
 
     m, x = _secura_module(case)
-    leaves = [x, m.A_c, m.B_c] if case.requires_grad else []
     return Prepared(lambda: reference.secura_linear(x, m.weight, m.bias, m.C, m.A_c, m.B_c, m.R, None, 1.0),
-                    leaves=leaves)
+                    leaves=providers.train_leaves(case, x, m.A_c, m.B_c))
 
 
 def seed_code_style(case: Case) -> Prepared:
@@ -114,56 +84,23 @@ def seed_code_style(case: Case) -> Prepared:
             S = torch.where(L.max() == 0, torch.full_like(S, 2.0), S)
         return (y0 + (y0 + d)) / S
 
-    leaves = [x, A, B] if case.requires_grad else []
-    return Prepared(forward, leaves=leaves, note="ΔW = C A^T B^T R per call, 2 full GEMMs, eager SigNorm")
-
-
-class _Holder(nn.Module):
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x):
-        return self.proj(x)
-
-
-def _peft(case: Case, dora: bool) -> Prepared:
-    import peft
-    from peft import LoraConfig, get_peft_model
-
-    lin, x = _linear(case)
-    r = case.shape["r"]
-    config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["proj"], bias="none",
-                        use_dora=dora)
-    model = get_peft_model(_Holder(lin), config, autocast_adapter_dtype=False)
-    layer = model.base_model.model.proj
-    g = torch.Generator().manual_seed(case.seed + 3)
-    with torch.no_grad():
-        Bw = layer.lora_B["default"].weight
-        Bw.copy_((torch.randn(Bw.shape, generator=g) * 0.02).to(Bw.dtype))
-    params = [p for p in model.parameters() if p.requires_grad]
-    leaves = [x, *params] if case.requires_grad else []
-    return Prepared(lambda: layer(x), leaves=leaves, note=f"peft {peft.__version__}")
+    return Prepared(forward, leaves=providers.train_leaves(case, x, A, B),
+                    note="ΔW = C A^T B^T R per call, 2 full GEMMs, eager SigNorm")
 
 
 def peft_dora(case: Case) -> Prepared:
-    return _peft(case, True)
+    return providers.peft_adapter(case, *_DATA.linear(case), alpha=case.shape["r"], dora=True)
 
 
 def peft_lora(case: Case) -> Prepared:
-    return _peft(case, False)
-
-
-def flops(case: Case) -> float:
-    M, n, k = case.shape["M"], case.shape["n"], case.shape["k"]
-    return 2.0 * M * n * k * (2 if case.mode == "fwd+bwd" else 1)
+    return providers.peft_adapter(case, *_DATA.linear(case), alpha=case.shape["r"])
 
 
 BENCHMARK = Benchmark(
     name="secura",
     description="SECURA layer y = signorm(x W^T + b, s (((x R^T) B_c) A_c) C^T) (SPEC §3), x [M, k], W [n, k], "
                 "rank r, inner rank a",
-    providers={FLOOR: nn_linear, FOCUS: secura_linear, REFERENCE: reference_unfused, SEED_CODE: seed_code_style,
+    providers={FLOOR: _DATA.floor, FOCUS: secura_linear, REFERENCE: reference_unfused, SEED_CODE: seed_code_style,
                PEFT_DORA: peft_dora, PEFT_LORA: peft_lora},
     floor=FLOOR,
     focus=FOCUS,
@@ -174,7 +111,7 @@ BENCHMARK = Benchmark(
     dtypes=("float32", "bfloat16"),
     quick_dtypes=("float32",),
     modes=("fwd", "fwd+bwd"),
-    flops=flops,
+    flops=providers.linear_flops,
     details={"bias": True, "scale": 1.0, "norm": "max", "scope": "token", "peft_autocast_adapter_dtype": False},
 )
 
@@ -203,7 +140,7 @@ def signorm_eager(case: Case) -> Prepared:
             S = torch.where(mx == 0, torch.full_like(S, 2.0), S)
         return ((y0 + (y0 + d)) / S).to(y0.dtype)
 
-    return Prepared(forward, leaves=[y0, d] if case.requires_grad else [])
+    return Prepared(forward, leaves=providers.train_leaves(case, y0, d))
 
 
 def signorm_fastcur(case: Case) -> Prepared:
@@ -211,7 +148,7 @@ def signorm_fastcur(case: Case) -> Prepared:
     from fastcur.backend import resolve
 
     y0, d = _signorm_inputs(case)
-    return Prepared(lambda: fastcur.ops.signorm(y0, d), leaves=[y0, d] if case.requires_grad else [],
+    return Prepared(lambda: fastcur.ops.signorm(y0, d), leaves=providers.train_leaves(case, y0, d),
                     note=f"backend={resolve('signorm', case.device)}")
 
 
@@ -278,6 +215,4 @@ BENCHMARKS = {"signorm": SIGNORM, "signorm_merge": SIGNORM_MERGE}
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    part = args.pop(0) if args and args[0] in BENCHMARKS else None
-    sys.exit(main([f"secura:{part}" if part else "secura", *args]))
+    sys.exit(run_script("secura", BENCHMARKS))

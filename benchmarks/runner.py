@@ -857,5 +857,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def run_script(name: str, parts: dict | None = None) -> int:
+    """What `python benchmarks/bench_<name>.py [PART] [ARGS...]` runs: `main` on the benchmark
+    `name`, or on `name:PART` when the first argument is one of `parts` (the module's BENCHMARKS)."""
+    args = sys.argv[1:]
+    part = args.pop(0) if args and parts and args[0] in parts else None
+    return main([f"{name}:{part}" if part else name, *args])
+
+
 if __name__ == "__main__":
     sys.exit(main())
