@@ -44,6 +44,22 @@ inline void check_floating(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
+// A linear layer's weight [n, k] (floating) and its input x [*, k] of weight's dtype and device.
+inline void check_linear_input(const at::Tensor& x, const at::Tensor& weight) {
+  check_floating(weight, "weight");
+  check_matrix(weight, "weight", -1, -1);
+  check_matrix(x, "x", -1, weight.size(1));
+  check_like(x, "x", weight, "weight");
+}
+
+// An optional vector [len] (a bias) of weight's dtype and device.
+inline void check_bias(const c10::optional<at::Tensor>& bias, const char* name, int64_t len,
+                       const at::Tensor& weight) {
+  if (!bias.has_value()) return;
+  check_vector(*bias, name, len);
+  check_like(*bias, name, weight, "weight");
+}
+
 inline void check_index(const c10::optional<at::Tensor>& idx, const char* name, int64_t len,
                         const at::Tensor& ref) {
   if (!idx.has_value()) return;

@@ -4,7 +4,8 @@
 // supplies two primitives:
 //   gather_columns(src [M, N], idx [r]) -> [M, r]          the tied fast path's gather
 //   rank_update_(out [M, N], z [M, r], E [N, r], bias?, s)   out += s * z E^T (+ bias),
-//                                                          one pass over out
+//                                                          one pass over out (on the CPU
+//                                                          csrc/rank_update.h's addmm)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,16 +17,11 @@
 
 namespace fastcur {
 
-inline void check_cur_linear_args(const at::Tensor& x, const at::Tensor& weight,
-                                  const c10::optional<at::Tensor>& bias, const at::Tensor& C,
-                                  const at::Tensor& U, const at::Tensor& R,
-                                  const c10::optional<at::Tensor>& rows,
-                                  const c10::optional<at::Tensor>& cols) {
-  check_floating(weight, "weight");
-  check_matrix(weight, "weight", -1, -1);
+// The CUR factors of weight [n, k]: U [r, r], C [n, r], R [r, k], with weight's dtype and device
+// (shared with signorm_merge, which merges them into the weight).
+inline void check_cur_factors(const at::Tensor& weight, const at::Tensor& C, const at::Tensor& U,
+                              const at::Tensor& R) {
   const int64_t n = weight.size(0), k = weight.size(1);
-  check_matrix(x, "x", -1, k);
-  check_like(x, "x", weight, "weight");
   check_matrix(U, "U", -1, -1);
   const int64_t r = U.size(0);
   check_matrix(U, "U", r, r);
@@ -34,12 +30,18 @@ inline void check_cur_linear_args(const at::Tensor& x, const at::Tensor& weight,
   check_like(U, "U", weight, "weight");
   check_like(C, "C", weight, "weight");
   check_like(R, "R", weight, "weight");
-  if (bias.has_value()) {
-    check_vector(*bias, "bias", n);
-    check_like(*bias, "bias", weight, "weight");
-  }
-  check_index(rows, "rows", r, weight);
-  check_index(cols, "cols", r, weight);
+}
+
+inline void check_cur_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias, const at::Tensor& C,
+                                  const at::Tensor& U, const at::Tensor& R,
+                                  const c10::optional<at::Tensor>& rows,
+                                  const c10::optional<at::Tensor>& cols) {
+  check_linear_input(x, weight);
+  check_cur_factors(weight, C, U, R);
+  check_bias(bias, "bias", weight.size(0), weight);
+  check_index(rows, "rows", U.size(0), weight);
+  check_index(cols, "cols", U.size(0), weight);
 }
 
 template <typename Gather, typename RankUpdate>

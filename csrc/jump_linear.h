@@ -57,15 +57,9 @@ inline void check_jump_factors(const at::Tensor& weight_like, int64_t n, int64_t
 inline void check_jump_linear_args(const at::Tensor& x, const at::Tensor& weight,
                                    const c10::optional<at::Tensor>& bias, const at::Tensor& A,
                                    const at::Tensor& B, const at::Tensor& log_theta) {
-  check_floating(weight, "weight");
-  check_matrix(weight, "weight", -1, -1);
-  check_matrix(x, "x", -1, weight.size(1));
-  check_like(x, "x", weight, "weight");
+  check_linear_input(x, weight);
   check_jump_factors(weight, weight.size(0), weight.size(1), A, B, log_theta, -1);
-  if (bias.has_value()) {
-    check_vector(*bias, "bias", weight.size(0));
-    check_like(*bias, "bias", weight, "weight");
-  }
+  check_bias(bias, "bias", weight.size(0), weight);
 }
 
 inline void check_w_past(const at::Tensor& W_past, const at::Tensor& weight) {

@@ -20,16 +20,10 @@ inline void check_jump_rank_linear_args(const at::Tensor& x, const at::Tensor& w
                                         const c10::optional<at::Tensor>& bias,
                                         const at::Tensor& A, const at::Tensor& B,
                                         const at::Tensor& log_theta) {
-  check_floating(weight, "weight");
-  check_matrix(weight, "weight", -1, -1);
-  check_matrix(x, "x", -1, weight.size(1));
-  check_like(x, "x", weight, "weight");
+  check_linear_input(x, weight);
   check_matrix(A, "A", -1, weight.size(1));
   check_jump_factors(weight, weight.size(0), weight.size(1), A, B, log_theta, A.size(0));
-  if (bias.has_value()) {
-    check_vector(*bias, "bias", weight.size(0));
-    check_like(*bias, "bias", weight, "weight");
-  }
+  check_bias(bias, "bias", weight.size(0), weight);
 }
 
 inline void check_jump_rank_bwd_args(const at::Tensor& grad_y, const at::Tensor& x,

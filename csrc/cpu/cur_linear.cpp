@@ -1,10 +1,12 @@
-// cur_linear on the CPU: ATen GEMMs (MKL / oneDNN) plus two fused primitives.
+// cur_linear on the CPU: ATen GEMMs (MKL / oneDNN) plus the gather of the tied fast path;
+// the rank update is csrc/rank_update.h's single addmm.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cur_linear.h"
+#include "rank_update.h"
 
 namespace fastcur {
 namespace {
@@ -33,26 +35,12 @@ at::Tensor gather_columns_cpu(const at::Tensor& src_in, const at::Tensor& idx_in
   return out;
 }
 
-// out += s * z E^T (+ bias) as ONE BLAS call with beta = 1: the bias rides along as an extra
-// rank-1 term ([z | 1] @ [s E^T ; b]), so the epilogue reads and writes `out` exactly once.
-// A hand-written rank-r loop measured slower than MKL's rank-17 GEMM here (AVX-512 BLAS vs
-// baseline-ISA compiler output), and BLAS accumulates bfloat16 in float32 as well.
-void rank_update_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& E,
-                     const c10::optional<at::Tensor>& bias, double scale) {
-  at::Tensor lhs = z, rhs = E.t().mul(scale);
-  if (bias.has_value()) {
-    lhs = at::cat({z, at::ones({z.size(0), 1}, z.options())}, 1);
-    rhs = at::cat({rhs, bias->unsqueeze(0)}, 0);
-  }
-  out.addmm_(lhs, rhs);
-}
-
 std::tuple<at::Tensor, at::Tensor> cur_linear_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& C, const at::Tensor& U, const at::Tensor& R, double scale,
     const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& cols) {
   return cur_linear_forward(x, weight, bias, C, U, R, scale, rows, cols, gather_columns_cpu,
-                            rank_update_cpu);
+                            rank_update_addmm);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cur_linear_bwd_cpu(
@@ -60,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cur_linear_bwd_cpu(
     const at::Tensor& U, const at::Tensor& R, const at::Tensor& h, double scale,
     const c10::optional<at::Tensor>& cols, bool need_dx) {
   return cur_linear_backward(grad_y, x, weight, C, U, R, h, scale, cols, need_dx,
-                             gather_columns_cpu, rank_update_cpu);
+                             gather_columns_cpu, rank_update_addmm);
 }
 
 }  // namespace

@@ -55,22 +55,11 @@ inline void preact_row(const acc_t* z, const acc_t* Wb, int64_t d, int64_t r, ac
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> imsm_gate_cpu(const at::Tensor& h_in, const at::Tensor& ht_in,
-                                                 const at::Tensor& q, const at::Tensor& qt,
-                                                 const at::Tensor& W_A, const at::Tensor& W_B,
-                                                 const c10::optional<at::Tensor>& mask_in) {
-  const ImsmDims s = check_imsm_inputs(h_in, ht_in, q, qt, W_A, W_B, mask_in);
+// out = h' + σ((c + h A2 + h' A3) W_B) (h - h') row by row; z kept for the backward.
+void fwd_rows_cpu(const at::Tensor& h, const at::Tensor& ht, const at::Tensor& mask, const at::Tensor& c,
+                  const at::Tensor& A2, const at::Tensor& A3, const at::Tensor& Wb, const ImsmDims& s,
+                  at::Tensor& out, at::Tensor& z) {
   const int64_t M = s.B * s.T, d = s.d, r = s.r, T = s.T;
-  const at::Tensor h = h_in.contiguous(), ht = ht_in.contiguous();
-  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  at::Tensor out = at::empty_like(h);
-  at::Tensor z = at::empty({s.B, s.T, r}, h.options().dtype(imsm_acc_type(h.scalar_type())));
-  if (M == 0 || d == 0) {
-    z.zero_();
-    return {out, z};
-  }
-  at::Tensor c, A2, A3, Wb;
-  std::tie(c, A2, A3, Wb) = imsm_prepare(q, qt, W_A, W_B, d);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "imsm_gate_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *hp = h.data_ptr<scalar_t>(), *tp = ht.data_ptr<scalar_t>();
@@ -95,106 +84,96 @@ std::tuple<at::Tensor, at::Tensor> imsm_gate_cpu(const at::Tensor& h_in, const a
       }
     });
   });
-  return {out, z};
 }
 
-// Returns (dh [B, T, d] or empty, dh_tuned or empty, dq [B, d], dq_tuned, dW_A [4d, r], dW_B [r, d]).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> imsm_gate_bwd_cpu(
-    const at::Tensor& grad_in, const at::Tensor& h_in, const at::Tensor& ht_in, const at::Tensor& q,
-    const at::Tensor& qt, const at::Tensor& W_A, const at::Tensor& W_B,
-    const c10::optional<at::Tensor>& mask_in, const at::Tensor& z_in, bool need_h, bool need_ht) {
-  const ImsmDims s = check_imsm_inputs(h_in, ht_in, q, qt, W_A, W_B, mask_in);
-  TORCH_CHECK(grad_in.sizes() == h_in.sizes(), "fastcur: grad must have the shape of h ",
-              shape_str(h_in), ", got ", shape_str(grad_in));
-  check_like(grad_in, "grad", h_in, "h");
-  const auto acc = imsm_acc_type(h_in.scalar_type());
-  TORCH_CHECK(z_in.dim() == 3 && z_in.size(0) == s.B && z_in.size(1) == s.T && z_in.size(2) == s.r &&
-                  z_in.scalar_type() == acc,
-              "fastcur: z must be ", acc, " of shape [", s.B, ", ", s.T, ", ", s.r, "], got ",
-              z_in.scalar_type(), " ", shape_str(z_in));
+// dzp, dh, dh' row by row; the d x r weight gradients accumulate per fixed chunk of rows and
+// are summed at the end. Returns (dA2, dA3, dW_B).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_rows_cpu(
+    const at::Tensor& g_out, const at::Tensor& h, const at::Tensor& ht, const at::Tensor& mask,
+    const at::Tensor& z, const at::Tensor& A2, const at::Tensor& A3, const at::Tensor& Wb,
+    const ImsmDims& s, const at::Tensor& dh, const at::Tensor& dht, at::Tensor& dzp) {
   const int64_t M = s.B * s.T, d = s.d, r = s.r;
-  const at::Tensor h = h_in.contiguous(), ht = ht_in.contiguous(), g_out = grad_in.contiguous(),
-                   z = z_in.contiguous();
-  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  at::Tensor dh = need_h ? at::empty_like(h) : at::empty({0}, h.options());
-  at::Tensor dht = need_ht ? at::empty_like(h) : at::empty({0}, h.options());
-  at::Tensor dzp = at::zeros({M, r}, h.options().dtype(acc));
-  const at::Tensor A = W_A.to(acc).contiguous();
-  const at::Tensor A2 = A.narrow(0, d, d), A3 = A.narrow(0, 2 * d, d);
-  const at::Tensor Wb = W_B.to(acc).contiguous(), WbT = Wb.t().contiguous();
+  const at::Tensor WbT = Wb.t().contiguous();
   const int64_t chunks = std::max<int64_t>(1, (M + kRowsPerChunk - 1) / kRowsPerChunk);
   // Per chunk: dW_B [r, d], dA2 [d, r], dA3 [d, r].
-  at::Tensor parts = at::zeros({chunks, 3, d * r}, h.options().dtype(acc));
-  if (M > 0 && d > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "imsm_gate_bwd_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t *hp = h.data_ptr<scalar_t>(), *tp = ht.data_ptr<scalar_t>(),
-                     *gp = g_out.data_ptr<scalar_t>();
-      const scalar_t* mp = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
-      const acc_t *zp = z.data_ptr<acc_t>(), *a2 = A2.data_ptr<acc_t>(), *a3 = A3.data_ptr<acc_t>(),
-                  *wb = Wb.data_ptr<acc_t>(), *wbt = WbT.data_ptr<acc_t>();
-      scalar_t* dhp = need_h ? dh.data_ptr<scalar_t>() : nullptr;
-      scalar_t* dtp = need_ht ? dht.data_ptr<scalar_t>() : nullptr;
-      acc_t* dzpp = dzp.data_ptr<acc_t>();
-      acc_t* pp = parts.data_ptr<acc_t>();
-      at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-        std::vector<acc_t> a(d), da(d), dz(r);
-        for (int64_t ch = cb; ch < ce; ++ch) {
-          acc_t* dWb = pp + ch * 3 * d * r;
-          acc_t* dA2 = dWb + d * r;
-          acc_t* dA3 = dA2 + d * r;
-          const int64_t m_end = std::min(M, (ch + 1) * kRowsPerChunk);
-          for (int64_t m = ch * kRowsPerChunk; m < m_end; ++m) {
-            const scalar_t *hr = hp + m * d, *tr = tp + m * d, *gr = gp + m * d;
-            const acc_t* zr = zp + m * r;
-            preact_row<acc_t>(zr, wb, d, r, a.data());
-            std::fill(dz.begin(), dz.end(), acc_t(0));
-            for (int64_t i = 0; i < d; ++i) {
-              const acc_t g = sigmoid(a[i]);
-              const acc_t go = static_cast<acc_t>(gr[i]);
-              const acc_t hv = static_cast<acc_t>(hr[i]), tv = static_cast<acc_t>(tr[i]);
-              da[i] = go * (hv - tv) * g * (acc_t(1) - g);
-              a[i] = g;  // keep g for the dh terms below
-              const acc_t* w = wbt + i * r;
-              for (int64_t j = 0; j < r; ++j) dz[j] += da[i] * w[j];
-            }
+  at::Tensor parts = at::zeros({chunks, 3, d * r}, dzp.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "imsm_gate_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *hp = h.data_ptr<scalar_t>(), *tp = ht.data_ptr<scalar_t>(),
+                   *gp = g_out.data_ptr<scalar_t>();
+    const scalar_t* mp = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
+    const acc_t *zp = z.data_ptr<acc_t>(), *a2 = A2.data_ptr<acc_t>(), *a3 = A3.data_ptr<acc_t>(),
+                *wb = Wb.data_ptr<acc_t>(), *wbt = WbT.data_ptr<acc_t>();
+    scalar_t* dhp = dh.defined() ? dh.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dtp = dht.defined() ? dht.data_ptr<scalar_t>() : nullptr;
+    acc_t* dzpp = dzp.data_ptr<acc_t>();
+    acc_t* pp = parts.data_ptr<acc_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+      std::vector<acc_t> a(d), da(d), dz(r);
+      for (int64_t ch = cb; ch < ce; ++ch) {
+        acc_t* dWb = pp + ch * 3 * d * r;
+        acc_t* dA2 = dWb + d * r;
+        acc_t* dA3 = dA2 + d * r;
+        const int64_t m_end = std::min(M, (ch + 1) * kRowsPerChunk);
+        for (int64_t m = ch * kRowsPerChunk; m < m_end; ++m) {
+          const scalar_t *hr = hp + m * d, *tr = tp + m * d, *gr = gp + m * d;
+          const acc_t* zr = zp + m * r;
+          preact_row<acc_t>(zr, wb, d, r, a.data());
+          std::fill(dz.begin(), dz.end(), acc_t(0));
+          for (int64_t i = 0; i < d; ++i) {
+            const acc_t g = sigmoid(a[i]);
+            const acc_t go = static_cast<acc_t>(gr[i]);
+            const acc_t hv = static_cast<acc_t>(hr[i]), tv = static_cast<acc_t>(tr[i]);
+            da[i] = go * (hv - tv) * g * (acc_t(1) - g);
+            a[i] = g;  // keep g for the dh terms below
+            const acc_t* w = wbt + i * r;
+            for (int64_t j = 0; j < r; ++j) dz[j] += da[i] * w[j];
+          }
+          for (int64_t j = 0; j < r; ++j) {
+            const acc_t zj = zr[j];
+            acc_t* dw = dWb + j * d;
+            for (int64_t i = 0; i < d; ++i) dw[i] += zj * da[i];
+          }
+          if (mp != nullptr)
+            for (int64_t j = 0; j < r; ++j) dz[j] *= static_cast<acc_t>(mp[m * r + j]);
+          for (int64_t j = 0; j < r; ++j) dzpp[m * r + j] = dz[j];
+          for (int64_t i = 0; i < d; ++i) {
+            const acc_t hv = static_cast<acc_t>(hr[i]), tv = static_cast<acc_t>(tr[i]);
+            const acc_t* w2 = a2 + i * r;
+            const acc_t* w3 = a3 + i * r;
+            acc_t* g2 = dA2 + i * r;
+            acc_t* g3 = dA3 + i * r;
+            acc_t s2 = 0, s3 = 0;
             for (int64_t j = 0; j < r; ++j) {
-              const acc_t zj = zr[j];
-              acc_t* dw = dWb + j * d;
-              for (int64_t i = 0; i < d; ++i) dw[i] += zj * da[i];
+              s2 += w2[j] * dz[j];
+              s3 += w3[j] * dz[j];
+              g2[j] += hv * dz[j];
+              g3[j] += tv * dz[j];
             }
-            if (mp != nullptr)
-              for (int64_t j = 0; j < r; ++j) dz[j] *= static_cast<acc_t>(mp[m * r + j]);
-            for (int64_t j = 0; j < r; ++j) dzpp[m * r + j] = dz[j];
-            for (int64_t i = 0; i < d; ++i) {
-              const acc_t hv = static_cast<acc_t>(hr[i]), tv = static_cast<acc_t>(tr[i]);
-              const acc_t* w2 = a2 + i * r;
-              const acc_t* w3 = a3 + i * r;
-              acc_t* g2 = dA2 + i * r;
-              acc_t* g3 = dA3 + i * r;
-              acc_t s2 = 0, s3 = 0;
-              for (int64_t j = 0; j < r; ++j) {
-                s2 += w2[j] * dz[j];
-                s3 += w3[j] * dz[j];
-                g2[j] += hv * dz[j];
-                g3[j] += tv * dz[j];
-              }
-              const acc_t go = static_cast<acc_t>(gr[i]);
-              if (dhp) dhp[m * d + i] = static_cast<scalar_t>(go * a[i] + s2);
-              if (dtp) dtp[m * d + i] = static_cast<scalar_t>(go * (acc_t(1) - a[i]) + s3);
-            }
+            const acc_t go = static_cast<acc_t>(gr[i]);
+            if (dhp) dhp[m * d + i] = static_cast<scalar_t>(go * a[i] + s2);
+            if (dtp) dtp[m * d + i] = static_cast<scalar_t>(go * (acc_t(1) - a[i]) + s3);
           }
         }
-      });
+      }
     });
-  }
+  });
   const at::Tensor sums = parts.sum(0);  // [3, d r]
-  const at::Tensor dWb = sums[0].view({r, d});
-  at::Tensor dq, dqt, dA1, dA4;
-  std::tie(dq, dqt, dA1, dA4) = imsm_query_grads(dzp, q, qt, W_A, s);
-  const at::Tensor dWA = at::cat({dA1, sums[1].view({d, r}), sums[2].view({d, r}), dA4}, 0);
-  const auto dt = h.scalar_type();
-  return {dh, dht, dq.to(dt), dqt.to(dt), dWA.to(dt), dWb.to(dt)};
+  return {sums[1].view({d, r}), sums[2].view({d, r}), sums[0].view({r, d})};
+}
+
+std::tuple<at::Tensor, at::Tensor> imsm_gate_cpu(const at::Tensor& h, const at::Tensor& ht,
+                                                 const at::Tensor& q, const at::Tensor& qt,
+                                                 const at::Tensor& W_A, const at::Tensor& W_B,
+                                                 const c10::optional<at::Tensor>& mask) {
+  return imsm_gate_forward(h, ht, q, qt, W_A, W_B, mask, fwd_rows_cpu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> imsm_gate_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& h, const at::Tensor& ht, const at::Tensor& q,
+    const at::Tensor& qt, const at::Tensor& W_A, const at::Tensor& W_B,
+    const c10::optional<at::Tensor>& mask, const at::Tensor& z, bool need_h, bool need_ht) {
+  return imsm_gate_backward(grad, h, ht, q, qt, W_A, W_B, mask, z, need_h, need_ht, bwd_rows_cpu);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "jump_rank_linear.h"
+#include "rank_update.h"
 #include "skinny_rows.h"
 
 namespace fastcur {
@@ -83,18 +84,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rank_gate_bwd_cpu(const at::Tenso
   double* dp = dlog.data_ptr<double>();
   for (int64_t j = 0; j < r; ++j) dp[j] = -th[j] * th[j] / eps * sums[j];
   return {g, dh, dlog.to(log_theta.scalar_type())};
-}
-
-// out += s z E^T (+ bias) as one BLAS call (the bias rides along as a rank-1 term), as in
-// csrc/cpu/cur_linear.cpp.
-void rank_update_cpu(at::Tensor& out, const at::Tensor& z, const at::Tensor& E,
-                     const c10::optional<at::Tensor>& bias, double scale) {
-  at::Tensor lhs = z, rhs = E.t().mul(scale);
-  if (bias.has_value()) {
-    lhs = at::cat({z, at::ones({z.size(0), 1}, z.options())}, 1);
-    rhs = at::cat({rhs, bias->unsqueeze(0)}, 0);
-  }
-  out.addmm_(lhs, rhs);
 }
 
 // The float32/float64 schedule: one pass over blocks of rows (about 1 MB of the two
@@ -247,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> jump_rank_linear_cpu(
     double /*bandwidth*/) {
   if (!fused_dtype(weight))
     return jump_rank_linear_forward(x, weight, bias, A, B, log_theta, scale, rank_gate_cpu,
-                                    rank_update_cpu);
+                                    rank_update_addmm);
   check_jump_rank_linear_args(x, weight, bias, A, B, log_theta);
   return jump_rank_linear_fwd_fused(x, weight, bias, A, B, log_theta, scale);
 }
@@ -258,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_rank_linear_bwd_
     double bandwidth, bool need_dx) {
   if (!fused_dtype(weight))
     return jump_rank_linear_backward(grad_y, x, weight, A, B, log_theta, h, scale, bandwidth,
-                                     need_dx, rank_gate_bwd_cpu, rank_update_cpu);
+                                     need_dx, rank_gate_bwd_cpu, rank_update_addmm);
   check_jump_rank_linear_args(x, weight, c10::nullopt, A, B, log_theta);
   check_jump_rank_bwd_args(grad_y, x, weight, A, h, bandwidth);
   return jump_rank_linear_bwd_fused(grad_y, x, weight, A, B, log_theta, h, scale, bandwidth,

@@ -25,48 +25,25 @@ void load_block(const scalar_t* src, int64_t mb, int64_t n, acc_t* dst) {
   for (int64_t i = 0; i < mb * n; ++i) dst[i] = static_cast<acc_t>(src[i]);
 }
 
-std::tuple<at::Tensor, at::Tensor> signorm_cpu(const at::Tensor& y0_in, const at::Tensor& delta_in,
-                                               double k, double eps, c10::string_view norm,
-                                               c10::string_view scope) {
-  check_signorm_pair(y0_in, delta_in);
-  const bool raw = parse_norm_raw(std::string(norm));
-  const bool tensor_scope = parse_scope_tensor(std::string(scope), "token");
-  const at::Tensor y0 = y0_in.contiguous(), delta = delta_in.contiguous();
+void signorm_rows_cpu(const at::Tensor& y0, const at::Tensor& delta, double k, double eps,
+                      const SignormOptions& o, at::Tensor& y, at::Tensor& rowmax) {
   const int64_t M = y0.size(0), n = y0.size(1);
-  at::Tensor y = at::empty_like(y0);
-  at::Tensor rowmax = at::empty({M}, y0.options().dtype(signorm_acc_type(y0.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y0.scalar_type(), "signorm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* dp = delta.data_ptr<scalar_t>();
     auto fill = [&](int64_t m0, int64_t mb, acc_t* D) { load_block(dp + m0 * n, mb, n, D); };
     cpu::signorm_epilogue<scalar_t, acc_t>(y0.data_ptr<scalar_t>(), nullptr, M, n, acc_t(k),
-                                           acc_t(eps), raw, tensor_scope, fill,
+                                           acc_t(eps), o.raw, o.tensor_scope, fill,
                                            y.data_ptr<scalar_t>(), nullptr,
                                            rowmax.data_ptr<acc_t>());
   });
-  return {y, rowmax};
 }
 
-// dy0 = 2 dy / S, dΔ = dy / S, S recomputed from y0, Δ and the forward's row maxima.
-std::tuple<at::Tensor, at::Tensor> signorm_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& y0_in,
-                                                   const at::Tensor& delta_in, const at::Tensor& rowmax,
-                                                   double k, double eps, c10::string_view norm,
-                                                   c10::string_view scope) {
-  check_signorm_pair(y0_in, delta_in);
-  check_matrix(grad_in, "grad_y", y0_in.size(0), y0_in.size(1));
-  check_like(grad_in, "grad_y", y0_in, "y0");
-  const bool raw = parse_norm_raw(std::string(norm));
-  const bool tensor_scope = parse_scope_tensor(std::string(scope), "token");
-  const int64_t M = y0_in.size(0), n = y0_in.size(1);
-  check_vector(rowmax, "rowmax", M);
-  TORCH_CHECK(rowmax.scalar_type() == signorm_acc_type(y0_in.scalar_type()),
-              "fastcur: rowmax must be ", signorm_acc_type(y0_in.scalar_type()), ", got ",
-              rowmax.scalar_type());
-  const at::Tensor y0 = y0_in.contiguous(), delta = delta_in.contiguous(), g = grad_in.contiguous();
-  const at::Tensor mxs = tensor_scope ? (M ? rowmax.amax().reshape({1}) : at::zeros({1}, rowmax.options()))
-                                      : rowmax.contiguous();
-  at::Tensor dy0 = at::empty_like(y0), dd = at::empty_like(y0);
-  if (M == 0 || n == 0) return {dy0, dd};
+// Per block of rows: S recomputed into a buffer (ratios, then scales), then dy0 and dΔ.
+void signorm_grads_cpu(const at::Tensor& g, const at::Tensor& y0, const at::Tensor& delta,
+                       const at::Tensor& mxs, double k, double eps, const SignormOptions& o,
+                       at::Tensor& dy0, at::Tensor& dd) {
+  const int64_t M = y0.size(0), n = y0.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y0.scalar_type(), "signorm_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *yp = y0.data_ptr<scalar_t>(), *dp = delta.data_ptr<scalar_t>(),
@@ -81,8 +58,8 @@ std::tuple<at::Tensor, at::Tensor> signorm_bwd_cpu(const at::Tensor& grad_in, co
         load_block(dp + m0 * n, mb, n, D.data());
         cpu::signorm_ratios<scalar_t, acc_t>(yp + m0 * n, nullptr, D.data(), mb, n, acc_t(eps),
                                              L.data(), unused.data());
-        cpu::signorm_scales_inplace<acc_t>(L.data(), mb, n, tensor_scope ? mx : mx + m0,
-                                           tensor_scope ? 0 : 1, acc_t(k), acc_t(eps), raw);
+        cpu::signorm_scales_inplace<acc_t>(L.data(), mb, n, o.tensor_scope ? mx : mx + m0,
+                                           o.tensor_scope ? 0 : 1, acc_t(k), acc_t(eps), o.raw);
         for (int64_t i = 0; i < mb * n; ++i) {
           const acc_t q = static_cast<acc_t>(gp[m0 * n + i]) / L[i];
           o0[m0 * n + i] = static_cast<scalar_t>(q + q);
@@ -91,7 +68,20 @@ std::tuple<at::Tensor, at::Tensor> signorm_bwd_cpu(const at::Tensor& grad_in, co
       }
     });
   });
-  return {dy0, dd};
+}
+
+std::tuple<at::Tensor, at::Tensor> signorm_cpu(const at::Tensor& y0, const at::Tensor& delta,
+                                               double k, double eps, c10::string_view norm,
+                                               c10::string_view scope) {
+  return signorm_forward(y0, delta, k, eps, std::string(norm), std::string(scope), signorm_rows_cpu);
+}
+
+std::tuple<at::Tensor, at::Tensor> signorm_bwd_cpu(const at::Tensor& grad, const at::Tensor& y0,
+                                                   const at::Tensor& delta, const at::Tensor& rowmax,
+                                                   double k, double eps, c10::string_view norm,
+                                                   c10::string_view scope) {
+  return signorm_backward(grad, y0, delta, rowmax, k, eps, std::string(norm), std::string(scope),
+                          signorm_grads_cpu);
 }
 
 }  // namespace

@@ -19,16 +19,13 @@ namespace {
 at::Tensor signorm_merge_cpu(const at::Tensor& weight_in, const at::Tensor& C, const at::Tensor& U,
                              const at::Tensor& R, double scale, double k, double eps,
                              c10::string_view scope) {
-  check_signorm_merge_args(weight_in, C, U, R);
-  const bool tensor_scope = parse_scope_tensor(std::string(scope), "row");
+  const SignormMergeInputs p = prepare_signorm_merge(weight_in, C, U, R, scale, std::string(scope));
   const at::Tensor weight = weight_in.contiguous();
   const int64_t n = weight.size(0), kk = weight.size(1);
-  const at::ScalarType acc = signorm_acc_type(weight.scalar_type());
-  // CU = s C U [n, r] and R [r, k] in the accumulation dtype (both small).
-  const at::Tensor CU = at::mm(C.to(acc), U.to(acc)).mul_(scale).contiguous();
-  const at::Tensor Ra = R.to(acc).contiguous();
+  const at::Tensor& CU = p.CU;
+  const at::Tensor Ra = R.to(p.acc).contiguous();  // R [r, k] in the accumulation dtype (small)
   at::Tensor out = at::empty_like(weight);
-  at::Tensor rowmax = at::empty({n}, weight.options().dtype(acc));
+  at::Tensor rowmax = at::empty({n}, weight.options().dtype(p.acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "signorm_merge_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto fill = [&](int64_t m0, int64_t mb, acc_t* D) {
@@ -36,7 +33,7 @@ at::Tensor signorm_merge_cpu(const at::Tensor& weight_in, const at::Tensor& C, c
       at::mm_out(blk, CU.narrow(0, m0, mb), Ra);
     };
     cpu::signorm_epilogue<scalar_t, acc_t>(weight.data_ptr<scalar_t>(), nullptr, n, kk, acc_t(k),
-                                           acc_t(eps), /*raw=*/false, tensor_scope, fill,
+                                           acc_t(eps), /*raw=*/false, p.tensor_scope, fill,
                                            out.data_ptr<scalar_t>(), nullptr,
                                            rowmax.data_ptr<acc_t>());
   });

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "jump_rank_linear.h"
+#include "rank_update.h"
 #include "jump_common.cuh"
 
 namespace fastcur {
@@ -90,23 +91,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rank_gate_bwd_cuda(const at::Tens
   return {g, dh, dlog};
 }
 
-// out += s z E^T (+ bias): one cuBLAS call with beta = 1, the bias as an extra rank-1 term.
-void rank_update_cuda(at::Tensor& out, const at::Tensor& z, const at::Tensor& E,
-                      const c10::optional<at::Tensor>& bias, double scale) {
-  at::Tensor lhs = z, rhs = E.t().mul(scale);
-  if (bias.has_value()) {
-    lhs = at::cat({z, at::ones({z.size(0), 1}, z.options())}, 1);
-    rhs = at::cat({rhs, bias->unsqueeze(0)}, 0);
-  }
-  out.addmm_(lhs, rhs);
-}
-
 std::tuple<at::Tensor, at::Tensor> jump_rank_linear_cuda(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& log_theta, double scale,
     double /*bandwidth*/) {
   return jump_rank_linear_forward(x, weight, bias, A, B, log_theta, scale, rank_gate_cuda,
-                                  rank_update_cuda);
+                                  rank_update_addmm);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_rank_linear_bwd_cuda(
@@ -114,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_rank_linear_bwd_
     const at::Tensor& B, const at::Tensor& log_theta, const at::Tensor& h, double scale,
     double bandwidth, bool need_dx) {
   return jump_rank_linear_backward(grad_y, x, weight, A, B, log_theta, h, scale, bandwidth,
-                                   need_dx, rank_gate_bwd_cuda, rank_update_cuda);
+                                   need_dx, rank_gate_bwd_cuda, rank_update_addmm);
 }
 
 }  // namespace

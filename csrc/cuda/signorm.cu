@@ -31,17 +31,9 @@ __global__ void signorm_bwd_kernel(const scalar_t* __restrict__ g, const scalar_
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> signorm_cuda(const at::Tensor& y0_in, const at::Tensor& delta_in,
-                                                double k, double eps, c10::string_view norm,
-                                                c10::string_view scope) {
-  check_signorm_pair(y0_in, delta_in);
-  const bool raw = parse_norm_raw(std::string(norm));
-  const bool tensor_scope = parse_scope_tensor(std::string(scope), "token");
-  const c10::cuda::CUDAGuard guard(y0_in.device());
-  const at::Tensor y0 = y0_in.contiguous(), delta = delta_in.contiguous();
+void signorm_rows_cuda(const at::Tensor& y0, const at::Tensor& delta, double k, double eps,
+                       const SignormOptions& o, at::Tensor& y, at::Tensor& rowmax) {
   const int64_t M = y0.size(0), n = y0.size(1);
-  at::Tensor y = at::empty_like(y0);
-  at::Tensor rowmax = at::empty({M}, y0.options().dtype(signorm_acc_type(y0.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y0.scalar_type(), "signorm_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cuda::RowsArgs<scalar_t, acc_t> a;
@@ -51,32 +43,19 @@ std::tuple<at::Tensor, at::Tensor> signorm_cuda(const at::Tensor& y0_in, const a
     a.d_s = n;
     a.k = acc_t(k);
     a.eps = acc_t(eps);
-    a.raw = raw;
+    a.raw = o.raw;
     a.out = y.data_ptr<scalar_t>();
     a.out_s = n;
     a.M = M;
     a.N = n;
-    cuda::launch_signorm_rows(a, tensor_scope, rowmax);
+    cuda::launch_signorm_rows(a, o.tensor_scope, rowmax);
   });
-  return {y, rowmax};
 }
 
-std::tuple<at::Tensor, at::Tensor> signorm_bwd_cuda(const at::Tensor& grad_in, const at::Tensor& y0_in,
-                                                    const at::Tensor& delta_in, const at::Tensor& rowmax,
-                                                    double k, double eps, c10::string_view norm,
-                                                    c10::string_view scope) {
-  check_signorm_pair(y0_in, delta_in);
-  check_matrix(grad_in, "grad_y", y0_in.size(0), y0_in.size(1));
-  check_like(grad_in, "grad_y", y0_in, "y0");
-  const bool raw = parse_norm_raw(std::string(norm));
-  const bool tensor_scope = parse_scope_tensor(std::string(scope), "token");
-  const int64_t M = y0_in.size(0), n = y0_in.size(1);
-  check_vector(rowmax, "rowmax", M);
-  const c10::cuda::CUDAGuard guard(y0_in.device());
-  const at::Tensor y0 = y0_in.contiguous(), delta = delta_in.contiguous(), g = grad_in.contiguous();
-  at::Tensor dy0 = at::empty_like(y0), dd = at::empty_like(y0);
-  if (M == 0 || n == 0) return {dy0, dd};
-  const at::Tensor mx = tensor_scope ? rowmax.amax().reshape({1}) : rowmax.contiguous();
+void signorm_grads_cuda(const at::Tensor& g, const at::Tensor& y0, const at::Tensor& delta,
+                        const at::Tensor& mx, double k, double eps, const SignormOptions& o,
+                        at::Tensor& dy0, at::Tensor& dd) {
+  const int64_t M = y0.size(0), n = y0.size(1);
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((M * n + threads - 1) / threads,
       static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32);
@@ -85,11 +64,26 @@ std::tuple<at::Tensor, at::Tensor> signorm_bwd_cuda(const at::Tensor& grad_in, c
     using acc_t = at::opmath_type<scalar_t>;
     signorm_bwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
         g.data_ptr<scalar_t>(), y0.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
-        mx.data_ptr<acc_t>(), tensor_scope, dy0.data_ptr<scalar_t>(), dd.data_ptr<scalar_t>(), M, n,
-        acc_t(k), acc_t(eps), raw);
+        mx.data_ptr<acc_t>(), o.tensor_scope, dy0.data_ptr<scalar_t>(), dd.data_ptr<scalar_t>(), M, n,
+        acc_t(k), acc_t(eps), o.raw);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {dy0, dd};
+}
+
+std::tuple<at::Tensor, at::Tensor> signorm_cuda(const at::Tensor& y0, const at::Tensor& delta,
+                                                double k, double eps, c10::string_view norm,
+                                                c10::string_view scope) {
+  const c10::cuda::CUDAGuard guard(y0.device());
+  return signorm_forward(y0, delta, k, eps, std::string(norm), std::string(scope), signorm_rows_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor> signorm_bwd_cuda(const at::Tensor& grad, const at::Tensor& y0,
+                                                    const at::Tensor& delta, const at::Tensor& rowmax,
+                                                    double k, double eps, c10::string_view norm,
+                                                    c10::string_view scope) {
+  const c10::cuda::CUDAGuard guard(y0.device());
+  return signorm_backward(grad, y0, delta, rowmax, k, eps, std::string(norm), std::string(scope),
+                          signorm_grads_cuda);
 }
 
 }  // namespace

@@ -17,15 +17,13 @@ namespace {
 at::Tensor signorm_merge_cuda(const at::Tensor& weight_in, const at::Tensor& C, const at::Tensor& U,
                               const at::Tensor& R, double scale, double k, double eps,
                               c10::string_view scope) {
-  check_signorm_merge_args(weight_in, C, U, R);
-  const bool tensor_scope = parse_scope_tensor(std::string(scope), "row");
   const c10::cuda::CUDAGuard guard(weight_in.device());
+  const SignormMergeInputs p = prepare_signorm_merge(weight_in, C, U, R, scale, std::string(scope));
   const at::Tensor weight = weight_in.contiguous();
   const int64_t n = weight.size(0), kk = weight.size(1);
-  const at::ScalarType acc = signorm_acc_type(weight.scalar_type());
-  const at::Tensor CU = at::mm(C.to(acc), U.to(acc)).mul_(scale).contiguous();
+  const at::Tensor& CU = p.CU;
   at::Tensor out = at::empty_like(weight);
-  at::Tensor rowmax = at::empty({n}, weight.options().dtype(acc));
+  at::Tensor rowmax = at::empty({n}, weight.options().dtype(p.acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "signorm_merge_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cuda::RowsArgs<scalar_t, acc_t> a;
@@ -42,7 +40,7 @@ at::Tensor signorm_merge_cuda(const at::Tensor& weight_in, const at::Tensor& C, 
     a.out_s = kk;
     a.M = n;
     a.N = kk;
-    cuda::launch_signorm_rows(a, tensor_scope, rowmax);
+    cuda::launch_signorm_rows(a, p.tensor_scope, rowmax);
   });
   return out;
 }
