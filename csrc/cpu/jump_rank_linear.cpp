@@ -93,15 +93,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rank_gate_bwd_cpu(const at::Tenso
 //   forward:  h = x_blk A^T, g, y_blk = s g B^T + b;        then y += x W^T
 //   backward: dg = dy_blk B, the gate terms, per-thread partials of s g^T dy and dh^T x,
 //             dx_blk = dh A;                                 then dx += dy W
-// The products that first read a block from memory (x A^T, dy B) and the writers into y and
-// dx are the row kernels of cpu/skinny_rows.h, which stream the rows in order; the two
-// accumulations, whose operands are by then in L2, are single-threaded ATen GEMMs (MKL runs
-// sequentially inside a parallel region). Measured per thread at M = n = k = 2048, r = 8, 16
-// blocks: dy B 1.13 ms (MKL, whose access pattern defeats the prefetchers: 1.45), s g^T dy
-// 0.31, dh^T x 1.5 (it reads x from memory), dh A 0.44; the step is bound by memory
+// The products that read a block from memory (x A^T, dy B, dh^T x) and the writers into y
+// and dx are the row kernels of cpu/skinny_rows.h, which stream the rows in order; s g^T dy,
+// whose dy block is by then in L2, is a single-threaded ATen GEMM (MKL runs sequentially
+// inside a parallel region). Measured per thread at M = n = k = 2048, r = 8, 16 blocks:
+// dy B 1.13 ms (MKL's per-block product, whose access pattern the prefetchers do not follow:
+// 1.45), dh^T x 0.9 (MKL: 1.5), s g^T dy 0.31, dh A 0.44; the pass is bound by memory
 // bandwidth (about 9 GB/s per thread here). The generic schedule (csrc/jump_rank_linear.h)
 // runs each skinny product as a whole-matrix multi-threaded GEMM, reading x, dy and dx once
-// more each: 7.8 ms over nn.Linear of a 95 ms step, against 4-6 ms for this one.
+// more each: 7.8 ms over nn.Linear of a 95 ms step.
 int64_t rows_per_block(int64_t a, int64_t b) {
   return std::max<int64_t>(8, (int64_t{1} << 18) / std::max<int64_t>(a + b, 1));
 }
@@ -199,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_rank_linear_bwd_
                              th, scale, eps, gs.data_ptr<scalar_t>(), dh_blk.data_ptr<scalar_t>(),
                              sums.data());
         dBt.addmm_(gs.t(), dy_blk);                                  // += s g^T dy [r, n]
-        dA.addmm_(dh_blk.t(), x.narrow(0, m0, mb));                  // += dh^T x   [r, k]
+        cpu::outer_acc(dA.data_ptr<scalar_t>(), dh_blk.data_ptr<scalar_t>(),
+                       x.data_ptr<scalar_t>() + m0 * k, k, mb, r, k);  // += dh^T x   [r, k]
         if (need_dx)                                                 // dh A       [mb, k]
           cpu::small_k_rows(dx.data_ptr<scalar_t>() + m0 * k, k, dh_blk.data_ptr<scalar_t>(),
                             Ac.data_ptr<scalar_t>(), mb, r, k);

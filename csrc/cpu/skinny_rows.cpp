@@ -49,6 +49,41 @@ FASTCUR_INLINE void rows_dot_impl(T* out, const T* X, int64_t ldx, const T* V, i
                    0, n);
 }
 
+// acc[j, :] += Σ_m coef[m, j] X[m, :], four rows of X per accumulator load/store, the rows
+// read in order; channels whose four coefficients are all 0 are skipped.
+template <typename T>
+FASTCUR_INLINE void outer_acc_impl(T* acc, const T* coef, const T* X, int64_t ldx, int64_t mb,
+                                   int64_t r, int64_t n) {
+  using W = typename Vec<T>::type;
+  constexpr int64_t L = sizeof(W) / sizeof(T);
+  int64_t m = 0;
+  for (; m + 4 <= mb; m += 4) {
+    const T *x0 = X + m * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+    for (int64_t j = 0; j < r; ++j) {
+      const T a0 = coef[m * r + j], a1 = coef[(m + 1) * r + j];
+      const T a2 = coef[(m + 2) * r + j], a3 = coef[(m + 3) * r + j];
+      if (a0 == T(0) && a1 == T(0) && a2 == T(0) && a3 == T(0)) continue;
+      T* row = acc + j * n;
+      int64_t c = 0;
+      for (; c + L <= n; c += L)
+        store(row + c, load<W>(row + c) + a0 * load<W>(x0 + c) + a1 * load<W>(x1 + c) +
+                           a2 * load<W>(x2 + c) + a3 * load<W>(x3 + c));
+      for (; c < n; ++c) row[c] += a0 * x0[c] + a1 * x1[c] + a2 * x2[c] + a3 * x3[c];
+    }
+  }
+  for (; m < mb; ++m) {
+    const T* x = X + m * ldx;
+    for (int64_t j = 0; j < r; ++j) {
+      const T a = coef[m * r + j];
+      if (a == T(0)) continue;
+      T* row = acc + j * n;
+      int64_t c = 0;
+      for (; c + L <= n; c += L) store(row + c, load<W>(row + c) + a * load<W>(x + c));
+      for (; c < n; ++c) row[c] += a * x[c];
+    }
+  }
+}
+
 // Four output vectors accumulated over the K rows of rhs in registers, stored once.
 template <typename T>
 FASTCUR_INLINE void small_k_rows_impl(T* out, int64_t ldo, const T* lhs, const T* rhs, int64_t mb,
@@ -88,6 +123,15 @@ FASTCUR_INLINE void small_k_rows_impl(T* out, int64_t ldo, const T* lhs, const T
 }
 
 }  // namespace
+
+FASTCUR_CPU_CLONES void outer_acc(float* acc, const float* coef, const float* X, int64_t ldx,
+                                  int64_t mb, int64_t r, int64_t n) {
+  outer_acc_impl(acc, coef, X, ldx, mb, r, n);
+}
+FASTCUR_CPU_CLONES void outer_acc(double* acc, const double* coef, const double* X, int64_t ldx,
+                                  int64_t mb, int64_t r, int64_t n) {
+  outer_acc_impl(acc, coef, X, ldx, mb, r, n);
+}
 
 FASTCUR_CPU_CLONES void rows_dot(float* out, const float* X, int64_t ldx, const float* V,
                                  int64_t mb, int64_t r, int64_t n) {

@@ -1,15 +1,17 @@
 // Row-block kernels for the low-rank products of the adapters on the CPU, a block of `mb` rows
 // of an activation at a time (row strides ldx / ldo; the small operands contiguous):
 //   rows_dot    (out [mb, r], X, V [r, n]):      out[m, j] = Σ_c X[m, c] V[j, c]     (X V^T)
+//   outer_acc   (acc [r, n], coef [mb, r], X):   acc[j, :] += Σ_m coef[m, j] X[m, :] (coef^T X)
 //   small_k_rows(out, lhs [mb, K], rhs [K, n]):  out[m, :] = Σ_j lhs[m, j] rhs[j, :]  (lhs rhs)
 // r and K are small (an adapter's rank; + 1 when a bias rides along as a column of ones).
-// small_k_rows skips coefficients that are exactly 0 (gated-off channels).
+// outer_acc and small_k_rows skip coefficients that are exactly 0 (gated-off channels).
 //
-// Why not ATen/MKL GEMMs per block: rows_dot streams X's rows in order, which the hardware
-// prefetchers follow when X comes from memory (measured 64 x 2048 blocks, in a layer: 70 us
-// against 91 us for MKL); MKL's small-K product writing into freshly allocated (not yet
-// faulted-in) pages measured 200 us per block against 23 us into warm ones, small_k_rows
-// 22-28 us into either. The loops are cloned for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2 +
+// Why not ATen/MKL GEMMs per block: rows_dot and outer_acc stream X's rows in order, which
+// the hardware prefetchers follow when X comes from memory (measured on 64 x 2048 blocks in
+// a layer: 70 us against 91 us for MKL's X V^T, 56 us against 97 us for its coef^T X; with X
+// already in L2, MKL's coef^T X is 2x faster, so it stays where that holds); MKL's small-K
+// product writing into freshly allocated (not yet faulted-in) pages measured 200 us per
+// block against 23 us into warm ones, small_k_rows 22-28 us into either. The loops are cloned for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2 +
 // FMA) with a run-time pick (cpu/simd.h), although the extension is built for the baseline.
 #pragma once
 
@@ -22,6 +24,10 @@ void rows_dot(float* out, const float* X, int64_t ldx, const float* V, int64_t m
               int64_t n);
 void rows_dot(double* out, const double* X, int64_t ldx, const double* V, int64_t mb, int64_t r,
               int64_t n);
+void outer_acc(float* acc, const float* coef, const float* X, int64_t ldx, int64_t mb, int64_t r,
+               int64_t n);
+void outer_acc(double* acc, const double* coef, const double* X, int64_t ldx, int64_t mb,
+               int64_t r, int64_t n);
 void small_k_rows(float* out, int64_t ldo, const float* lhs, const float* rhs, int64_t mb,
                   int64_t K, int64_t n);
 void small_k_rows(double* out, int64_t ldo, const double* lhs, const double* rhs, int64_t mb,
