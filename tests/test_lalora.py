@@ -188,9 +188,10 @@ def test_penalty_bad_input():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_penalty_grad_bad_input_worded_and_nothing_written(backend):
+@pytest.mark.parametrize("with_grads", [False, True], ids=["penalty", "penalty_grad_"])
+def test_penalty_bad_input_worded_and_nothing_written(backend, with_grads):
     # On the C++ backend the lists are checked by the kernel first; the worded error must be
-    # the same, and no gradient may have been touched.
+    # the same on every backend, and no gradient may have been touched.
     p = [torch.randn(3, 4), torch.randn(5)]
     grads = [torch.zeros(3, 4), torch.zeros(5)]
     cases = [
@@ -206,8 +207,11 @@ def test_penalty_grad_bad_input_worded_and_nothing_written(backend):
         args = dict(grads=grads, params=p, anchors=[q + 1 for q in p], precisions=[torch.ones_like(q) for q in p])
         args.update(override)
         with fastcur.use_backend(backend), pytest.raises(exc, match=message):
-            fastcur.ops.laplace_diag_penalty_grad_(args["grads"], args["params"], args["anchors"],
-                                                   args["precisions"], 1.0)
+            if with_grads:
+                fastcur.ops.laplace_diag_penalty_grad_(args["grads"], args["params"], args["anchors"],
+                                                       args["precisions"], 1.0)
+            else:
+                fastcur.ops.laplace_diag_penalty(args["params"], args["anchors"], args["precisions"], 1.0)
         assert all(int(g.count_nonzero()) == 0 for g in grads)
 
 

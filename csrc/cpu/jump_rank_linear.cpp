@@ -2,6 +2,7 @@
 // the skinny [M, r] projection (csrc/jump_rank_linear.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -23,21 +24,61 @@ std::vector<double> thetas(const at::Tensor& log_theta) {
   return out;
 }
 
+// The gate's elementwise terms, one definition for both schedules (compared in the acc type;
+// `scale` 1 in the generic schedule, which scales after its GEMMs).
+// Forward, rows of h [mb, r] into rows of stride `ld` (the fused forward's buffer carries the
+// bias's column of ones after the r gate columns): gs = s h 1[h > θ].
+template <typename scalar_t>
+void gate_rows(const scalar_t* hp, int64_t mb, int64_t r, const std::vector<double>& th,
+               double scale, scalar_t* gsp, int64_t ld) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t s = static_cast<acc_t>(scale);
+  for (int64_t m = 0; m < mb; ++m)
+    for (int64_t j = 0; j < r; ++j) {
+      const acc_t hv = static_cast<acc_t>(hp[m * r + j]);
+      gsp[m * ld + j] = hv > static_cast<acc_t>(th[j]) ? static_cast<scalar_t>(hv * s) : scalar_t(0);
+    }
+}
+
+// Backward, `count` entries of h and dg [*, r]: gs = s h 1[h > θ], dh = s dg 1[h > θ], and the
+// straight-through window sums Σ s dg over |h − θ_j| < ε/2 into sums[j].
+template <typename scalar_t>
+void gate_bwd_elems(const scalar_t* hp, const scalar_t* dgp, int64_t count, int64_t r,
+                    const std::vector<double>& th, double scale, double eps, scalar_t* gsp,
+                    scalar_t* dhp, double* sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t s = static_cast<acc_t>(scale), e = static_cast<acc_t>(eps);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t j = i % r;
+    const acc_t t = static_cast<acc_t>(th[j]), hv = static_cast<acc_t>(hp[i]);
+    const acc_t d = static_cast<acc_t>(dgp[i]) * s;
+    const bool on = hv > t;
+    gsp[i] = on ? static_cast<scalar_t>(hv * s) : scalar_t(0);
+    dhp[i] = on ? static_cast<scalar_t>(d) : scalar_t(0);
+    if (std::abs((hv - t) / e) < acc_t(0.5)) sums[j] += d;
+  }
+}
+
+// dlog_theta_j = θ_j · (−θ_j/ε) Σ_window s dg, in log_theta's dtype.
+at::Tensor dlog_theta(const std::vector<double>& th, const std::vector<double>& sums, double eps,
+                      const at::Tensor& log_theta) {
+  const int64_t r = static_cast<int64_t>(th.size());
+  at::Tensor dlog = at::empty({r}, log_theta.options().dtype(at::kDouble));
+  double* dp = dlog.data_ptr<double>();
+  for (int64_t j = 0; j < r; ++j) dp[j] = -th[j] * th[j] / eps * sums[j];
+  return dlog.to(log_theta.scalar_type());
+}
+
 at::Tensor rank_gate_cpu(const at::Tensor& h_in, const at::Tensor& log_theta) {
   const at::Tensor h = h_in.contiguous();
   const std::vector<double> th = thetas(log_theta);
   const int64_t M = h.size(0), r = h.size(1);
   at::Tensor g = at::empty_like(h);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "jump_rank_gate", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* hp = h.data_ptr<scalar_t>();
     scalar_t* gp = g.data_ptr<scalar_t>();
     at::parallel_for(0, M, 1024, [&](int64_t b, int64_t e) {
-      for (int64_t m = b; m < e; ++m)
-        for (int64_t j = 0; j < r; ++j) {
-          const scalar_t v = hp[m * r + j];
-          gp[m * r + j] = static_cast<acc_t>(v) > static_cast<acc_t>(th[j]) ? v : scalar_t(0);
-        }
+      gate_rows<scalar_t>(hp + b * r, e - b, r, th, 1.0, gp + b * r, r);
     });
   });
   return g;
@@ -53,37 +94,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rank_gate_bwd_cpu(const at::Tenso
   at::Tensor g = at::empty_like(h), dh = at::empty_like(h);
   std::vector<double> sums(r, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "jump_rank_gate_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* hp = h.data_ptr<scalar_t>();
-    const scalar_t* dgp = dg.data_ptr<scalar_t>();
-    scalar_t* gp = g.data_ptr<scalar_t>();
-    scalar_t* dhp = dh.data_ptr<scalar_t>();
     // One pass over [M, r]; the window sums are per rank channel, reduced over threads.
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
     std::vector<std::vector<double>> part(chunks, std::vector<double>(r, 0.0));
     const int64_t per = (M + chunks - 1) / chunks;
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
-        const int64_t m0 = c * per, m1 = std::min(M, m0 + per);
-        for (int64_t m = m0; m < m1; ++m)
-          for (int64_t j = 0; j < r; ++j) {
-            const int64_t i = m * r + j;
-            const acc_t hv = static_cast<acc_t>(hp[i]), dv = static_cast<acc_t>(dgp[i]);
-            const acc_t t = static_cast<acc_t>(th[j]);
-            const bool on = hv > t;
-            gp[i] = on ? hp[i] : scalar_t(0);
-            dhp[i] = on ? dgp[i] : scalar_t(0);
-            if (std::abs((hv - t) / static_cast<acc_t>(eps)) < acc_t(0.5)) part[c][j] += dv;
-          }
+        const int64_t m0 = std::min(M, c * per), m1 = std::min(M, m0 + per);
+        gate_bwd_elems<scalar_t>(h.data_ptr<scalar_t>() + m0 * r, dg.data_ptr<scalar_t>() + m0 * r,
+                                 (m1 - m0) * r, r, th, 1.0, eps, g.data_ptr<scalar_t>() + m0 * r,
+                                 dh.data_ptr<scalar_t>() + m0 * r, part[c].data());
       }
     });
     for (int64_t c = 0; c < chunks; ++c)
       for (int64_t j = 0; j < r; ++j) sums[j] += part[c][j];
   });
-  at::Tensor dlog = at::empty({r}, log_theta.options().dtype(at::kDouble));
-  double* dp = dlog.data_ptr<double>();
-  for (int64_t j = 0; j < r; ++j) dp[j] = -th[j] * th[j] / eps * sums[j];
-  return {g, dh, dlog.to(log_theta.scalar_type())};
+  return {g, dh, dlog_theta(th, sums, eps, log_theta)};
 }
 
 // The float32/float64 schedule: one pass over blocks of rows (about 1 MB of the two
@@ -104,35 +130,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rank_gate_bwd_cpu(const at::Tenso
 // more each: 7.8 ms over nn.Linear of a 95 ms step.
 int64_t rows_per_block(int64_t a, int64_t b) {
   return std::max<int64_t>(8, (int64_t{1} << 18) / std::max<int64_t>(a + b, 1));
-}
-
-template <typename scalar_t>
-void gate_block(const scalar_t* hp, const scalar_t* dgp, int64_t count, int64_t r,
-                const std::vector<double>& th, double scale, double eps, scalar_t* gsp,
-                scalar_t* dhp, double* sums) {
-  const scalar_t s = static_cast<scalar_t>(scale), inv_eps = static_cast<scalar_t>(1.0 / eps);
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t j = i % r;
-    const scalar_t t = static_cast<scalar_t>(th[j]), hv = hp[i];
-    const bool on = hv > t;
-    gsp[i] = on ? hv * s : scalar_t(0);
-    const scalar_t d = dgp[i] * s;
-    dhp[i] = on ? d : scalar_t(0);
-    if (std::abs((hv - t) * inv_eps) < scalar_t(0.5)) sums[j] += d;
-  }
-}
-
-// gs[m, :r] = s h 1[h > θ] for rows of h [mb, r], into rows of stride `ld` (the forward's
-// buffer carries the bias's column of ones after the r gate columns).
-template <typename scalar_t>
-void gate_rows(const scalar_t* hp, int64_t mb, int64_t r, const std::vector<double>& th,
-               double scale, scalar_t* gsp, int64_t ld) {
-  const scalar_t s = static_cast<scalar_t>(scale);
-  for (int64_t m = 0; m < mb; ++m)
-    for (int64_t j = 0; j < r; ++j) {
-      const scalar_t hv = hp[m * r + j];
-      gsp[m * ld + j] = hv > static_cast<scalar_t>(th[j]) ? hv * s : scalar_t(0);
-    }
 }
 
 std::tuple<at::Tensor, at::Tensor> jump_rank_linear_fwd_fused(
@@ -195,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_rank_linear_bwd_
         at::Tensor dh_blk = dh.narrow(0, m0, mb);
         cpu::rows_dot(dg.data_ptr<scalar_t>(), dy_blk.data_ptr<scalar_t>(), n,
                       Bt.data_ptr<scalar_t>(), mb, r, n);              // dy B       [mb, r]
-        gate_block<scalar_t>(h.data_ptr<scalar_t>() + m0 * r, dg.data_ptr<scalar_t>(), mb * r, r,
+        gate_bwd_elems<scalar_t>(h.data_ptr<scalar_t>() + m0 * r, dg.data_ptr<scalar_t>(), mb * r, r,
                              th, scale, eps, gs.data_ptr<scalar_t>(), dh_blk.data_ptr<scalar_t>(),
                              sums.data());
         dBt.addmm_(gs.t(), dy_blk);                                  // += s g^T dy [r, n]
@@ -218,11 +215,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_rank_linear_bwd_
     dA.add_(dA_parts[b]);
     for (int64_t j = 0; j < r; ++j) total[j] += win[b][j];
   }
-  at::Tensor dlog = at::empty({r}, log_theta.options().dtype(at::kDouble));
-  double* dp = dlog.data_ptr<double>();
-  for (int64_t j = 0; j < r; ++j) dp[j] = -th[j] * th[j] / eps * total[j];
   if (need_dx) dx.addmm_(dy, weight);                                // += dy W
-  return {dx, dA, dBt.t().contiguous(), dlog.to(log_theta.scalar_type())};
+  return {dx, dA, dBt.t().contiguous(), dlog_theta(th, total, eps, log_theta)};
 }
 
 bool fused_dtype(const at::Tensor& weight) {

@@ -218,6 +218,27 @@ def _as_lists(*seqs):
     return [list(x) if isinstance(x, (list, tuple)) else x for x in seqs]
 
 
+def _penalty_backend(fn: str, params, *others) -> str:
+    """The backend for params' device; lists too malformed to name a device fail worded here."""
+    if not (isinstance(params, list) and params and isinstance(params[0], torch.Tensor)):
+        _check_lists(fn, params, *others)
+    return resolve(fn, params[0].device)
+
+
+def _checked_call(fn: str, backend: str, lists: tuple, run):
+    """`run()` with the lists checked. The C++ kernels check them before they touch anything,
+    so on that backend the per-tensor Python checks (about 1 ms for 200 tensors, as long as
+    the kernel itself) run only to word the error when the kernel refuses the lists."""
+    if backend != "cpp":
+        _check_lists(fn, *lists)
+        return run()
+    try:
+        return run()
+    except (RuntimeError, TypeError):
+        _check_lists(fn, *lists)
+        raise
+
+
 def _check_lists(fn: str, params, anchors, precisions, grads=None) -> None:
     c = ArgChecker(fn)
     lists = {"params": params, "anchors": anchors, "precisions": precisions}
@@ -252,12 +273,11 @@ def laplace_diag_penalty(params: Sequence[Tensor], anchors: Sequence[Tensor], pr
         0-dim tensor in params' dtype (accumulated in float32, float64 for float64).
         Differentiable in every input (params' gradient is `lam * prec * (p - a)`).
     """
-    _check_lists("laplace_diag_penalty", params, anchors, precisions)
-    params, anchors, precisions = list(params), list(anchors), list(precisions)
-    backend = resolve("laplace_diag_penalty", params[0].device)
-    if backend == "reference":
-        return reference.laplace_diag_penalty(params, anchors, precisions, lam)
-    return _op("laplace_diag_penalty", backend)(params, anchors, precisions, float(lam))
+    params, anchors, precisions = _as_lists(params, anchors, precisions)
+    backend = _penalty_backend("laplace_diag_penalty", params, anchors, precisions)
+    fn = reference.laplace_diag_penalty if backend == "reference" else _op("laplace_diag_penalty", backend)
+    return _checked_call("laplace_diag_penalty", backend, (params, anchors, precisions),
+                         lambda: fn(params, anchors, precisions, float(lam)))
 
 
 def laplace_diag_penalty_grad_(grads: Sequence[Tensor], params: Sequence[Tensor], anchors: Sequence[Tensor],
@@ -271,23 +291,12 @@ def laplace_diag_penalty_grad_(grads: Sequence[Tensor], params: Sequence[Tensor]
         0-dim tensor in params' dtype, the penalty value (detached).
     """
     grads, params, anchors, precisions = _as_lists(grads, params, anchors, precisions)
-    if not (isinstance(params, list) and params and isinstance(params[0], torch.Tensor)):
-        _check_lists("laplace_diag_penalty_grad_", params, anchors, precisions, grads)
-    backend = resolve("laplace_diag_penalty_grad_", params[0].device)
+    backend = _penalty_backend("laplace_diag_penalty_grad_", params, anchors, precisions, grads)
+    fn = (reference.laplace_diag_penalty_grad_ if backend == "reference"
+          else _op("laplace_diag_penalty_grad_", backend))
     with torch.no_grad():
-        if backend != "cpp":
-            _check_lists("laplace_diag_penalty_grad_", params, anchors, precisions, grads)
-            if backend == "reference":
-                return reference.laplace_diag_penalty_grad_(grads, params, anchors, precisions, lam)
-            return _op("laplace_diag_penalty_grad_", backend)(grads, params, anchors, precisions, float(lam))
-        # The C++ kernel checks the lists before it writes anything; the per-tensor Python
-        # checks (about 1 ms for 200 tensors, as long as the kernel itself) run only to word
-        # the error when it refuses them.
-        try:
-            return _op("laplace_diag_penalty_grad_", "cpp")(grads, params, anchors, precisions, float(lam))
-        except (RuntimeError, TypeError):
-            _check_lists("laplace_diag_penalty_grad_", params, anchors, precisions, grads)
-            raise
+        return _checked_call("laplace_diag_penalty_grad_", backend, (params, anchors, precisions, grads),
+                             lambda: fn(grads, params, anchors, precisions, float(lam)))
 
 
 def kfac_factor(x: Tensor, diagonal: bool = False) -> Tensor:
