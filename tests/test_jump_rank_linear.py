@@ -41,11 +41,14 @@ def test_matches_reference_all_grads(backend, dtype, shape):
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("grads", ["all", "adapter"])
-def test_cpp_row_blocks(dtype, grads):
-    # n + k = 2100: the CPU kernel takes blocks of 124 rows, so 300 rows make three blocks
-    # (the last one ragged), split between the threads, each with its own partials of dA, dB
-    # and the θ window sums.
-    inputs, bw = rank_inputs((300,), 1000, 1100, 6, gap=False, grads=grads, seed=5)
+@pytest.mark.parametrize("rank", [6, 13])
+def test_cpp_row_blocks(dtype, grads, rank):
+    # n + k = 2100: the CPU kernel takes blocks of 124 rows, so 303 rows make three blocks
+    # (the last one, 55 rows, ragged), split between the threads, each with its own partials
+    # of dA, dB and the θ window sums. The row kernels work on tiles of 4 or 2 rows by 8 or 4
+    # channels (x A^T, dy B) and of 8 rows by 4 channels (dh^T x), with tails of single rows
+    # and channels: 55 rows and ranks 6 = 4 + 1 + 1 and 13 = 8 + 4 + 1 reach every tile.
+    inputs, bw = rank_inputs((303,), 1000, 1100, rank, gap=False, grads=grads, seed=5)
     check_against_reference(run_backend("cpp", 1.5, bw), ref_fn(1.5, bw), inputs, dtype,
                             names=NAMES)
 

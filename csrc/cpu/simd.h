@@ -22,6 +22,16 @@ template <typename T> struct Vec;
 template <> struct Vec<float> { typedef float type __attribute__((vector_size(64))); };
 template <> struct Vec<double> { typedef double type __attribute__((vector_size(64))); };
 
+// AVX-512's 32 vector registers hold tiles of 32 accumulators (AVX2 has 16).
+inline bool has_32_vector_registers() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512;
+#else
+  return false;
+#endif
+}
+
 template <typename V, typename T>
 FASTCUR_INLINE V load(const T* p) {
   V v;

@@ -11,76 +11,112 @@ namespace {
 
 constexpr int64_t kChunk = 512;   // columns per chunk: the K rows of rhs it reads stay in L1
 
-// out[j] (+)= x[c0:c1] . V[j, c0:c1] for j < rj <= 8: eight register accumulators, x loaded
-// once per step.
-template <typename T>
-FASTCUR_INLINE void dot_channels(T* out, const T* x, const T* V, int64_t rj, int64_t n,
-                                 int64_t c0, int64_t c1) {
+// out[i, j] = X[i, :] . V[j, :] for i < R rows and j < J channels: R x J register
+// accumulators, each V load feeding R rows (with one row per step, V's 8 loads per x load made
+// the loop bound by L2 reads of V: 1.07 ms against 0.42 ms for R = 4, J = 8 on 1024 x 2048
+// rows).
+template <int R, int J, typename T>
+FASTCUR_INLINE void dot_tile(T* out, int64_t ldo, const T* X, int64_t ldx, const T* V,
+                             int64_t n) {
   using W = typename Vec<T>::type;
   constexpr int64_t L = sizeof(W) / sizeof(T);
-  W acc[8] = {};
-  int64_t c = c0;
-  if (rj == 8) {
-    for (; c + L <= c1; c += L) {
-      const W xv = load<W>(x + c);
+  W acc[R][J] = {};
+  int64_t c = 0;
+  for (; c + L <= n; c += L) {
+    W xv[R];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) xv[i] = load<W>(X + i * ldx + c);
 #pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) acc[j] += xv * load<W>(V + j * n + c);
+    for (int j = 0; j < J; ++j) {
+      const W v = load<W>(V + j * n + c);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) acc[i][j] += xv[i] * v;
     }
   }
-  for (int64_t j = 0; j < rj; ++j) {
-    T s = T(0);
-    for (int64_t cc = c; cc < c1; ++cc) s += x[cc] * V[j * n + cc];
-    for (int64_t l = 0; l < L; ++l) s += acc[j][l];
-    out[j] = c0 == 0 ? s : out[j] + s;
-  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < J; ++j) {
+      T s = T(0);
+      for (int64_t cc = c; cc < n; ++cc) s += X[i * ldx + cc] * V[j * n + cc];
+      for (int64_t l = 0; l < L; ++l) s += acc[i][j][l];
+      out[i * ldo + j] = s;
+    }
 }
 
-// Rows outermost (X streams through once, in order), V [r, n] from L1/L2.
+// R rows of out [*, r], the channels eight, then four, then one at a time.
+template <int R, typename T>
+FASTCUR_INLINE void dot_rows(T* out, const T* X, int64_t ldx, const T* V, int64_t r, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= r; j += 8) dot_tile<R, 8>(out + j, r, X, ldx, V + j * n, n);
+  for (; j + 4 <= r; j += 4) dot_tile<R, 4>(out + j, r, X, ldx, V + j * n, n);
+  for (; j < r; ++j) dot_tile<R, 1>(out + j, r, X, ldx, V + j * n, n);
+}
+
+// Rows outermost (X streams through once, in order), V [r, n] from L1/L2; four rows per step
+// where the CPU has 32 vector registers (AVX-512), two otherwise.
 template <typename T>
 FASTCUR_INLINE void rows_dot_impl(T* out, const T* X, int64_t ldx, const T* V, int64_t mb,
                                   int64_t r, int64_t n) {
-  if (n == 0) {
-    for (int64_t i = 0; i < mb * r; ++i) out[i] = T(0);
-    return;
-  }
-  for (int64_t m = 0; m < mb; ++m)
-    for (int64_t j0 = 0; j0 < r; j0 += 8)
-      dot_channels(out + m * r + j0, X + m * ldx, V + j0 * n, std::min<int64_t>(8, r - j0), n,
-                   0, n);
+  int64_t m = 0;
+  if (has_32_vector_registers())
+    for (; m + 4 <= mb; m += 4) dot_rows<4>(out + m * r, X + m * ldx, ldx, V, r, n);
+  for (; m + 2 <= mb; m += 2) dot_rows<2>(out + m * r, X + m * ldx, ldx, V, r, n);
+  for (; m < mb; ++m) dot_rows<1>(out + m * r, X + m * ldx, ldx, V, r, n);
 }
 
-// acc[j, :] += Σ_m coef[m, j] X[m, :], four rows of X per accumulator load/store, the rows
-// read in order; channels whose four coefficients are all 0 are skipped.
+// acc[j0 + j, :] += Σ_i coef[i, j0 + j] X[i, :] for i < R rows, j < J channels: the R rows'
+// vectors loaded once per step feed J accumulator rows (R = 8, J = 4 measured 0.50 ms against
+// 0.73 for four rows a channel at a time, on 1024 x 2048 rows). Skipped when every
+// coefficient is 0 (gated-off channels).
+template <int R, int J, typename T>
+FASTCUR_INLINE void outer_tile(T* acc, const T* coef, int64_t r, int64_t j0, const T* X,
+                               int64_t ldx, int64_t n) {
+  using W = typename Vec<T>::type;
+  constexpr int64_t L = sizeof(W) / sizeof(T);
+  T a[R][J];
+  bool any = false;
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < J; ++j) {
+      a[i][j] = coef[i * r + j0 + j];
+      any = any || a[i][j] != T(0);
+    }
+  if (!any) return;
+  int64_t c = 0;
+  for (; c + L <= n; c += L) {
+    W xv[R];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) xv[i] = load<W>(X + i * ldx + c);
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) {
+      T* row = acc + (j0 + j) * n + c;
+      W s = load<W>(row);
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) s += a[i][j] * xv[i];
+      store(row, s);
+    }
+  }
+  for (; c < n; ++c)
+    for (int j = 0; j < J; ++j) {
+      T s = acc[(j0 + j) * n + c];
+      for (int i = 0; i < R; ++i) s += a[i][j] * X[i * ldx + c];
+      acc[(j0 + j) * n + c] = s;
+    }
+}
+
+// The rows read in order, eight at a time.
 template <typename T>
 FASTCUR_INLINE void outer_acc_impl(T* acc, const T* coef, const T* X, int64_t ldx, int64_t mb,
                                    int64_t r, int64_t n) {
-  using W = typename Vec<T>::type;
-  constexpr int64_t L = sizeof(W) / sizeof(T);
+  const int64_t full = r - r % 4;
   int64_t m = 0;
-  for (; m + 4 <= mb; m += 4) {
-    const T *x0 = X + m * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
-    for (int64_t j = 0; j < r; ++j) {
-      const T a0 = coef[m * r + j], a1 = coef[(m + 1) * r + j];
-      const T a2 = coef[(m + 2) * r + j], a3 = coef[(m + 3) * r + j];
-      if (a0 == T(0) && a1 == T(0) && a2 == T(0) && a3 == T(0)) continue;
-      T* row = acc + j * n;
-      int64_t c = 0;
-      for (; c + L <= n; c += L)
-        store(row + c, load<W>(row + c) + a0 * load<W>(x0 + c) + a1 * load<W>(x1 + c) +
-                           a2 * load<W>(x2 + c) + a3 * load<W>(x3 + c));
-      for (; c < n; ++c) row[c] += a0 * x0[c] + a1 * x1[c] + a2 * x2[c] + a3 * x3[c];
-    }
+  for (; m + 8 <= mb; m += 8) {
+    int64_t j = 0;
+    for (; j < full; j += 4) outer_tile<8, 4>(acc, coef + m * r, r, j, X + m * ldx, ldx, n);
+    for (; j < r; ++j) outer_tile<8, 1>(acc, coef + m * r, r, j, X + m * ldx, ldx, n);
   }
   for (; m < mb; ++m) {
-    const T* x = X + m * ldx;
-    for (int64_t j = 0; j < r; ++j) {
-      const T a = coef[m * r + j];
-      if (a == T(0)) continue;
-      T* row = acc + j * n;
-      int64_t c = 0;
-      for (; c + L <= n; c += L) store(row + c, load<W>(row + c) + a * load<W>(x + c));
-      for (; c < n; ++c) row[c] += a * x[c];
-    }
+    int64_t j = 0;
+    for (; j < full; j += 4) outer_tile<1, 4>(acc, coef + m * r, r, j, X + m * ldx, ldx, n);
+    for (; j < r; ++j) outer_tile<1, 1>(acc, coef + m * r, r, j, X + m * ldx, ldx, n);
   }
 }
 
