@@ -44,5 +44,49 @@ FASTCUR_INLINE void store(T* p, V v) {
   __builtin_memcpy(p, &v, sizeof(V));
 }
 
+// Lane sums of J accumulators (J a power of two, at most the lane count): lane j of the result
+// holds the sum of acc[j]'s lanes. A shuffle tree: each fold pairs two vectors that hold
+// blocks of b lanes per accumulator into one with blocks of b / 2 (the first halves plus the
+// second halves), keeping the accumulators in order; a lone vector folds with itself. About
+// 3 vector operations per accumulator, against a scalar sum of every lane.
+template <typename T> struct LaneIndex;
+template <> struct LaneIndex<float> { typedef int32_t type __attribute__((vector_size(64))); };
+template <> struct LaneIndex<double> { typedef int64_t type __attribute__((vector_size(64))); };
+
+template <typename T, int64_t b>
+FASTCUR_INLINE typename Vec<T>::type fold(typename Vec<T>::type u, typename Vec<T>::type v) {
+  using I = typename LaneIndex<T>::type;
+  constexpr int64_t L = sizeof(u) / sizeof(T), h = b / 2;
+  I lo, hi;
+  for (int64_t t = 0; t < L; ++t) {
+    lo[t] = (t / h) * b + t % h;
+    hi[t] = lo[t] + h;
+  }
+  return __builtin_shuffle(u, v, lo) + __builtin_shuffle(u, v, hi);
+}
+
+// `count` vectors with blocks of b lanes per accumulator -> one vector with blocks of 1.
+template <typename T, int count, int64_t b>
+FASTCUR_INLINE typename Vec<T>::type fold_all(typename Vec<T>::type* v) {
+  if constexpr (count > 1) {
+    for (int j = 0; j < count / 2; ++j) v[j] = fold<T, b>(v[2 * j], v[2 * j + 1]);
+    return fold_all<T, count / 2, b / 2>(v);
+  } else if constexpr (b > 1) {
+    v[0] = fold<T, b>(v[0], v[0]);
+    return fold_all<T, 1, b / 2>(v);
+  } else {
+    return v[0];
+  }
+}
+
+template <int J, typename T>
+FASTCUR_INLINE typename Vec<T>::type lane_sums(const typename Vec<T>::type* acc) {
+  constexpr int64_t L = sizeof(typename Vec<T>::type) / sizeof(T);
+  static_assert((J & (J - 1)) == 0 && J <= L, "J: a power of two, at most the lane count");
+  typename Vec<T>::type v[J];
+  for (int j = 0; j < J; ++j) v[j] = acc[j];
+  return fold_all<T, J, L>(v);
+}
+
 }  // namespace cpu
 }  // namespace fastcur

@@ -33,13 +33,14 @@ FASTCUR_INLINE void dot_tile(T* out, int64_t ldo, const T* X, int64_t ldx, const
       for (int i = 0; i < R; ++i) acc[i][j] += xv[i] * v;
     }
   }
-  for (int i = 0; i < R; ++i)
+  for (int i = 0; i < R; ++i) {
+    const W sums = lane_sums<J, T>(acc[i]);
     for (int j = 0; j < J; ++j) {
-      T s = T(0);
+      T s = sums[j];
       for (int64_t cc = c; cc < n; ++cc) s += X[i * ldx + cc] * V[j * n + cc];
-      for (int64_t l = 0; l < L; ++l) s += acc[i][j][l];
       out[i * ldo + j] = s;
     }
+  }
 }
 
 // R rows of out [*, r], the channels eight, then four, then one at a time.
