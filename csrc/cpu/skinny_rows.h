@@ -4,15 +4,18 @@
 //   outer_acc   (acc [r, n], coef [mb, r], X):   acc[j, :] += Σ_m coef[m, j] X[m, :] (coef^T X)
 //   small_k_rows(out, lhs [mb, K], rhs [K, n]):  out[m, :] = Σ_j lhs[m, j] rhs[j, :]  (lhs rhs)
 // r and K are small (an adapter's rank; + 1 when a bias rides along as a column of ones).
-// outer_acc and small_k_rows skip coefficients that are exactly 0 (gated-off channels).
+// small_k_rows skips coefficients that are exactly 0, outer_acc tiles whose coefficients all are
+// (gated-off channels).
 //
 // Why not ATen/MKL GEMMs per block: rows_dot and outer_acc stream X's rows in order, which
 // the hardware prefetchers follow when X comes from memory (measured on 64 x 2048 blocks in
 // a layer: 70 us against 91 us for MKL's X V^T, 56 us against 97 us for its coef^T X; with X
 // already in L2, MKL's coef^T X is 2x faster, so it stays where that holds); MKL's small-K
 // product writing into freshly allocated (not yet faulted-in) pages measured 200 us per
-// block against 23 us into warm ones, small_k_rows 22-28 us into either. The loops are cloned for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2 +
-// FMA) with a run-time pick (cpu/simd.h), although the extension is built for the baseline.
+// block against 23 us into warm ones, small_k_rows 22-28 us into either. The loops are
+// cloned for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2 + FMA) with a run-time pick
+// (cpu/simd.h), although the extension is built for the baseline; every level's build is
+// checked by tests/test_cpu_row_kernels_isa.py.
 #pragma once
 
 #include <cstdint>
