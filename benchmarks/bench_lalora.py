@@ -11,8 +11,10 @@ baseline's (below 1 = fastcur faster); the mode is always "fwd" (one call of the
           baseline   torch.func: vmap over grad of each example's loss term
                      <G_e, s (X_e A^T) B^T>, then squares summed over examples (holds every
                      example's gradients and the vmapped [E, T, n] forward at once)
-          fastcur    fastcur.ops.lora_fisher_diag (grouped batched GEMMs + one-pass
-                     square-accumulate; memory independent of E)
+          fastcur    fastcur.ops.lora_fisher_diag (on the CPU, one example at a time per
+                     thread on the row kernels, each gradient squared where it is formed; on
+                     CUDA, grouped batched GEMMs + one-pass square-accumulate; memory
+                     independent of E)
   part 2  Fused penalty + gradient over L tensors of n x r (here n = 1024, r = 16).
           baseline   eager Python loop: per tensor d = p - a; g += lam q d; total += (q d d).sum()
           fastcur    fastcur.ops.laplace_diag_penalty_grad_ (one multi-tensor pass)

@@ -21,6 +21,7 @@ namespace cpu {
 template <typename T> struct Vec;
 template <> struct Vec<float> { typedef float type __attribute__((vector_size(64))); };
 template <> struct Vec<double> { typedef double type __attribute__((vector_size(64))); };
+template <typename T> constexpr int64_t vector_lanes = sizeof(typename Vec<T>::type) / sizeof(T);
 
 // AVX-512's 32 vector registers hold tiles of 32 accumulators (AVX2 has 16).
 inline bool has_32_vector_registers() {

@@ -3,6 +3,10 @@
 //   rows_dot    (out [mb, r], X, V [r, n]):      out[m, j] = Σ_c X[m, c] V[j, c]     (X V^T)
 //   outer_acc   (acc [r, n], coef [mb, r], X):   acc[j, :] += Σ_m coef[m, j] X[m, :] (coef^T X)
 //   small_k_rows(out, lhs [mb, K], rhs [K, n]):  out[m, :] = Σ_j lhs[m, j] rhs[j, :]  (lhs rhs)
+//   narrow_rows (out [mb, r], X, Vt [n, r]):     out[m, :] = Σ_c X[m, c] Vt[c, :]     (X Vt)
+//                r a multiple of cpu::vector_lanes<T> (cpu/simd.h: 16 floats, 8 doubles)
+//   outer_square_acc (F [r, n], coef [mb, r], X, s):
+//                F[j, :] += s (Σ_m coef[m, j] X[m, :])^2      (s (coef^T X)^2, elementwise)
 // r and K are small (an adapter's rank; + 1 when a bias rides along as a column of ones).
 // small_k_rows skips coefficients that are exactly 0, outer_acc tiles whose coefficients all are
 // (gated-off channels).
@@ -31,6 +35,14 @@ void outer_acc(float* acc, const float* coef, const float* X, int64_t ldx, int64
                int64_t n);
 void outer_acc(double* acc, const double* coef, const double* X, int64_t ldx, int64_t mb,
                int64_t r, int64_t n);
+void narrow_rows(float* out, const float* X, int64_t ldx, const float* Vt, int64_t mb, int64_t r,
+                 int64_t n);
+void narrow_rows(double* out, const double* X, int64_t ldx, const double* Vt, int64_t mb,
+                 int64_t r, int64_t n);
+void outer_square_acc(float* F, const float* coef, const float* X, int64_t ldx, int64_t mb,
+                      int64_t r, int64_t n, float s);
+void outer_square_acc(double* F, const double* coef, const double* X, int64_t ldx, int64_t mb,
+                      int64_t r, int64_t n, double s);
 void small_k_rows(float* out, int64_t ldo, const float* lhs, const float* rhs, int64_t mb,
                   int64_t K, int64_t n);
 void small_k_rows(double* out, int64_t ldo, const double* lhs, const double* rhs, int64_t mb,

@@ -13,13 +13,16 @@
 
 namespace {
 
+using fastcur::cpu::narrow_rows;
 using fastcur::cpu::outer_acc;
+using fastcur::cpu::outer_square_acc;
 using fastcur::cpu::rows_dot;
 using fastcur::cpu::small_k_rows;
+using fastcur::cpu::vector_lanes;
 
 double rel(double want, double got) { return std::abs(want - got) / (1.0 + std::abs(want)); }
 
-// Max relative error over the three kernels for mb rows, r channels, n columns (row strides
+// Max relative error over the kernels for mb rows, r channels, n columns (row strides
 // past n, some coefficients exactly 0).
 template <typename T>
 double worst_error(int64_t mb, int64_t r, int64_t n, unsigned seed) {
@@ -59,6 +62,30 @@ double worst_error(int64_t mb, int64_t r, int64_t n, unsigned seed) {
       for (int64_t j = 0; j < r; ++j) want += double(lhs[m * r + j]) * double(V[j * n + c]);
       err = std::max(err, rel(want, rows[m * ldo + c]));
     }
+
+  if (r % vector_lanes<T> == 0) {
+    std::vector<T> Vt(n * r);
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < n; ++c) Vt[c * r + j] = V[j * n + c];
+    std::fill(out.begin(), out.end(), T(-7));
+    narrow_rows(out.data(), X.data(), ldx, Vt.data(), mb, r, n);
+    for (int64_t m = 0; m < mb; ++m)
+      for (int64_t j = 0; j < r; ++j) {
+        double want = 0.0;
+        for (int64_t c = 0; c < n; ++c) want += double(X[m * ldx + c]) * double(V[j * n + c]);
+        err = std::max(err, rel(want, out[m * r + j]));
+      }
+  }
+
+  const T s = T(0.7);
+  std::vector<T> F = acc0;
+  outer_square_acc(F.data(), coef.data(), X.data(), ldx, mb, r, n, s);
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t c = 0; c < n; ++c) {
+      double g = 0.0;
+      for (int64_t m = 0; m < mb; ++m) g += double(coef[m * r + j]) * double(X[m * ldx + c]);
+      err = std::max(err, rel(double(acc0[j * n + c]) + double(s) * g * g, F[j * n + c]));
+    }
   return err;
 }
 
@@ -67,9 +94,10 @@ double worst_error(int64_t mb, int64_t r, int64_t n, unsigned seed) {
 int main() {
   double worst_f = 0.0, worst_d = 0.0;
   unsigned seed = 1;
-  // rows: tiles of 8, 4, 2 and single rows; channels: 8, 4, 1; columns: vector steps and tails.
-  for (int64_t mb : {1, 2, 3, 5, 8, 11, 17})
-    for (int64_t r : {1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 17})
+  // rows: tiles of 16, 8, 6, 4, 2 and single rows; channels: 16, 8, 4, 1 and groups of one vector
+  // (r = 8 for double, 16, 32 for both); columns: vector steps and tails.
+  for (int64_t mb : {1, 2, 3, 5, 8, 11, 17, 35})
+    for (int64_t r : {1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 17, 21, 32})
       for (int64_t n : {0, 1, 7, 15, 16, 17, 33, 100}) {
         worst_f = std::max(worst_f, worst_error<float>(mb, r, n, seed++));
         worst_d = std::max(worst_d, worst_error<double>(mb, r, n, seed++));
