@@ -13,6 +13,7 @@
 
 namespace {
 
+using fastcur::cpu::narrow_pass;
 using fastcur::cpu::narrow_rows;
 using fastcur::cpu::outer_acc;
 using fastcur::cpu::outer_square_acc;
@@ -75,6 +76,21 @@ double worst_error(int64_t mb, int64_t r, int64_t n, unsigned seed) {
         for (int64_t c = 0; c < n; ++c) want += double(X[m * ldx + c]) * double(V[j * n + c]);
         err = std::max(err, rel(want, out[m * r + j]));
       }
+    std::vector<T> D(n * r, T(-7));
+    std::fill(out.begin(), out.end(), T(-7));
+    narrow_pass(out.data(), D.data(), X.data(), ldx, Vt.data(), coef.data(), mb, r, n);
+    for (int64_t m = 0; m < mb; ++m)
+      for (int64_t j = 0; j < r; ++j) {
+        double want = 0.0;
+        for (int64_t c = 0; c < n; ++c) want += double(X[m * ldx + c]) * double(V[j * n + c]);
+        err = std::max(err, rel(want, out[m * r + j]));
+      }
+    for (int64_t c = 0; c < n; ++c)
+      for (int64_t j = 0; j < r; ++j) {
+        double want = 0.0;
+        for (int64_t m = 0; m < mb; ++m) want += double(X[m * ldx + c]) * double(coef[m * r + j]);
+        err = std::max(err, rel(want, D[c * r + j]));
+      }
   }
 
   const T s = T(0.7);
@@ -94,9 +110,9 @@ double worst_error(int64_t mb, int64_t r, int64_t n, unsigned seed) {
 int main() {
   double worst_f = 0.0, worst_d = 0.0;
   unsigned seed = 1;
-  // rows: tiles of 16, 8, 6, 4, 2 and single rows; channels: 16, 8, 4, 1 and groups of one vector
+  // rows: tiles of 16, 8, 6, 4, 2 and single rows, and none; channels: 16, 8, 4, 1 and groups of one vector
   // (r = 8 for double, 16, 32 for both); columns: vector steps and tails.
-  for (int64_t mb : {1, 2, 3, 5, 8, 11, 17, 35})
+  for (int64_t mb : {0, 1, 2, 3, 5, 8, 11, 17, 35})
     for (int64_t r : {1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 17, 21, 32})
       for (int64_t n : {0, 1, 7, 15, 16, 17, 33, 100}) {
         worst_f = std::max(worst_f, worst_error<float>(mb, r, n, seed++));
