@@ -23,20 +23,19 @@ void square_add(scalar_t* __restrict__ acc, const scalar_t* __restrict__ g, int6
 }
 
 // The CPU schedule: parallel over examples, one example at a time per thread, with per-thread
-// accumulators, on the row kernels of cpu/skinny_rows.h. When r is a multiple of the vector's
-// lanes (16 floats, 8 doubles):
-//   P = G_e B                          narrow_rows: G_e's rows streamed from memory
-//   H = X_e A^T, D = X_e^T P           narrow_pass: one pass over X_e's rows for both
-//   F_A^T += c D^2                     (D is A's per-example gradient, transposed: [k, r])
-//   F_B^T += c (H^T G_e)^2             outer_square_acc: G_e again from the thread's L2,
+// accumulators (thread 0's are the outputs), on the row kernels of cpu/skinny_rows.h. When r
+// is a multiple of the vector's lanes (16 floats, 8 doubles):
+//   H = X_e A^T                        narrow_rows: X_e's rows streamed from memory
+//   P = G_e B, D = G_e^T H             narrow_pass: one pass over G_e's rows for both
+//   F_B += c D^2                       (D is B's per-example gradient over s, [n, r])
+//   F_A += c (P^T X_e)^2               outer_square_acc: X_e again from the thread's L2,
 //                                      each strip of the gradient squared in registers
-// Otherwise rows_dot for P and H, and outer_square_acc for both gradients. x and grad_out are
-// read from memory once (one example's X_e [T, k] and G_e [T, n] stay in L2 at the
-// benchmark's sizes). Measured (E 32, T 128, n = k = 1024, r 16, 2 threads, after the
-// torch.func baseline as in the benchmark): 2.7 ms; 3.0-3.15 ms with separate X_e A^T and
-// X_e^T P passes, 4.1-4.5 ms with rows_dot / outer_acc into stored gradients, 4.8-5.2 ms with
-// MKL's per-example GEMMs.
-// Memory: (threads + 1) x (n r + r k) accumulators plus one example's products per thread,
+// Otherwise rows_dot for H and P, and outer_square_acc for both gradients (B's transposed).
+// x and grad_out are read from memory once (one example's X_e [T, k] and G_e [T, n] stay in
+// L2 at the benchmark's sizes). Measured (E 32, T 128, n = k = 1024, r 16, 2 threads, inputs
+// evicted to memory first): 3.0-3.1 ms; 3.4-3.7 ms with separate passes for the two products
+// of one matrix, 4.0-4.3 ms with rows_dot / outer_acc into stored gradients.
+// Memory: (threads - 1) x (n r + r k) accumulators plus one example's products per thread,
 // independent of E.
 std::tuple<at::Tensor, at::Tensor> lora_fisher_diag_cpu(const at::Tensor& x, const at::Tensor& grad_out,
                                                         const at::Tensor& A, const at::Tensor& B, double scale) {
@@ -48,8 +47,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fisher_diag_cpu(const at::Tensor& x, con
   if (E == 0 || T == 0 || r == 0) return {FA, FB};
   const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
   const int nthreads = at::get_num_threads();
-  // Per thread: A's Fisher ([k, r] on the narrow path, else [r, k]) and B's, transposed.
-  std::vector<at::Tensor> accA(nthreads), accB(nthreads);
+  std::vector<at::Tensor> accA(nthreads), accB(nthreads);   // accB: [r, n] off the narrow path
   bool narrow = false;
   AT_DISPATCH_FLOATING_TYPES(acc, "fastcur_lora_fisher_diag_cpu", [&] {
     narrow = r % cpu::vector_lanes<scalar_t> == 0;
@@ -62,34 +60,33 @@ std::tuple<at::Tensor, at::Tensor> lora_fisher_diag_cpu(const at::Tensor& x, con
     at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
       const int tid = at::get_thread_num();
       if (!accA[tid].defined()) {
-        accA[tid] = narrow ? at::zeros({k, r}, opts) : at::zeros({r, k}, opts);
-        accB[tid] = at::zeros({r, n}, opts);
+        accA[tid] = tid == 0 ? FA : at::zeros({r, k}, opts);
+        accB[tid] = narrow ? (tid == 0 ? FB : at::zeros({n, r}, opts)) : at::zeros({r, n}, opts);
       }
       scalar_t* fa = accA[tid].data_ptr<scalar_t>();
       scalar_t* fb = accB[tid].data_ptr<scalar_t>();
-      std::vector<scalar_t> H(T * r), P(T * r), D(narrow ? k * r : 0);
+      std::vector<scalar_t> H(T * r), P(T * r), D(narrow ? n * r : 0);
       for (int64_t e = begin; e < end; ++e) {
         const at::Tensor Xe = xc[e].to(acc), Ge = gc[e].to(acc);  // views for float32 / float64
         const scalar_t* xp = Xe.data_ptr<scalar_t>();
         const scalar_t* gp = Ge.data_ptr<scalar_t>();
         if (narrow) {
-          cpu::narrow_rows(P.data(), gp, n, bp, T, r, n);
-          cpu::narrow_pass(H.data(), D.data(), xp, k, ap, P.data(), T, r, k);
-          square_add(fa, D.data(), k * r, c);
+          cpu::narrow_rows(H.data(), xp, k, ap, T, r, k);
+          cpu::narrow_pass(P.data(), D.data(), gp, n, bp, H.data(), T, r, n);
+          square_add(fb, D.data(), n * r, c);
         } else {
-          cpu::rows_dot(P.data(), gp, n, bp, T, r, n);
           cpu::rows_dot(H.data(), xp, k, ap, T, r, k);
-          cpu::outer_square_acc(fa, P.data(), xp, k, T, r, k, c);
+          cpu::rows_dot(P.data(), gp, n, bp, T, r, n);
+          cpu::outer_square_acc(fb, H.data(), gp, n, T, r, n, c);
         }
-        cpu::outer_square_acc(fb, H.data(), gp, n, T, r, n, c);
+        cpu::outer_square_acc(fa, P.data(), xp, k, T, r, k, c);
       }
     });
   });
   for (int t = 0; t < nthreads; ++t) {
-    if (accA[t].defined()) {
-      FA.add_(narrow ? accA[t].t() : accA[t]);
-      FB.add_(accB[t].t());
-    }
+    if (!accA[t].defined()) continue;
+    if (!accA[t].is_same(FA)) FA.add_(accA[t]);
+    if (!accB[t].is_same(FB)) FB.add_(narrow ? accB[t] : accB[t].t());
   }
   return {FA, FB};
 }
