@@ -124,8 +124,8 @@ FASTCUR_INLINE void dual_step(W* h, const W* p, T* D, int64_t ldd, const T* X, i
 // One pass over R rows of X for two products on one vector of channels, each X element
 // broadcast once and used twice: H[i, :] = Σ_c X[i, c] Vt[c, :] (R register accumulators) and
 // D[c, :] += Σ_i X[i, c] coef[i, :] (U rows of D through registers per step, from L1/L2; set,
-// not added, when `first`). One example's X_e A^T and X_e^T P at r = 16 (128 x 1024 rows, in
-// L2): 48 us against 58 us for narrow_rows + outer_square_acc.
+// not added, when `first`). The Fisher's two products of one example's G_e at r = 16 (128 x
+// 1024 rows, in L2): 48 us, against 58 us for narrow_rows + outer_square_acc.
 template <int R, int U, typename T>
 FASTCUR_INLINE void dual_tile(T* H, int64_t ldh, T* D, int64_t ldd, const T* X, int64_t ldx,
                               const T* Vt, int64_t ldv, const T* coef, int64_t ldc, int64_t n,
