@@ -54,6 +54,18 @@ def test_fisher_matches_reference(backend, dtype, shape):
         check_against_reference(flat_fisher(backend, 0.5), flat_fisher_ref(0.5), inputs, dtype)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # not under the interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("r", [16, 13])
+def test_fisher_examples_in_row_blocks(backend, dtype, r):
+    """Examples bigger than one of the CPU schedule's row blocks (512 KB of x and grad_out rows:
+    128 + 22 rows in float32, 64 + 64 + 22 in float64), whose gradients are summed over the
+    blocks before squaring; on and off the narrow path."""
+    inputs = fisher_inputs(2, 150, 520, 490, r, seed=7)
+    with torch.no_grad():
+        check_against_reference(flat_fisher(backend, 0.5), flat_fisher_ref(0.5), inputs, dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fisher_equals_torch_func_per_example_gradients(backend):
     """Independent ground truth: vmap over grad of each example's own loss term."""

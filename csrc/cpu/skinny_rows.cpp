@@ -142,9 +142,11 @@ FASTCUR_INLINE void dual_tile(T* H, int64_t ldh, T* D, int64_t ldd, const T* X, 
 // Rows R at a time from row m on, while R fit; returns the next row.
 template <int R, int U, typename T>
 FASTCUR_INLINE int64_t dual_rows(T* H, T* D, const T* X, int64_t ldx, const T* Vt,
-                                 const T* coef, int64_t m, int64_t mb, int64_t r, int64_t n) {
+                                 const T* coef, int64_t m, int64_t mb, int64_t r, int64_t n,
+                                 bool add) {
   for (; m + R <= mb; m += R)
-    dual_tile<R, U>(H + m * r, r, D, r, X + m * ldx, ldx, Vt, r, coef + m * r, r, n, m == 0);
+    dual_tile<R, U>(H + m * r, r, D, r, X + m * ldx, ldx, Vt, r, coef + m * r, r, n,
+                    m == 0 && !add);
   return m;
 }
 
@@ -152,27 +154,35 @@ FASTCUR_INLINE int64_t dual_rows(T* H, T* D, const T* X, int64_t ldx, const T* V
 // of 2 x 1 otherwise (a 64-byte vector is two AVX2 registers); then single rows.
 template <typename T>
 FASTCUR_INLINE void narrow_pass_impl(T* H, T* D, const T* X, int64_t ldx, const T* Vt,
-                                     const T* coef, int64_t mb, int64_t r, int64_t n) {
+                                     const T* coef, int64_t mb, int64_t r, int64_t n, bool add) {
   using W = typename Vec<T>::type;
   for (int64_t g = 0; g < r; g += vector_lanes<T>) {
-    if (mb == 0)
+    if (mb == 0 && !add)
       for (int64_t c = 0; c < n; ++c) store(D + c * r + g, W{});
     if (has_32_vector_registers()) {
-      const int64_t m = dual_rows<8, 4>(H + g, D + g, X, ldx, Vt + g, coef + g, 0, mb, r, n);
-      dual_rows<1, 4>(H + g, D + g, X, ldx, Vt + g, coef + g, m, mb, r, n);
+      const int64_t m = dual_rows<8, 4>(H + g, D + g, X, ldx, Vt + g, coef + g, 0, mb, r, n, add);
+      dual_rows<1, 4>(H + g, D + g, X, ldx, Vt + g, coef + g, m, mb, r, n, add);
     } else {
-      const int64_t m = dual_rows<2, 1>(H + g, D + g, X, ldx, Vt + g, coef + g, 0, mb, r, n);
-      dual_rows<1, 2>(H + g, D + g, X, ldx, Vt + g, coef + g, m, mb, r, n);
+      const int64_t m = dual_rows<2, 1>(H + g, D + g, X, ldx, Vt + g, coef + g, 0, mb, r, n, add);
+      dual_rows<1, 2>(H + g, D + g, X, ldx, Vt + g, coef + g, m, mb, r, n, add);
     }
   }
 }
 
-// F[j0 + j, c:c+L] += s (Σ_i coef[i, j0 + j] X[i, c:c+L])^2 for J channels and one vector of
-// columns, all mb rows accumulated in registers: the per-example gradient is squared where it
-// is formed and never stored. Then the columns past the last whole vector.
-template <int J, typename T>
-FASTCUR_INLINE void square_strips(T* F, const T* coef, int64_t r, int64_t j0, const T* X,
-                                  int64_t ldx, int64_t mb, int64_t n, T s) {
+// One strip's update of F from its sum g over the rows: F + s g^2 when SQUARE, else F + g when
+// `add`, else g.
+template <bool SQUARE, typename V, typename T>
+FASTCUR_INLINE V strip_update(V f, V g, T s, bool add) {
+  if constexpr (SQUARE) return f + s * g * g;
+  else return add ? f + g : g;
+}
+
+// Rows j0..j0+J of F updated from Σ_i coef[i, j0 + j] X[i, c:c+L] for one vector of columns at
+// a time, all mb rows accumulated in registers (with SQUARE, the per-example gradient is
+// squared where it is formed and never stored); then the columns past the last whole vector.
+template <bool SQUARE, int J, typename T>
+FASTCUR_INLINE void strips(T* F, const T* coef, int64_t r, int64_t j0, const T* X, int64_t ldx,
+                           int64_t mb, int64_t n, T s, bool add) {
   using W = typename Vec<T>::type;
   constexpr int64_t L = vector_lanes<T>;
   int64_t c = 0;
@@ -186,26 +196,27 @@ FASTCUR_INLINE void square_strips(T* F, const T* coef, int64_t r, int64_t j0, co
     }
     for (int j = 0; j < J; ++j) {
       T* row = F + (j0 + j) * n + c;
-      store(row, load<W>(row) + s * acc[j] * acc[j]);
+      store(row, strip_update<SQUARE>(load<W>(row), acc[j], s, add));
     }
   }
   for (; c < n; ++c)
     for (int j = 0; j < J; ++j) {
       T g = T(0);
       for (int64_t i = 0; i < mb; ++i) g += coef[i * r + j0 + j] * X[i * ldx + c];
-      F[(j0 + j) * n + c] += s * g * g;
+      T& f = F[(j0 + j) * n + c];
+      f = strip_update<SQUARE>(f, g, s, add);
     }
 }
 
 // Channels sixteen at a time with AVX-512 (four otherwise), then four, then one.
-template <typename T>
-FASTCUR_INLINE void outer_square_acc_impl(T* F, const T* coef, const T* X, int64_t ldx,
-                                          int64_t mb, int64_t r, int64_t n, T s) {
+template <bool SQUARE, typename T>
+FASTCUR_INLINE void strips_impl(T* F, const T* coef, const T* X, int64_t ldx, int64_t mb,
+                                int64_t r, int64_t n, T s, bool add) {
   int64_t j = 0;
   if (has_32_vector_registers())
-    for (; j + 16 <= r; j += 16) square_strips<16>(F, coef, r, j, X, ldx, mb, n, s);
-  for (; j + 4 <= r; j += 4) square_strips<4>(F, coef, r, j, X, ldx, mb, n, s);
-  for (; j < r; ++j) square_strips<1>(F, coef, r, j, X, ldx, mb, n, s);
+    for (; j + 16 <= r; j += 16) strips<SQUARE, 16>(F, coef, r, j, X, ldx, mb, n, s, add);
+  for (; j + 4 <= r; j += 4) strips<SQUARE, 4>(F, coef, r, j, X, ldx, mb, n, s, add);
+  for (; j < r; ++j) strips<SQUARE, 1>(F, coef, r, j, X, ldx, mb, n, s, add);
 }
 
 // acc[j0 + j, :] += Σ_i coef[i, j0 + j] X[i, :] for i < R rows, j < J channels: the R rows'
@@ -342,22 +353,31 @@ FASTCUR_CPU_CLONES void narrow_rows(double* out, const double* X, int64_t ldx, c
 
 FASTCUR_CPU_CLONES void narrow_pass(float* H, float* D, const float* X, int64_t ldx,
                                     const float* Vt, const float* coef, int64_t mb, int64_t r,
-                                    int64_t n) {
-  narrow_pass_impl(H, D, X, ldx, Vt, coef, mb, r, n);
+                                    int64_t n, bool add) {
+  narrow_pass_impl(H, D, X, ldx, Vt, coef, mb, r, n, add);
 }
 FASTCUR_CPU_CLONES void narrow_pass(double* H, double* D, const double* X, int64_t ldx,
                                     const double* Vt, const double* coef, int64_t mb, int64_t r,
-                                    int64_t n) {
-  narrow_pass_impl(H, D, X, ldx, Vt, coef, mb, r, n);
+                                    int64_t n, bool add) {
+  narrow_pass_impl(H, D, X, ldx, Vt, coef, mb, r, n, add);
 }
 
 FASTCUR_CPU_CLONES void outer_square_acc(float* F, const float* coef, const float* X, int64_t ldx,
                                          int64_t mb, int64_t r, int64_t n, float s) {
-  outer_square_acc_impl(F, coef, X, ldx, mb, r, n, s);
+  strips_impl<true>(F, coef, X, ldx, mb, r, n, s, true);
 }
 FASTCUR_CPU_CLONES void outer_square_acc(double* F, const double* coef, const double* X,
                                          int64_t ldx, int64_t mb, int64_t r, int64_t n, double s) {
-  outer_square_acc_impl(F, coef, X, ldx, mb, r, n, s);
+  strips_impl<true>(F, coef, X, ldx, mb, r, n, s, true);
+}
+
+FASTCUR_CPU_CLONES void outer_strip_acc(float* F, const float* coef, const float* X, int64_t ldx,
+                                        int64_t mb, int64_t r, int64_t n, bool add) {
+  strips_impl<false>(F, coef, X, ldx, mb, r, n, 0.0f, add);
+}
+FASTCUR_CPU_CLONES void outer_strip_acc(double* F, const double* coef, const double* X,
+                                        int64_t ldx, int64_t mb, int64_t r, int64_t n, bool add) {
+  strips_impl<false>(F, coef, X, ldx, mb, r, n, 0.0, add);
 }
 
 }  // namespace cpu

@@ -5,10 +5,14 @@
 //   small_k_rows(out, lhs [mb, K], rhs [K, n]):  out[m, :] = Σ_j lhs[m, j] rhs[j, :]  (lhs rhs)
 //   narrow_rows (out [mb, r], X, Vt [n, r]):     out[m, :] = Σ_c X[m, c] Vt[c, :]     (X Vt)
 //                r a multiple of cpu::vector_lanes<T> (cpu/simd.h: 16 floats, 8 doubles)
-//   narrow_pass (H [mb, r], D [n, r], X, Vt [n, r], coef [mb, r]):   one pass over X for
-//                H = X Vt and D = X^T coef (D overwritten); r as for narrow_rows
+//   narrow_pass (H [mb, r], D [n, r], X, Vt [n, r], coef [mb, r], add):   one pass over X
+//                for H = X Vt and D = X^T coef (added to D when `add`); r as for narrow_rows
 //   outer_square_acc (F [r, n], coef [mb, r], X, s):
 //                F[j, :] += s (Σ_m coef[m, j] X[m, :])^2      (s (coef^T X)^2, elementwise)
+//   outer_strip_acc  (F [r, n], coef [mb, r], X, add):
+//                F[j, :] = Σ_m coef[m, j] X[m, :]  (added to F when `add`)
+//   The last two sum a strip of columns over all mb rows in registers: for X in cache (the
+//   strips read X across rows), where outer_acc streams X's rows in order from memory.
 // r and K are small (an adapter's rank; + 1 when a bias rides along as a column of ones).
 // small_k_rows skips coefficients that are exactly 0, outer_acc tiles whose coefficients all are
 // (gated-off channels).
@@ -46,13 +50,17 @@ void narrow_rows(float* out, const float* X, int64_t ldx, const float* Vt, int64
 void narrow_rows(double* out, const double* X, int64_t ldx, const double* Vt, int64_t mb,
                  int64_t r, int64_t n);
 void narrow_pass(float* H, float* D, const float* X, int64_t ldx, const float* Vt,
-                 const float* coef, int64_t mb, int64_t r, int64_t n);
+                 const float* coef, int64_t mb, int64_t r, int64_t n, bool add);
 void narrow_pass(double* H, double* D, const double* X, int64_t ldx, const double* Vt,
-                 const double* coef, int64_t mb, int64_t r, int64_t n);
+                 const double* coef, int64_t mb, int64_t r, int64_t n, bool add);
 void outer_square_acc(float* F, const float* coef, const float* X, int64_t ldx, int64_t mb,
                       int64_t r, int64_t n, float s);
 void outer_square_acc(double* F, const double* coef, const double* X, int64_t ldx, int64_t mb,
                       int64_t r, int64_t n, double s);
+void outer_strip_acc(float* F, const float* coef, const float* X, int64_t ldx, int64_t mb,
+                     int64_t r, int64_t n, bool add);
+void outer_strip_acc(double* F, const double* coef, const double* X, int64_t ldx, int64_t mb,
+                     int64_t r, int64_t n, bool add);
 void small_k_rows(float* out, int64_t ldo, const float* lhs, const float* rhs, int64_t mb,
                   int64_t K, int64_t n);
 void small_k_rows(double* out, int64_t ldo, const double* lhs, const double* rhs, int64_t mb,

@@ -17,6 +17,7 @@ using fastcur::cpu::narrow_pass;
 using fastcur::cpu::narrow_rows;
 using fastcur::cpu::outer_acc;
 using fastcur::cpu::outer_square_acc;
+using fastcur::cpu::outer_strip_acc;
 using fastcur::cpu::rows_dot;
 using fastcur::cpu::small_k_rows;
 using fastcur::cpu::vector_lanes;
@@ -76,21 +77,23 @@ double worst_error(int64_t mb, int64_t r, int64_t n, unsigned seed) {
         for (int64_t c = 0; c < n; ++c) want += double(X[m * ldx + c]) * double(V[j * n + c]);
         err = std::max(err, rel(want, out[m * r + j]));
       }
-    std::vector<T> D(n * r, T(-7));
-    std::fill(out.begin(), out.end(), T(-7));
-    narrow_pass(out.data(), D.data(), X.data(), ldx, Vt.data(), coef.data(), mb, r, n);
-    for (int64_t m = 0; m < mb; ++m)
-      for (int64_t j = 0; j < r; ++j) {
-        double want = 0.0;
-        for (int64_t c = 0; c < n; ++c) want += double(X[m * ldx + c]) * double(V[j * n + c]);
-        err = std::max(err, rel(want, out[m * r + j]));
-      }
-    for (int64_t c = 0; c < n; ++c)
-      for (int64_t j = 0; j < r; ++j) {
-        double want = 0.0;
-        for (int64_t m = 0; m < mb; ++m) want += double(X[m * ldx + c]) * double(coef[m * r + j]);
-        err = std::max(err, rel(want, D[c * r + j]));
-      }
+    for (const bool add : {false, true}) {   // D overwritten, then added to
+      std::vector<T> D(n * r, T(-7));
+      std::fill(out.begin(), out.end(), T(-7));
+      narrow_pass(out.data(), D.data(), X.data(), ldx, Vt.data(), coef.data(), mb, r, n, add);
+      for (int64_t m = 0; m < mb; ++m)
+        for (int64_t j = 0; j < r; ++j) {
+          double want = 0.0;
+          for (int64_t c = 0; c < n; ++c) want += double(X[m * ldx + c]) * double(V[j * n + c]);
+          err = std::max(err, rel(want, out[m * r + j]));
+        }
+      for (int64_t c = 0; c < n; ++c)
+        for (int64_t j = 0; j < r; ++j) {
+          double want = add ? -7.0 : 0.0;
+          for (int64_t m = 0; m < mb; ++m) want += double(X[m * ldx + c]) * double(coef[m * r + j]);
+          err = std::max(err, rel(want, D[c * r + j]));
+        }
+    }
   }
 
   const T s = T(0.7);
@@ -102,6 +105,17 @@ double worst_error(int64_t mb, int64_t r, int64_t n, unsigned seed) {
       for (int64_t m = 0; m < mb; ++m) g += double(coef[m * r + j]) * double(X[m * ldx + c]);
       err = std::max(err, rel(double(acc0[j * n + c]) + double(s) * g * g, F[j * n + c]));
     }
+
+  for (const bool add : {false, true}) {
+    std::vector<T> S = acc0;
+    outer_strip_acc(S.data(), coef.data(), X.data(), ldx, mb, r, n, add);
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < n; ++c) {
+        double want = add ? double(acc0[j * n + c]) : 0.0;
+        for (int64_t m = 0; m < mb; ++m) want += double(coef[m * r + j]) * double(X[m * ldx + c]);
+        err = std::max(err, rel(want, S[j * n + c]));
+      }
+  }
   return err;
 }
 
