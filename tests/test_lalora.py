@@ -15,10 +15,12 @@ from conftest import available_backends
 BACKENDS = available_backends("lora_fisher_diag")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # (E, T, k, n, r): odd sizes, r = 1, T = 1, E = 1; the last three reach every tile and tail of
-# the CPU row kernels: T = 11 rows (8 + 2 + 1), r = 13 channels (8 + 4 + 1) for rows_dot;
-# r = 32 (two vector groups for float32, four for float64) and T = 37 (16 + 16 + 1 rows, or
-# 6 x 6 + 1 without AVX-512) for narrow_rows; r = 21 (16 + 4 + 1) for outer_square_acc;
-# k, n past whole vectors.
+# the CPU row kernels:
+#   rows_dot: T = 11 rows (8 + 2 + 1), r = 13 channels (8 + 4 + 1);
+#   narrow_rows / narrow_pass: r = 32 (two vector groups in float32, four in float64), T = 37
+#   (16-row tiles, 8-row tiles, or 6- and 2-row ones without AVX-512, then single rows);
+#   the column strips: r = 21 (16 + 4 + 1) and 13 (8 + 4 + 1);
+#   k, n past whole vectors.
 FISHER_SHAPES = [(3, 5, 13, 11, 3), (1, 1, 16, 16, 1), (4, 2, 33, 20, 7), (2, 37, 9, 5, 2),
                  (3, 11, 40, 37, 13), (2, 37, 35, 41, 32), (2, 19, 20, 18, 21)]
 

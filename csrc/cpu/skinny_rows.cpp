@@ -208,13 +208,15 @@ FASTCUR_INLINE void strips(T* F, const T* coef, int64_t r, int64_t j0, const T* 
     }
 }
 
-// Channels sixteen at a time with AVX-512 (four otherwise), then four, then one.
+// Channels sixteen, then eight at a time with AVX-512; then four, then one.
 template <bool SQUARE, typename T>
 FASTCUR_INLINE void strips_impl(T* F, const T* coef, const T* X, int64_t ldx, int64_t mb,
                                 int64_t r, int64_t n, T s, bool add) {
   int64_t j = 0;
-  if (has_32_vector_registers())
+  if (has_32_vector_registers()) {
     for (; j + 16 <= r; j += 16) strips<SQUARE, 16>(F, coef, r, j, X, ldx, mb, n, s, add);
+    for (; j + 8 <= r; j += 8) strips<SQUARE, 8>(F, coef, r, j, X, ldx, mb, n, s, add);
+  }
   for (; j + 4 <= r; j += 4) strips<SQUARE, 4>(F, coef, r, j, X, ldx, mb, n, s, add);
   for (; j < r; ++j) strips<SQUARE, 1>(F, coef, r, j, X, ldx, mb, n, s, add);
 }
