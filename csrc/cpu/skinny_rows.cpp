@@ -92,12 +92,13 @@ template <typename T>
 FASTCUR_INLINE void narrow_rows_impl(T* out, const T* X, int64_t ldx, const T* Vt, int64_t mb,
                                      int64_t r, int64_t n) {
   for (int64_t g = 0; g < r; g += vector_lanes<T>) {
+    T* o = out + g;
     int64_t m = 0;
     if (has_32_vector_registers())
-      for (; m + 16 <= mb; m += 16) narrow_tile<16>(out + m * r + g, r, X + m * ldx, ldx, Vt + g, r, n);
+      for (; m + 16 <= mb; m += 16) narrow_tile<16>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
     else
-      for (; m + 6 <= mb; m += 6) narrow_tile<6>(out + m * r + g, r, X + m * ldx, ldx, Vt + g, r, n);
-    for (; m < mb; ++m) narrow_tile<1>(out + m * r + g, r, X + m * ldx, ldx, Vt + g, r, n);
+      for (; m + 6 <= mb; m += 6) narrow_tile<6>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
+    for (; m < mb; ++m) narrow_tile<1>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
   }
 }
 
@@ -159,12 +160,14 @@ FASTCUR_INLINE void narrow_pass_impl(T* H, T* D, const T* X, int64_t ldx, const 
   for (int64_t g = 0; g < r; g += vector_lanes<T>) {
     if (mb == 0 && !add)
       for (int64_t c = 0; c < n; ++c) store(D + c * r + g, W{});
+    T *h = H + g, *d = D + g;
+    const T *v = Vt + g, *p = coef + g;
     if (has_32_vector_registers()) {
-      const int64_t m = dual_rows<8, 4>(H + g, D + g, X, ldx, Vt + g, coef + g, 0, mb, r, n, add);
-      dual_rows<1, 4>(H + g, D + g, X, ldx, Vt + g, coef + g, m, mb, r, n, add);
+      const int64_t m = dual_rows<8, 4>(h, d, X, ldx, v, p, 0, mb, r, n, add);
+      dual_rows<1, 4>(h, d, X, ldx, v, p, m, mb, r, n, add);
     } else {
-      const int64_t m = dual_rows<2, 1>(H + g, D + g, X, ldx, Vt + g, coef + g, 0, mb, r, n, add);
-      dual_rows<1, 2>(H + g, D + g, X, ldx, Vt + g, coef + g, m, mb, r, n, add);
+      const int64_t m = dual_rows<2, 1>(h, d, X, ldx, v, p, 0, mb, r, n, add);
+      dual_rows<1, 2>(h, d, X, ldx, v, p, m, mb, r, n, add);
     }
   }
 }

@@ -24,9 +24,9 @@
 // product writing into freshly allocated (not yet faulted-in) pages measured 200 us per
 // block against 23 us into warm ones, small_k_rows 22-28 us into either. The narrow kernels
 // keep a row's r channels in vectors and broadcast X's elements (no lane sums, unlike
-// rows_dot), and outer_square_acc keeps a whole strip of the product in registers; on the
-// Fisher's 128 x 1024 examples at r = 16 they run at about 150 GFLOP/s per thread, near
-// MKL's big GEMMs (cpu/lalora.cpp). The loops are
+// rows_dot), and the strip kernels keep a strip of the product in registers over all rows;
+// on the Fisher's 128 x 1024 examples at r = 16 they run at about 150 GFLOP/s per thread,
+// near MKL's big GEMMs (cpu/lalora.cpp). The loops are
 // cloned for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2 + FMA) with a run-time pick
 // (cpu/simd.h), although the extension is built for the baseline; every level's build is
 // checked by tests/test_cpu_row_kernels_isa.py.

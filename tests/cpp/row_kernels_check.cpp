@@ -124,8 +124,9 @@ double worst_error(int64_t mb, int64_t r, int64_t n, unsigned seed) {
 int main() {
   double worst_f = 0.0, worst_d = 0.0;
   unsigned seed = 1;
-  // rows: tiles of 16, 8, 6, 4, 2 and single rows, and none; channels: 16, 8, 4, 1 and groups of one vector
-  // (r = 8 for double, 16, 32 for both); columns: vector steps and tails.
+  // rows: tiles of 16, 8, 6, 4, 2 and single rows, and none; channels: tiles of 16, 8, 4, 1
+  // and groups of one vector (r = 8 for double, 16 and 32 for both); columns: vector steps
+  // and tails.
   for (int64_t mb : {0, 1, 2, 3, 5, 8, 11, 17, 35})
     for (int64_t r : {1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 17, 21, 32})
       for (int64_t n : {0, 1, 7, 15, 16, 17, 33, 100}) {
