@@ -296,3 +296,112 @@ def test_bad_input_errors():
     mgr.start_task(10)
     with pytest.raises(RuntimeError, match="a task is active"):
         mgr.start_task(10)
+
+
+def _run_task_steps(model, mgr, x, target, steps, seed):
+    """`steps` SGD steps of the active task (the optimizer's state is rebuilt: the resume tests
+    compare managers, not optimizers)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(mgr.parameters(), lr=1e-3)
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x), target) + mgr.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mgr.step()
+
+
+def test_inclora_checkpoint_between_tasks(tmp_path):
+    """model.state_dict() + IncLoRA.save after a task; a fresh model and manager resumed from
+    them run the next task exactly as the original does (W_past, task count, ELLA penalty)."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, target = torch.randn(32, 16, dtype=torch.float64), torch.randn(32, 6, dtype=torch.float64)
+    mgr = fastcur.IncLoRA(model, rank=4, ella_lambda=0.5)
+    mgr.start_task(total_steps=6)
+    for m in mgr.layers().values():
+        trained(m)
+    _run_task_steps(model, mgr, x, target, 6, seed=1)
+    mgr.end_task()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    mgr.save(tmp_path / "inclora.safetensors")
+
+    model2 = MLP().double()
+    mgr2 = fastcur.IncLoRA(model2, rank=4, ella_lambda=0.5).load(tmp_path / "inclora.safetensors")
+    model2.load_state_dict(torch.load(tmp_path / "model.pt"))
+    assert mgr2.task == 1 and not mgr2.active
+    assert set(mgr2.W_past) == set(mgr.W_past)
+    for name, w in mgr.W_past.items():
+        assert torch.equal(mgr2.W_past[name], w)
+    for m_, g in ((model, mgr), (model2, mgr2)):
+        torch.manual_seed(5)
+        g.start_task(total_steps=4)
+        for i, layer in enumerate(g.layers().values()):
+            trained(layer, seed=30 + i)
+    torch.testing.assert_close(mgr2.penalty(), mgr.penalty(), rtol=0, atol=0)
+    assert mgr.penalty().item() > 0
+    torch.testing.assert_close(model2(x), model(x), rtol=0, atol=0)
+
+
+def test_inclora_checkpoint_during_a_task(tmp_path):
+    """Saved mid-task (after the θ reset), the resumed manager re-creates the task's layers at
+    the same point of the f schedule; with the model's state_dict loaded, outputs, f, the
+    following steps and the merged W_past match the original's."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, target = torch.randn(32, 16, dtype=torch.float64), torch.randn(32, 6, dtype=torch.float64)
+    mgr = fastcur.IncLoRA(model, rank=4, ella_lambda=0.5)
+    mgr.start_task()
+    for m in mgr.layers().values():
+        trained(m, scale=0.05)
+    mgr.end_task()                                    # a W_past for the second task's penalty
+    mgr.start_task(total_steps=10)
+    for m in mgr.layers().values():
+        trained(m, seed=2)
+    _run_task_steps(model, mgr, x, target, 4, seed=2)
+    assert mgr._reset_done and 0 < mgr.f < 1 and mgr.penalty().item() > 0
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    mgr.save(tmp_path / "inclora.safetensors")
+
+    model2 = MLP().double()
+    mgr2 = fastcur.IncLoRA(model2, rank=4, ella_lambda=0.5).load(tmp_path / "inclora.safetensors")
+    model2.load_state_dict(torch.load(tmp_path / "model.pt"))
+    assert mgr2.active and mgr2.task == 1 and mgr2.f == mgr.f
+    assert set(mgr2.layers()) == set(mgr.layers())
+    torch.testing.assert_close(model2(x), model(x), rtol=0, atol=0)
+    _run_task_steps(model, mgr, x, target, 3, seed=3)
+    _run_task_steps(model2, mgr2, x, target, 3, seed=3)
+    torch.testing.assert_close(model2(x), model(x), rtol=0, atol=0)
+    mgr.end_task()
+    mgr2.end_task()
+    for name, w in mgr.W_past.items():
+        assert torch.equal(mgr2.W_past[name], w)
+
+
+def test_inclora_checkpoint_errors(tmp_path):
+    mgr = fastcur.IncLoRA(MLP(), rank=4, ella_lambda=0.5)
+    mgr.start_task()
+    mgr.end_task()
+    path = tmp_path / "inclora.safetensors"
+    mgr.save(path)
+    with pytest.raises(ValueError, match=r"saved with options=.*'rank': 4.*this manager has options=.*'rank': 8"):
+        fastcur.IncLoRA(MLP(), ella_lambda=0.5).load(path)
+    with pytest.raises(ValueError, match="saved with ella_lambda=0.5, this manager has ella_lambda=0.0"):
+        fastcur.IncLoRA(MLP(), rank=4).load(path)
+    with pytest.raises(ValueError, match="saved with names="):
+        fastcur.IncLoRA(MLP(), target_modules=["fc"], rank=4, ella_lambda=0.5).load(path)
+    busy = fastcur.IncLoRA(MLP(), rank=4, ella_lambda=0.5)
+    busy.start_task()
+    with pytest.raises(RuntimeError, match="has an active task"):
+        busy.load(path)
+    state = mgr.state_dict()
+    state["tensors"] = {"W_past.head": torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=r"W_past of 'head' has shape \(3, 3\), the layer's weight \(6, 48\)"):
+        fastcur.IncLoRA(MLP(), rank=4, ella_lambda=0.5).load_state_dict(state)
+    with pytest.raises(ValueError, match="not an IncLoRA state"):
+        fastcur.IncLoRA(MLP()).load_state_dict({"format": "something else"})
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+    save_file({"a": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match="is not an IncLoRA state file"):
+        fastcur.IncLoRA(MLP()).load(other)

@@ -10,13 +10,22 @@ manager that gives every task fresh adapters and folds each task's sparse update
             loss.backward(); opt.step(); opt.zero_grad()
             manager.step()              # advances f; resets θ at the first step with f > 0
         manager.end_task()              # W += sparse ΔW (f = 1), W_past += ΔW, adapters removed
+
+A checkpoint is the model's state_dict (merged base weights and, during a task, the adapter's
+tensors) plus the manager's own state (`save` / `load`: the tasks done, the f schedule's
+position, W_past). To resume, build the manager with the same options, `load` it (during a
+task this puts the task's adapter layers back), then load the model's state_dict.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 
 import torch
 from torch import nn
+
+from ._atomic import atomic_write
 
 from .modules.jump_lora_linear import (DEFAULT_LOG_THETA, SCOPES, JumpLoRALinear, JumpThreshold,
                                        f_schedule, reset_thresholds)
@@ -31,6 +40,10 @@ def ella_penalty(model: nn.Module) -> torch.Tensor:
         p = next(model.parameters(), None)
         return torch.zeros((), device=None if p is None else p.device)
     return sum(m.ella_penalty() for m in layers) / len(layers)
+
+
+_FORMAT = "fastcur.inclora/1"
+_META_KEY = "fastcur_inclora"
 
 
 def _block_of(name: str) -> str:
@@ -169,6 +182,74 @@ class IncLoRA:
         if self.ella_lambda == 0 or not self.active:
             return torch.zeros((), device=next(self.model.parameters()).device)
         return self.ella_lambda * ella_penalty(self.model)
+
+    # -- state -------------------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        return {"names": list(self.names), "scope": self.scope, "ella_lambda": self.ella_lambda,
+                "options": dict(self.options), "f_start": self.f_start, "f_end": self.f_end,
+                "init_log_theta": self.init_log_theta}
+
+    def state_dict(self) -> dict:
+        """{"format", "settings", "task", "active", "step", "total_steps", "reset_done",
+        "tensors"}: the options this manager was built with (checked on load), the schedule's
+        position, and `W_past.<layer name>` tensors (with ELLA). The adapter tensors of an
+        active task are not included: they are in the model's state_dict."""
+        return {"format": _FORMAT, "settings": self._settings(), "task": self.task,
+                "active": self.active, "step": self._step, "total_steps": self._total,
+                "reset_done": self._reset_done,
+                "tensors": {f"W_past.{n}": w for n, w in self.W_past.items()}}
+
+    def load_state_dict(self, state: dict) -> "IncLoRA":
+        """Restore a `state_dict` into a manager built with the same options and no active task;
+        a state saved during a task starts that task again (fresh adapter layers, to be filled
+        by the model's state_dict) at the saved position of the f schedule."""
+        where = "fastcur.IncLoRA.load_state_dict"
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"{where}: not an IncLoRA state (format {_FORMAT!r})")
+        if self.active:
+            raise RuntimeError(f"{where}: this manager has an active task; load into one before "
+                               f"start_task() or after end_task()")
+        mine, saved = self._settings(), state["settings"]
+        for key in mine:
+            if saved.get(key) != mine[key]:
+                raise ValueError(f"{where}: the state was saved with {key}={saved.get(key)!r}, "
+                                 f"this manager has {key}={mine[key]!r}")
+        past = {k[len("W_past."):]: v for k, v in state["tensors"].items() if k.startswith("W_past.")}
+        unknown = sorted(set(past) - set(self.names))
+        if unknown:
+            raise ValueError(f"{where}: W_past for layers this manager does not adapt: {unknown}")
+        for name, w in past.items():
+            weight = self.model.get_submodule(name).weight
+            if w.shape != weight.shape:
+                raise ValueError(f"{where}: W_past of {name!r} has shape {tuple(w.shape)}, "
+                                 f"the layer's weight {tuple(weight.shape)}")
+        self.W_past = {n: w.to(self.model.get_submodule(n).weight) for n, w in past.items()}
+        self.task = int(state["task"])
+        if state["active"]:
+            self.start_task(int(state["total_steps"]) or None)
+            self._step, self._reset_done = int(state["step"]), bool(state["reset_done"])
+            self._apply_f()
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `state_dict()` to a safetensors file atomically (temporary file + rename)."""
+        from safetensors.torch import save_file
+
+        state = self.state_dict()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.pop("tensors").items()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: json.dumps(state)}))
+
+    def load(self, path: str | os.PathLike) -> "IncLoRA":
+        """Read a file written by `save` (see `load_state_dict`)."""
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get(_META_KEY)
+            if meta is None:
+                raise ValueError(f"fastcur.IncLoRA.load: {os.fspath(path)!r} is not an IncLoRA state file")
+            state = json.loads(meta)
+            state["tensors"] = {k: f.get_tensor(k) for k in f.keys()}
+        return self.load_state_dict(state)
 
     @torch.no_grad()
     def end_task(self) -> None:
