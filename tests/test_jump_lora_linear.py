@@ -29,6 +29,22 @@ class MLP(nn.Module):
         return self.head(x)
 
 
+def train_task_steps(model, mgr, opt, x, target, steps):
+    """`steps` optimizer steps of the active task on MSE + the manager's penalty, stepping f."""
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x), target) + mgr.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mgr.step()
+
+
+def sgd_steps(model, mgr, x, target, steps):
+    """The resume tests' training: plain SGD, rebuilt per call (they compare managers, not
+    optimizer states)."""
+    train_task_steps(model, mgr, torch.optim.SGD(mgr.parameters(), lr=1e-3), x, target, steps)
+
+
 def test_from_linear_shares_storage_names_and_starts_at_base():
     lin = nn.Linear(40, 30)
     m = fastcur.JumpLoRALinear.from_linear(lin)
@@ -254,12 +270,7 @@ def test_three_tasks_learned_in_sequence():
         target = teacher(x).detach()
         opt = torch.optim.Adam(mgr.start_task(total_steps=steps), lr=0.02)
         first = nn.functional.mse_loss(model(x), target).item()
-        for _ in range(steps):
-            loss = nn.functional.mse_loss(model(x), target) + mgr.penalty()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mgr.step()
+        train_task_steps(model, mgr, opt, x, target, steps)
         mgr.end_task()
         final = nn.functional.mse_loss(model(x), target).item()
         assert final < 0.5 * first, (t, first, final)
@@ -298,19 +309,6 @@ def test_bad_input_errors():
         mgr.start_task(10)
 
 
-def _run_task_steps(model, mgr, x, target, steps, seed):
-    """`steps` SGD steps of the active task (the optimizer's state is rebuilt: the resume tests
-    compare managers, not optimizers)."""
-    torch.manual_seed(seed)
-    opt = torch.optim.SGD(mgr.parameters(), lr=1e-3)
-    for _ in range(steps):
-        loss = nn.functional.mse_loss(model(x), target) + mgr.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        mgr.step()
-
-
 def test_inclora_checkpoint_between_tasks(tmp_path):
     """model.state_dict() + IncLoRA.save after a task; a fresh model and manager resumed from
     them run the next task exactly as the original does (W_past, task count, ELLA penalty)."""
@@ -321,7 +319,7 @@ def test_inclora_checkpoint_between_tasks(tmp_path):
     mgr.start_task(total_steps=6)
     for m in mgr.layers().values():
         trained(m)
-    _run_task_steps(model, mgr, x, target, 6, seed=1)
+    sgd_steps(model, mgr, x, target, 6)
     mgr.end_task()
     torch.save(model.state_dict(), tmp_path / "model.pt")
     mgr.save(tmp_path / "inclora.safetensors")
@@ -358,7 +356,7 @@ def test_inclora_checkpoint_during_a_task(tmp_path):
     mgr.start_task(total_steps=10)
     for m in mgr.layers().values():
         trained(m, seed=2)
-    _run_task_steps(model, mgr, x, target, 4, seed=2)
+    sgd_steps(model, mgr, x, target, 4)
     assert mgr._reset_done and 0 < mgr.f < 1 and mgr.penalty().item() > 0
     torch.save(model.state_dict(), tmp_path / "model.pt")
     mgr.save(tmp_path / "inclora.safetensors")
@@ -369,8 +367,8 @@ def test_inclora_checkpoint_during_a_task(tmp_path):
     assert mgr2.active and mgr2.task == 1 and mgr2.f == mgr.f
     assert set(mgr2.layers()) == set(mgr.layers())
     torch.testing.assert_close(model2(x), model(x), rtol=0, atol=0)
-    _run_task_steps(model, mgr, x, target, 3, seed=3)
-    _run_task_steps(model2, mgr2, x, target, 3, seed=3)
+    sgd_steps(model, mgr, x, target, 3)
+    sgd_steps(model2, mgr2, x, target, 3)
     torch.testing.assert_close(model2(x), model(x), rtol=0, atol=0)
     mgr.end_task()
     mgr2.end_task()

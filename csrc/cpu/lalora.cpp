@@ -161,7 +161,7 @@ template <typename T>
 FASTCUR_INLINE double penalty_wide(const T* p, const T* a, const T* q, T* grad, int64_t begin,
                                    int64_t end, double lam) {
   using W = typename cpu::Vec<T>::type;
-  constexpr int64_t L = sizeof(W) / sizeof(T);
+  constexpr int64_t L = cpu::vector_lanes<T>;
   const T l = static_cast<T>(lam);
   W s0 = {}, s1 = {};
   int64_t i = begin;

@@ -57,7 +57,7 @@ template <> struct LaneIndex<double> { typedef int64_t type __attribute__((vecto
 template <typename T, int64_t b>
 FASTCUR_INLINE typename Vec<T>::type fold(typename Vec<T>::type u, typename Vec<T>::type v) {
   using I = typename LaneIndex<T>::type;
-  constexpr int64_t L = sizeof(u) / sizeof(T), h = b / 2;
+  constexpr int64_t L = vector_lanes<T>, h = b / 2;
   I lo, hi;
   for (int64_t t = 0; t < L; ++t) {
     lo[t] = (t / h) * b + t % h;
@@ -82,7 +82,7 @@ FASTCUR_INLINE typename Vec<T>::type fold_all(typename Vec<T>::type* v) {
 
 template <int J, typename T>
 FASTCUR_INLINE typename Vec<T>::type lane_sums(const typename Vec<T>::type* acc) {
-  constexpr int64_t L = sizeof(typename Vec<T>::type) / sizeof(T);
+  constexpr int64_t L = vector_lanes<T>;
   static_assert((J & (J - 1)) == 0 && J <= L, "J: a power of two, at most the lane count");
   typename Vec<T>::type v[J];
   for (int j = 0; j < J; ++j) v[j] = acc[j];

@@ -26,7 +26,7 @@ template <int R, int J, typename T>
 FASTCUR_INLINE void dot_tile(T* out, int64_t ldo, const T* X, int64_t ldx, const T* V,
                              int64_t n) {
   using W = typename Vec<T>::type;
-  constexpr int64_t L = sizeof(W) / sizeof(T);
+  constexpr int64_t L = vector_lanes<T>;
   W acc[R][J] = {};
   int64_t c = 0;
   for (; c + L <= n; c += L) {
@@ -232,7 +232,7 @@ template <int R, int J, typename T>
 FASTCUR_INLINE void outer_tile(T* acc, const T* coef, int64_t r, int64_t j0, const T* X,
                                int64_t ldx, int64_t n) {
   using W = typename Vec<T>::type;
-  constexpr int64_t L = sizeof(W) / sizeof(T);
+  constexpr int64_t L = vector_lanes<T>;
   T a[R][J];
   bool any = false;
   for (int i = 0; i < R; ++i)
@@ -285,7 +285,7 @@ template <typename T>
 FASTCUR_INLINE void small_k_rows_impl(T* out, int64_t ldo, const T* lhs, const T* rhs, int64_t mb,
                                       int64_t K, int64_t n) {
   using W = typename Vec<T>::type;
-  constexpr int64_t L = sizeof(W) / sizeof(T);
+  constexpr int64_t L = vector_lanes<T>;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = std::min(n, c0 + kChunk);
     for (int64_t m = 0; m < mb; ++m) {
