@@ -92,10 +92,12 @@ def test_multihead_attention_out_proj_is_not_adapted():
         fastcur.inject(nn.Sequential(nn.MultiheadAttention(16, 2)), fastcur.LoRAConfig(target_modules=["out_proj"]))
 
 
-def test_inject_twice_is_refused():
+def test_inject_twice_under_one_name_is_refused():
     model = fastcur.inject(tiny_lm(), fastcur.LoRAConfig(rank=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="already holds 2 fastcur adapter layer"):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="already holds an adapter named 'default'.*another adapter_name"):
         fastcur.inject(model, fastcur.CURLoRAConfig(rank=2, target_modules=["v_proj"]))
+    assert model.state_dict().keys() == state.keys() and fastcur.adapter_names(model) == ["default"]
 
 
 def test_a_layer_that_cannot_take_the_adapter_leaves_the_model_unchanged():

@@ -15,6 +15,7 @@ from .inject import (adapter_modules, disable_adapters, inject, merge, merge_and
                      print_trainable_parameters, unload, unmerge)
 from .inclora import IncLoRA, ella_penalty
 from .lalora import LaplaceRegularizer
+from .named_adapters import active_adapter, adapter_names, delete_adapter, set_adapter
 from .peft_interop import export_peft_adapter, load_peft_adapter
 from .persistence import load_adapter, read_adapter_config, save_adapter
 from .modules import (AdapterLinear, CURLoRALinear, JumpLoRALinear, JumpThreshold, LoRALinear,
@@ -29,4 +30,5 @@ __all__ = ["__version__", "ops", "info", "get_backend", "set_backend", "use_back
            "AdapterConfig", "LoRAConfig", "CURLoRAConfig", "SecuraConfig", "JumpLoRAConfig", "inject",
            "adapter_modules", "print_trainable_parameters", "disable_adapters", "merge", "unmerge",
            "merge_and_unload", "unload", "save_adapter", "load_adapter", "read_adapter_config",
-           "load_peft_adapter", "export_peft_adapter", "replicate_thresholds"]
+           "load_peft_adapter", "export_peft_adapter", "replicate_thresholds",
+           "set_adapter", "delete_adapter", "active_adapter", "adapter_names"]

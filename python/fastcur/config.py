@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import nn
@@ -71,20 +71,21 @@ def _check_bool(cls: str, name: str, value) -> None:
         raise ValueError(f"fastcur.{cls}: {name} must be a bool, got {value!r}")
 
 
-def check_target_modules(cls: str, target_modules) -> list[str] | str:
-    """Validate `target_modules`; returns it as a list of str or a str (a compiled-checked regex)."""
+def check_target_modules(cls: str, target_modules, arg: str = "target_modules") -> list[str] | str:
+    """Validate `target_modules` (or another module selection named `arg`); returns it as a list
+    of str or a str (a compiled-checked regex)."""
     if isinstance(target_modules, str):
         if target_modules != ALL_LINEAR:
             try:
                 re.compile(target_modules)
             except re.error as e:
-                raise ValueError(f"fastcur.{cls}: target_modules={target_modules!r} is a string, so it is "
+                raise ValueError(f"fastcur.{cls}: {arg}={target_modules!r} is a string, so it is "
                                  f"read as a regular expression, but it does not compile: {e}") from None
         return target_modules
     if isinstance(target_modules, (list, tuple, set, frozenset)) and target_modules \
             and all(isinstance(t, str) and t for t in target_modules):
         return sorted(target_modules) if isinstance(target_modules, (set, frozenset)) else list(target_modules)
-    raise ValueError(f"fastcur.{cls}: target_modules must be a non-empty list of module name suffixes, "
+    raise ValueError(f"fastcur.{cls}: {arg} must be a non-empty list of module name suffixes, "
                      f"a regex string, or 'all-linear', got {target_modules!r}")
 
 
@@ -98,8 +99,18 @@ def matches(name: str, target_modules: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+@dataclass
 class AdapterConfig:
-    """The base of every config: `method`, `layer_class` and the shared (de)serialization."""
+    """The base of every config: `method`, `layer_class` and the shared (de)serialization.
+
+    `modules_to_save` (keyword only, every method; default None): modules trained in full
+    beside the adapter (e.g. ["lm_head"]), named as in `target_modules` (a list of name
+    suffixes or a regex). `fastcur.inject` puts a trainable copy of each in place (the
+    original stays with the base model, as PEFT does), `save_adapter` stores their tensors
+    and `load_adapter` restores them.
+    """
+
+    modules_to_save: list[str] | str | None = field(default=None, kw_only=True)
 
     method: ClassVar[str] = ""
     layer_class: ClassVar[type[nn.Module]]
@@ -110,11 +121,21 @@ class AdapterConfig:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        # modules_to_save is the model's business, never a layer option (also for subclasses
+        # that set their own _not_layer_options)
+        if "modules_to_save" not in cls._not_layer_options:
+            cls._not_layer_options = (*cls._not_layer_options, "modules_to_save")
         if cls.method:
             _REGISTRY[cls.method] = cls
 
     def __post_init__(self):
         self.target_modules = check_target_modules(type(self).__name__, self.target_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = check_target_modules(type(self).__name__, self.modules_to_save,
+                                                        arg="modules_to_save")
+            if self.modules_to_save == ALL_LINEAR:
+                raise ValueError(f"fastcur.{type(self).__name__}: modules_to_save='all-linear' would train "
+                                 f"the whole model; name the modules (e.g. ['lm_head'])")
         self._validate()
 
     def _validate(self) -> None:
@@ -216,11 +237,14 @@ class LoRAConfig(AdapterConfig):
 
 @dataclass
 class CURLoRAConfig(AdapterConfig):
-    """CUR-LoRA (`fastcur.CURLoRALinear`): C, R selected from W (`select`, seeded), U trained."""
+    """CUR-LoRA (`fastcur.CURLoRALinear`): C, R selected from W (`select`, seeded per layer from
+    `seed` and the layer's qualified name), U trained. `inverse_eps`: e of the inverted
+    probabilities 1/(p + e) (0.001 as released; 0 is the paper's 1/p). See docs/methods.md."""
     rank: int = 8
     scale: float = 1.0
     select: str = "sample"
     replace: bool = False
+    inverse_eps: float = 1e-3
     seed: int = 0
     target_modules: list[str] | str = ALL_LINEAR
 
@@ -234,12 +258,14 @@ class CURLoRAConfig(AdapterConfig):
         _check_float(name, "scale", self.scale)
         _check_choice(name, "select", self.select, ("sample", "lowest"))
         _check_bool(name, "replace", self.replace)
+        _check_float(name, "inverse_eps", self.inverse_eps, 0.0)
         _check_int(name, "seed", self.seed, minimum=0)
 
 
 @dataclass
 class SecuraConfig(AdapterConfig):
-    """SECURA (`fastcur.SecuraLinear`): CABR-LoRA + SigNorm; see SecuraLinear for each option."""
+    """SECURA (`fastcur.SecuraLinear`): CABR-LoRA + SigNorm; see SecuraLinear for each option and
+    docs/methods.md for each default's source."""
     rank: int = 8
     inner_rank: int | None = None
     scale: float = 1.0
@@ -254,10 +280,12 @@ class SecuraConfig(AdapterConfig):
     restrain_min: float = 1.2
     restrain_ratio: float = 0.9
     restrain_decay: float = 0.99
+    restrain_rule: str = "fastcur"
     merge_mode: str = "plain"
     merge_scope: str = "row"
     merge_every: int | None = None
-    reselect_on_merge: bool = True
+    reselect_on_merge: bool = False
+    fold_lora_bias: bool = False
     seed: int = 0
     target_modules: list[str] | str = ALL_LINEAR
 
@@ -278,8 +306,9 @@ class SecuraConfig(AdapterConfig):
         _check_choice(name, "scope", self.scope, ("token", "tensor"))
         _check_choice(name, "merge_mode", self.merge_mode, ("plain", "signorm"))
         _check_choice(name, "merge_scope", self.merge_scope, ("row", "tensor"))
+        _check_choice(name, "restrain_rule", self.restrain_rule, ("fastcur", "released"))
         _check_int(name, "merge_every", self.merge_every, allow_none=True)
-        for arg in ("lora_bias", "restrain", "reselect_on_merge"):
+        for arg in ("lora_bias", "restrain", "reselect_on_merge", "fold_lora_bias"):
             _check_bool(name, arg, getattr(self, arg))
         _check_int(name, "seed", self.seed, minimum=0)
 
@@ -297,17 +326,25 @@ class JumpLoRAConfig(AdapterConfig):
     """JumpLoRA (`fastcur.JumpLoRALinear`): s = alpha / r, JumpReLU-gated update.
 
     `threshold_scope`: which layers share one `JumpThreshold`: "global" (default, the paper's:
-    one θ for every injected layer), "per_block" (one per transformer block: the name up to
-    its last integer component) or "per_layer".
+    one θ for every injected layer), "per_block" (one per transformer block, by the released
+    name rule `fastcur.modules.jump_lora_linear.threshold_group_key`) or "per_layer".
+    `f` starts at 0 (as released: a plain training loop learns); `total_steps` (the run's
+    optimizer steps) runs the f schedule on its own from the optimizer's steps (ramp from
+    `f_start` to `f_end` of the steps, θ reset at its start; docs/methods.md).
+    `ella_delta`: what ELLA penalizes ("interpolated" as released, "masked", "sparse").
     """
     rank: int = 8
     alpha: float = 32.0
     gate: str = "weight"
-    f: float = 1.0
+    f: float = 0.0
     bandwidth: float = 1e-3
     reduction: str = "mean"
     init_log_theta: float = DEFAULT_LOG_THETA
     threshold_scope: str = "global"
+    total_steps: int | None = None
+    f_start: float = 0.2
+    f_end: float = 0.8
+    ella_delta: str = "interpolated"
     target_modules: list[str] | str = ALL_LINEAR
 
     method: ClassVar[str] = "jumplora"
@@ -326,6 +363,13 @@ class JumpLoRAConfig(AdapterConfig):
         _check_choice(name, "reduction", self.reduction, ("mean", "sum"))
         _check_float(name, "init_log_theta", self.init_log_theta)
         _check_choice(name, "threshold_scope", self.threshold_scope, SCOPES)
+        _check_int(name, "total_steps", self.total_steps, allow_none=True)
+        _check_float(name, "f_start", self.f_start, 0.0, 1.0)
+        _check_float(name, "f_end", self.f_end, self.f_start, 1.0)
+        _check_choice(name, "ella_delta", self.ella_delta, ("interpolated", "masked", "sparse"))
+        if self.total_steps is not None and (self.gate != "weight" or self.f != 0.0):
+            raise ValueError(f"fastcur.{name}: total_steps runs the f schedule of the weight gate, which "
+                             f"starts at f = 0; got gate={self.gate!r}, f={self.f!r}")
 
     @classmethod
     def options_of(cls, layer: nn.Module) -> dict[str, Any]:
@@ -333,5 +377,6 @@ class JumpLoRAConfig(AdapterConfig):
             raise TypeError(f"fastcur.JumpLoRAConfig.options_of: expected a JumpLoRALinear, "
                             f"got {type(layer).__name__}")
         # init_log_theta is left out: the threshold is shared and passed in (its value is state)
-        return dict(rank=layer.rank, alpha=layer.alpha, gate=layer.gate, f=layer.f,
-                    bandwidth=layer.bandwidth, reduction=layer.reduction)
+        return dict(rank=layer.rank, alpha=layer.alpha, gate=layer.gate, f=layer.fixed_f,
+                    bandwidth=layer.bandwidth, reduction=layer.reduction, total_steps=layer.total_steps,
+                    f_start=layer.f_start, f_end=layer.f_end, ella_delta=layer.ella_delta)
