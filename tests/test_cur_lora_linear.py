@@ -248,7 +248,7 @@ def test_forward_errors():
 
 
 def test_from_linear_errors():
-    with pytest.raises(TypeError, match="expected an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match="expected an nn.Linear or a transformers Conv1D, got Conv1d"):
         fastcur.CURLoRALinear.from_linear(nn.Conv1d(3, 3, 1))
     lin = nn.Linear(4, 4)
     lin.weight = nn.Parameter(torch.ones(4, 4, dtype=torch.int64), requires_grad=False)

@@ -9,6 +9,7 @@ from torch import nn
 
 import fastcur
 from fastcur.ops import reference
+from fastcur.ops.cur_select import layer_generator
 
 
 def trained(m, seed=1, lora_bias=False):
@@ -191,7 +192,7 @@ def test_restrain_is_seeded_and_leaves_global_rng_alone():
     a = trained(fastcur.SecuraLinear.from_linear(nn.Linear(24, 20), rank=2, restrain=True, restrain_ratio=0.0,
                                                  restrain_min=2.0, seed=9))
     b = copy.deepcopy(a)
-    b._generator = torch.Generator().manual_seed(9)
+    b._generator = layer_generator(9, None)  # a layer built without a name
     x = torch.randn(3, 24)
     before = torch.get_rng_state()
     assert torch.equal(a(x), b(x))
@@ -199,9 +200,32 @@ def test_restrain_is_seeded_and_leaves_global_rng_alone():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_plain_merge(dtype):
+def test_plain_merge_keeps_selection_and_lora_bias_in_delta(dtype):
+    """The released default: C, R selected once, lora_bias stays part of Δ after a merge."""
     m = trained(fastcur.SecuraLinear.from_linear(nn.Linear(30, 20, dtype=dtype), rank=3, lora_bias=True),
                 lora_bias=True)
+    W = m.weight.detach().clone()
+    b = m.bias.detach().clone()
+    rows, cols, C, R = m.rows.clone(), m.cols.clone(), m.C.clone(), m.R.clone()
+    dW = m.scale * (m.C.double() @ m.A_c.double().T @ m.B_c.double().T @ m.R.double())
+    lb = m.lora_bias.detach().clone()
+    m.merge("plain")
+    torch.testing.assert_close(m.weight.double(), W.double() + dW)
+    assert torch.equal(m.bias, b) and torch.equal(m.lora_bias, lb)
+    assert torch.equal(m.B_c, torch.zeros_like(m.B_c))
+    assert torch.equal(m.rows, rows) and torch.equal(m.cols, cols) and torch.equal(m.C, C) and torch.equal(m.R, R)
+    assert not m.tied  # C, R are the old slices, W moved
+    x = torch.randn(4, 30, dtype=dtype)
+    # Δ = lora_bias now (C U R = 0): SigNorm of y0 = x W'^T + b and Δ = lora_bias, in float64
+    y0 = F.linear(x.double(), m.weight.double(), m.bias.double())
+    expected = reference.signorm(y0, lb.double().expand_as(y0), 6.0, 1e-10, "max", "token")
+    torch.testing.assert_close(m(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_plain_merge_with_fold_and_reselect_options(dtype):
+    m = trained(fastcur.SecuraLinear.from_linear(nn.Linear(30, 20, dtype=dtype), rank=3, lora_bias=True,
+                                                 fold_lora_bias=True, reselect_on_merge=True), lora_bias=True)
     W = m.weight.detach().clone()
     b = m.bias.detach().clone()
     dW = m.scale * (m.C.double() @ m.A_c.double().T @ m.B_c.double().T @ m.R.double())
@@ -228,7 +252,7 @@ def test_signorm_merge_mode_matches_reference(scope):
 
 
 def test_merge_without_reselect_runs_explicit_path():
-    m = trained(fastcur.SecuraLinear.from_linear(nn.Linear(30, 20), rank=3, reselect_on_merge=False))
+    m = trained(fastcur.SecuraLinear.from_linear(nn.Linear(30, 20), rank=3))  # reselect_on_merge=False
     C, R = m.C.clone(), m.R.clone()
     m.merge()
     assert not m.tied and torch.equal(m.C, C) and torch.equal(m.R, R)
@@ -261,6 +285,24 @@ def test_merge_schedule_with_optimizer_hook():
     sched.remove()
     opt.step()
     assert sched.steps == 6
+
+
+def test_merge_schedule_counts_each_optimizer_step_once():
+    """A loop that also calls sched.step() after a hooked optimizer step counts each step once."""
+    net = _net(lambda i, o, dtype: fastcur.SecuraLinear(i, o, dtype=dtype, rank=2, merge_every=2))
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    sched = fastcur.MergeSchedule(net, opt)
+    x, t = torch.randn(8, 16), torch.randn(8, 4)
+    for _ in range(4):
+        loss = F.mse_loss(net(x), t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()          # the hook counted this step already
+    assert sched.steps == 4 and sched.merges == 4 and net.fc1.merges == 2
+    sched.remove()
+    sched.step()              # without the hook, step() counts again
+    assert sched.steps == 5
 
 
 def test_merge_schedule_explicit_every_and_mode():

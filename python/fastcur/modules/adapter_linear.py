@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,10 +59,24 @@ class AdapterLinear(nn.Module):
 
     Under `torch.autocast` the layer computes in the autocast dtype, as nn.Linear does (the
     fused ops cast their inputs: `fastcur.ops._autocast`); outside it, x must have W's dtype.
+
+    Precision (as PEFT and the released code): on a bfloat16/float16 base, subclasses create their
+    trainable adapter tensors in float32 (`adapter_dtype`) and cast them to the compute dtype at
+    the fused op's edge, so gradients and optimizer updates land in the float32 parameters.
+
+    transformers' `Conv1D` (GPT-2's `c_attn`, weight stored [in, out]) is wrapped too: the layer
+    keeps a [out, in] copy of its weight (`fan_in_fan_out = True`) and `to_base_layer()` gives a
+    Conv1D back. `module_name` is the layer's qualified name in its model (`fastcur.inject` sets
+    it; None for a layer built directly); layers that draw random numbers derive their stream
+    from it (`fastcur.ops.cur_select.layer_seed`).
     """
 
+    # whether the constructor takes `module_name` (layers whose selection depends on it)
+    _takes_module_name: ClassVar[bool] = False
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 dtype=None, *, _base: tuple[nn.Parameter, nn.Parameter | None] | None = None):
+                 dtype=None, *, _base: tuple[nn.Parameter, nn.Parameter | None] | None = None,
+                 module_name: str | None = None):
         super().__init__()
         name = type(self).__name__
         for arg, value in (("in_features", in_features), ("out_features", out_features)):
@@ -70,7 +85,13 @@ class AdapterLinear(nn.Module):
         if dtype is not None and dtype not in FLOATING:
             raise TypeError(f"fastcur.{name}: dtype must be floating (float32, bfloat16, float16, "
                             f"float64), got {dtype}")
+        if module_name is not None and not isinstance(module_name, str):
+            raise TypeError(f"fastcur.{name}: module_name must be a str or None, got {module_name!r}")
         self.in_features, self.out_features = in_features, out_features
+        self.module_name = module_name
+        self.fan_in_fan_out = False          # True when wrapping a transformers Conv1D
+        self._base_class: type[nn.Module] = nn.Linear
+        self._merged_tensors: dict[str, torch.Tensor] | None = None
         self.merged = False
         self.adapter_enabled = True
         self.frozen_batch_rows: int | None = None
@@ -98,15 +119,84 @@ class AdapterLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **options):
-        """Wrap `linear`: its weight and bias are reused (same storage) and frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"fastcur.{cls.__name__}.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+    def from_linear(cls, linear: nn.Module, *, module_name: str | None = None, **options):
+        """Wrap `linear`, an nn.Linear (its weight and bias are reused, same storage, and
+        frozen) or a transformers `Conv1D` (weight [in, out]: the layer holds a frozen [out, in]
+        copy of it and reuses the bias). `module_name`: the layer's qualified name in its model."""
+        conv = is_conv1d(linear)
+        if not (isinstance(linear, nn.Linear) or conv):
+            raise TypeError(f"fastcur.{cls.__name__}.from_linear: expected an nn.Linear or a transformers "
+                            f"Conv1D, got {type(linear).__name__}")
         if linear.weight.dtype not in FLOATING:
             raise TypeError(f"fastcur.{cls.__name__}.from_linear: the layer's weight must be floating "
                             f"(float32, bfloat16, float16, float64), got {linear.weight.dtype}")
-        return cls(linear.in_features, linear.out_features, linear.bias is not None,
-                   _base=(linear.weight, linear.bias), **options)
+        if conv:
+            in_features, out_features = linear.weight.shape
+            weight = nn.Parameter(linear.weight.detach().mT.contiguous(), requires_grad=False)
+        else:
+            in_features, out_features, weight = linear.in_features, linear.out_features, linear.weight
+        if cls._takes_module_name:
+            options["module_name"] = module_name
+        layer = cls(in_features, out_features, linear.bias is not None, _base=(weight, linear.bias), **options)
+        layer.module_name = module_name
+        if conv:
+            layer.fan_in_fan_out, layer._base_class = True, type(linear)
+        return layer
+
+    def to_base_layer(self) -> nn.Module:
+        """The plain layer this adapter wraps, holding this layer's current weight and bias:
+        an nn.Linear sharing their storage, or (`fan_in_fan_out`) a Conv1D of the class wrapped,
+        with the weight transposed back to [in, out]. The adapter's own update is not in it
+        unless it was merged."""
+        if self.fan_in_fan_out:
+            with torch.device("meta"):
+                base = self._base_class(self.out_features, self.in_features)
+            base.weight = nn.Parameter(self.weight.detach().mT.contiguous(), requires_grad=False)
+            base.bias = self.bias
+        else:
+            base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+            base.weight = self.weight
+            base.bias = self.bias
+        base.train(self.training)
+        return base
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype of the trainable adapter tensors: float32 on a bfloat16/float16 base (as
+        PEFT and the released code), else the base's dtype (float32, float64)."""
+        dtype = self.weight.dtype
+        return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+    # -- merge bookkeeping ---------------------------------------------------------------------
+    def _delta_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors `delta_weight` reads (subclasses that merge reversibly)."""
+        raise NotImplementedError(f"fastcur.{type(self).__name__} does not declare its delta tensors")
+
+    def _delta_from(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """ΔW [out, in] computed from `tensors` (a `_delta_tensors()` mapping), float32 or wider."""
+        raise NotImplementedError(f"fastcur.{type(self).__name__} does not compute a delta")
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW [out, in] of the adapter as it is now, float32 or wider (for merging only)."""
+        return self._delta_from(self._delta_tensors())
+
+    @torch.no_grad()
+    def _merge_delta(self) -> None:
+        # W += ΔW, remembering the (small) tensors ΔW was computed from: an adapter changed
+        # while merged (an optimizer step, load_state_dict, .data writes) must not change what
+        # unmerge subtracts, or W would be corrupted for good.
+        tensors = {k: t.detach().clone() for k, t in self._delta_tensors().items()}
+        self.weight.add_(self._delta_from(tensors).to(self.weight.dtype))
+        self._merged_tensors = tensors
+        self.merged = True
+
+    @torch.no_grad()
+    def _unmerge_delta(self) -> None:
+        # Subtract exactly the ΔW that merge added (from the tensors remembered at merge).
+        tensors = self._merged_tensors if self._merged_tensors is not None else self._delta_tensors()
+        self.weight.sub_(self._delta_from(tensors).to(self.weight.dtype))
+        self._merged_tensors = None
+        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]: the adapted layer, or the frozen base where a switch says so."""
@@ -189,4 +279,13 @@ class AdapterLinear(nn.Module):
                 and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind))
 
     def _base_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is transformers' `Conv1D` (GPT-2: `y = x W + b`, weight [in, out]),
+    recognised without importing transformers."""
+    kind = type(module)
+    return (kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers")
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)

@@ -9,12 +9,12 @@ from torch import nn
 
 from ..ops import reference
 from ..ops.cur_linear import cur_linear
-from ..ops.cur_select import cur_select
+from ..ops.cur_select import cur_select, layer_generator
 from ..ops.secura_linear import secura_linear
-from ..ops.secura_restrain import secura_linear_restrained
+from ..ops.secura_restrain import RULES, secura_linear_restrained
 from ..ops.signorm_merge import signorm_merge
 from .adapter_linear import AdapterLinear, LowRankTap
-from .cur_selection import CURSelection
+from .cur_selection import FAST_PATHS, CURSelection
 
 
 class SecuraLinear(CURSelection, AdapterLinear):
@@ -29,27 +29,41 @@ class SecuraLinear(CURSelection, AdapterLinear):
             its SVD-based product reduces to exactly `A_c = W[:r, :a]^T`, so no SVD is run
             (needs a <= in_features). "kaiming": kaiming-uniform (a = sqrt(5)) as LoRA's A.
             `B_c` starts at zero, so ΔW = 0 and the output equals the base layer's exactly.
-        lora_bias: add a trainable output bias `lora_bias` [out] (zeros) to Δ.
+        lora_bias: add a trainable output bias `lora_bias` [out] (zeros) to Δ. It stays part of
+            Δ at a merge (as in the released code, where it drives SigNorm after every merge);
+            `fold_lora_bias=True` folds it into the layer's bias at a merge and zeroes it.
         signorm: "output" (default; SigNorm in output space) or "off" (plain CABR-LoRA,
             `y = x W^T + b + Δ(x)`).
         norm, scope, k, eps: SigNorm's options (see `fastcur.ops.signorm`): "max"/"raw",
             "token"/"tensor", 6, 1e-10.
-        restrain: the released code's restrain rule (SPEC §3), with `restrain_min` (1.2),
-            `restrain_ratio` (0.9), `restrain_decay` (0.99). In training mode, every forward
-            draws `max((n - r) // 2, n // 4)` output channels (weights = row norms of W,
-            without replacement) from the module's own generator seeded by `seed`; the rule
-            fires, on the device, when the share of `S <= restrain_min` exceeds
+        restrain: the released code's restrain rule (docs/methods.md, SECURA), with
+            `restrain_min` (1.2), `restrain_ratio` (0.9), `restrain_decay` (0.99). In training
+            mode, every forward draws `max((n - r) // 2, n // 4)` output channels without
+            replacement from the module's own generator (seeded from `seed` and `module_name`);
+            the rule fires, on the device, when the share of `S <= restrain_min` exceeds
             `restrain_ratio`. Eval mode never draws and never restrains. Runs the unfused path.
+        restrain_rule: "fastcur" (default: channel j drawn with weight ||W[j]||, the decay on Δ
+            only, the share over all of y) or "released" (as the released code: draw positions
+            with weights = the row norms sorted in descending order, so low channel indices are
+            favoured; the decay on y0 + Δ; the share over y's last two dimensions). See
+            `fastcur.ops.secura_restrain`.
         merge_mode: "plain" (default, `W + ΔW`) or "signorm" (`(2W + ΔW) / S_w`, scope
             `merge_scope` "row"/"tensor") for `merge()` and the merge schedule.
         merge_every: N: `fastcur.MergeSchedule` folds this layer every N optimizer steps.
-        reselect_on_merge: after a merge, select C, R again from the new W (default True:
-            the tied fast path comes back); False keeps C, R and runs the explicit path.
-        seed: seed of the restrain generator (the global RNG is never touched).
+        reselect_on_merge: after a merge, select C, R again from the new W (the tied fast path
+            comes back). Default False, as the released code, which selects C, R once: the
+            layer then runs the explicit C, R path after a merge.
+        fold_lora_bias: at a merge, add lora_bias to the layer's bias and zero it (default False).
+        seed: seed of the restrain generator, derived per layer with `module_name`
+            (`fastcur.ops.cur_select.layer_seed`; the global RNG is never touched).
+        module_name: the layer's qualified name (`fastcur.inject` passes it); None, for a layer
+            built directly, seeds from `seed` alone.
+        fast_path: "auto" (default), "verify" or "off": see `CURSelection`.
 
-    Tensors: parameters `A_c`, `B_c` (and `lora_bias`); buffers `rows`, `cols` (int64 [r]),
-    `C` [out, r], `R` [r, in]. Tied fast path as CURLoRALinear: while C, R are exact slices
-    of W (tracked by W's version counter) the fused op gathers x R^T from x W^T.
+    Tensors: parameters `A_c`, `B_c` (and `lora_bias`), float32 on a bf16/fp16 base and cast
+    to the compute dtype at the op's edge; buffers `rows`, `cols` (int64 [r]), `C` [out, r],
+    `R` [r, in]. Tied fast path as CURLoRALinear: while C, R are proven exact slices of W the
+    fused op gathers x R^T from x W^T.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
@@ -57,9 +71,10 @@ class SecuraLinear(CURSelection, AdapterLinear):
                  lora_bias: bool = False, signorm: str = "output", norm: str = "max", scope: str = "token",
                  k: float = 6.0, eps: float = 1e-10, restrain: bool = False, restrain_min: float = 1.2,
                  restrain_ratio: float = 0.9, restrain_decay: float = 0.99, merge_mode: str = "plain",
-                 merge_scope: str = "row", merge_every: int | None = None, reselect_on_merge: bool = True,
-                 seed: int = 0, _base=None):
-        super().__init__(in_features, out_features, bias, device, dtype, _base=_base)
+                 merge_scope: str = "row", merge_every: int | None = None, reselect_on_merge: bool = False,
+                 fold_lora_bias: bool = False, restrain_rule: str = "fastcur", seed: int = 0,
+                 module_name: str | None = None, fast_path: str = "auto", _base=None):
+        super().__init__(in_features, out_features, bias, device, dtype, _base=_base, module_name=module_name)
         name = "fastcur.SecuraLinear"
         limit = min(in_features, out_features)
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
@@ -76,7 +91,8 @@ class SecuraLinear(CURSelection, AdapterLinear):
         for arg, value, allowed in (("signorm", signorm, ("output", "off")), ("norm", norm, ("max", "raw")),
                                     ("scope", scope, ("token", "tensor")),
                                     ("merge_mode", merge_mode, ("plain", "signorm")),
-                                    ("merge_scope", merge_scope, ("row", "tensor"))):
+                                    ("merge_scope", merge_scope, ("row", "tensor")),
+                                    ("restrain_rule", restrain_rule, RULES), ("fast_path", fast_path, FAST_PATHS)):
             if value not in allowed:
                 raise ValueError(f"{name}: {arg} must be {' or '.join(map(repr, allowed))}, got {value!r}")
         if merge_every is not None and (not isinstance(merge_every, int) or isinstance(merge_every, bool)
@@ -87,23 +103,23 @@ class SecuraLinear(CURSelection, AdapterLinear):
         self.restrain, self.restrain_min = bool(restrain), float(restrain_min)
         self.restrain_ratio, self.restrain_decay = float(restrain_ratio), float(restrain_decay)
         self.merge_mode, self.merge_scope, self.merge_every = merge_mode, merge_scope, merge_every
-        self.reselect_on_merge, self.seed = reselect_on_merge, seed
+        self.reselect_on_merge, self.fold_lora_bias, self.seed = reselect_on_merge, fold_lora_bias, seed
+        self.restrain_rule, self.fast_path = restrain_rule, fast_path
         factory = dict(device=self.weight.device, dtype=self.weight.dtype)
-        self.A_c = nn.Parameter(torch.zeros(a, rank, **factory))
-        self.B_c = nn.Parameter(torch.zeros(rank, a, **factory))
-        self.lora_bias = nn.Parameter(torch.zeros(out_features, **factory)) if lora_bias else None
+        trained = dict(device=self.weight.device, dtype=self.adapter_dtype)
+        self.A_c = nn.Parameter(torch.zeros(a, rank, **trained))
+        self.B_c = nn.Parameter(torch.zeros(rank, a, **trained))
+        self.lora_bias = nn.Parameter(torch.zeros(out_features, **trained)) if lora_bias else None
         self.register_buffer("rows", torch.zeros(rank, dtype=torch.long, device=self.weight.device))
         self.register_buffer("cols", torch.zeros(rank, dtype=torch.long, device=self.weight.device))
         self.register_buffer("C", torch.zeros(out_features, rank, **factory))
         self.register_buffer("R", torch.zeros(rank, in_features, **factory))
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = layer_generator(seed, module_name)
         self.restrain_fired: torch.Tensor | None = None  # bool scalar of the last restrained forward
         self.merges = 0          # merges folded into W so far (W is no longer the base's after one)
         self._selected = False
         self._tied_key: tuple | None = None
         self._adapter_version_at_select = None
-        if _base is not None:
-            self.select()
 
     # -- selection, initialization and the tied fast path -------------------------------------
     @torch.no_grad()
@@ -148,6 +164,10 @@ class SecuraLinear(CURSelection, AdapterLinear):
         n, r = self.out_features, self.rank
         count = min(n, max((n - r) // 2, n // 4))
         weights = self.weight.detach().float().norm(dim=1).cpu()
+        if self.restrain_rule == "released":
+            # The released code draws positions 0..n-1 with weights topk(norms, n).values: the
+            # row norms sorted in descending order, not each channel's own norm.
+            weights = torch.sort(weights, descending=True).values
         if count == 0:
             return torch.zeros(0, dtype=torch.long, device=self.weight.device)
         if not bool((weights > 0).sum() >= count):
@@ -161,20 +181,25 @@ class SecuraLinear(CURSelection, AdapterLinear):
             self._select_in_forward()
         tied = self.tied
         rows, cols = (self.rows, self.cols) if tied else (None, None)
+        # float32 adapter tensors on a bf16/fp16 base: cast at the op's edge (autograd casts
+        # the gradients back into the float32 parameters)
+        dtype = self.weight.dtype
+        A_c, B_c = self.A_c.to(dtype), self.B_c.to(dtype)
+        lora_bias = None if self.lora_bias is None else self.lora_bias.to(dtype)
         if self.signorm == "off":
-            U = self.A_c.mT @ self.B_c.mT
+            U = A_c.mT @ B_c.mT
             b = self.bias
-            if self.lora_bias is not None:
-                b = self.lora_bias if b is None else b + self.lora_bias
+            if lora_bias is not None:
+                b = lora_bias if b is None else b + lora_bias
             return cur_linear(x, self.weight, b, self.C, U, self.R, self.scale, rows=rows, cols=cols)
         if self.restrain and self.training:
             y, self.restrain_fired = secura_linear_restrained(
-                x, self.weight, self.bias, self.C, self.A_c, self.B_c, self.R, self.lora_bias,
+                x, self.weight, self.bias, self.C, A_c, B_c, self.R, lora_bias,
                 self.scale, self.k, self.eps, self.norm, self.scope, self._restrain_channels(),
-                self.restrain_min, self.restrain_ratio, self.restrain_decay)
+                self.restrain_min, self.restrain_ratio, self.restrain_decay, self.restrain_rule)
             return y
-        return secura_linear(x, self.weight, self.bias, self.C, self.A_c, self.B_c, self.R,
-                             self.lora_bias, self.scale, self.k, self.eps, self.norm, self.scope,
+        return secura_linear(x, self.weight, self.bias, self.C, A_c, B_c, self.R,
+                             lora_bias, self.scale, self.k, self.eps, self.norm, self.scope,
                              rows=rows, cols=cols)
 
     # -- what regularizers (fastcur.LaplaceRegularizer) read -----------------------------------
@@ -194,12 +219,14 @@ class SecuraLinear(CURSelection, AdapterLinear):
             g_delta = grad_y
             if self.signorm != "off":
                 y0 = F.linear(x, self.weight, self.bias)
-                delta = reference.secura_delta(x, self.C, self.A_c, self.B_c, self.R, self.lora_bias, self.scale)
+                lb = None if self.lora_bias is None else self.lora_bias.to(x.dtype)
+                delta = reference.secura_delta(x, self.C, self.A_c.to(x.dtype), self.B_c.to(x.dtype), self.R, lb,
+                                               self.scale)
                 S = reference.signorm_scales(y0, delta, self.k, self.eps, self.norm, self.scope)
                 g_delta = (grad_y / S).to(grad_y.dtype)
             p = (g_delta @ self.C) * self.scale
-        return [LowRankTap("B_c", "A_c", h, p, self.B_c.detach().mT.contiguous(),
-                           self.A_c.detach().mT.contiguous(), 1.0, transposed=True)]
+        return [LowRankTap("B_c", "A_c", h, p, self.B_c.detach().to(x.dtype).mT.contiguous(),
+                           self.A_c.detach().to(x.dtype).mT.contiguous(), 1.0, transposed=True)]
 
     # -- merging ------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
@@ -210,12 +237,13 @@ class SecuraLinear(CURSelection, AdapterLinear):
 
     @torch.no_grad()
     def merge(self, mode: str | None = None) -> None:
-        """Fold the adapter into W and reset B_c (and lora_bias) to zero ("M1" of the released
-        code); training continues from ΔW = 0. mode: "plain" (`W + ΔW`) or "signorm"
-        (`(2W + ΔW) / S_w`); default `merge_mode`. lora_bias is added to the layer's bias
-        (one is created, frozen, if the layer had none and lora_bias is nonzero). Not
-        reversible. Afterwards C, R are selected again from the new W (`reselect_on_merge`),
-        else the layer runs the explicit C, R path."""
+        """Fold C U R into W and reset B_c to zero ("M1" of the released code); training
+        continues from C U R = 0. mode: "plain" (`W + ΔW`) or "signorm" (`(2W + ΔW) / S_w`);
+        default `merge_mode`. lora_bias stays in Δ (as released); with `fold_lora_bias` it is
+        added to the layer's bias instead (one is created, frozen, if the layer had none and
+        lora_bias is nonzero) and zeroed. Not reversible. C, R are kept (as released), so the
+        layer runs the explicit C, R path afterwards; `reselect_on_merge` selects them again
+        from the new W (the tied fast path comes back)."""
         mode = self.merge_mode if mode is None else mode
         if mode not in ("plain", "signorm"):
             raise ValueError(f"fastcur.SecuraLinear.merge: mode must be 'plain' or 'signorm', got {mode!r}")
@@ -227,11 +255,12 @@ class SecuraLinear(CURSelection, AdapterLinear):
             U = self.A_c.mT @ self.B_c.mT
             self.weight.copy_(signorm_merge(self.weight, self.C, U, self.R, self.scale, self.k,
                                             self.eps, self.merge_scope))
-        if self.lora_bias is not None:
+        if self.lora_bias is not None and self.fold_lora_bias:
             if self.bias is None and bool(self.lora_bias.ne(0).any()):
-                self.bias = nn.Parameter(torch.zeros_like(self.lora_bias), requires_grad=False)
+                self.bias = nn.Parameter(torch.zeros_like(self.lora_bias, dtype=self.weight.dtype),
+                                         requires_grad=False)
             if self.bias is not None:
-                self.bias.add_(self.lora_bias)
+                self.bias.add_(self.lora_bias.to(self.bias.dtype))
             self.lora_bias.zero_()
         self.B_c.zero_()
         self.merges += 1
@@ -256,9 +285,11 @@ class MergeSchedule:
         sched = fastcur.MergeSchedule(model, optimizer)           # each layer's merge_every
         sched = fastcur.MergeSchedule(model, optimizer, every=100, mode="signorm")
 
-    With an optimizer, a step post-hook counts steps; without one, call `step()` after each
-    optimizer step. `every` overrides the layers' `merge_every` (layers with neither are never
-    merged); `mode` overrides their `merge_mode`. `remove()` detaches the hook.
+    With an optimizer, a step post-hook counts each optimizer step once, and `step()` is then a
+    no-op (a loop that also calls it, as one written for the hook-less form does, does not count
+    steps twice); without one, call `step()` after each optimizer step. `every` overrides the
+    layers' `merge_every` (layers with neither are never merged); `mode` overrides their
+    `merge_mode`. `remove()` detaches the hook (`step()` counts again afterwards).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -271,11 +302,16 @@ class MergeSchedule:
         if not self.layers:
             raise ValueError("fastcur.MergeSchedule: the model has no SecuraLinear layer")
         self.every, self.mode, self.steps, self.merges = every, mode, 0, 0
-        self._handle = (optimizer.register_step_post_hook(lambda *_: self.step())
+        self._handle = (optimizer.register_step_post_hook(lambda *_: self._count_step())
                         if optimizer is not None else None)
 
     def step(self) -> None:
-        """Count one optimizer step; fold the layers whose period has come."""
+        """Count one optimizer step and fold the layers whose period has come; a no-op while
+        the schedule is hooked on an optimizer (the hook counts the step)."""
+        if self._handle is None:
+            self._count_step()
+
+    def _count_step(self) -> None:
         self.steps += 1
         for layer in self.layers:
             period = self.every or layer.merge_every
