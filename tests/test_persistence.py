@@ -1,4 +1,5 @@
 """save_adapter / load_adapter: exact reload on the CPU, what is stored, atomic writes, errors."""
+import hashlib
 import json
 import os
 
@@ -34,7 +35,8 @@ def test_round_trip_is_exact(method, tmp_path):
     model = _trained(method)
     x = ids()
     assert fastcur.save_adapter(model, tmp_path / "a") == str(tmp_path / "a")
-    assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "fastcur_adapter.json",
+                                                  "fastcur_adapter.safetensors"]
     loaded = fastcur.load_adapter(tiny_lm(0), tmp_path / "a", method=CONFIGS[method].method)
     assert torch.equal(loaded(x), model(x))
     saved, again = _adapter_state(model), _adapter_state(loaded)
@@ -51,7 +53,7 @@ def test_round_trip_is_exact(method, tmp_path):
 def test_only_adapter_tensors_are_stored(method, tmp_path):
     model = _trained(method)
     fastcur.save_adapter(model, tmp_path)
-    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    keys = set(load_file(tmp_path / "fastcur_adapter.safetensors"))
     names = list(fastcur.adapter_modules(model))
     own = {"lora": ["lora_A.weight", "lora_B.weight"], "jumplora": ["lora_A.weight", "lora_B.weight"],
            "jumplora-rank": ["lora_A.weight", "lora_B.weight"],
@@ -61,7 +63,7 @@ def test_only_adapter_tensors_are_stored(method, tmp_path):
     if method.startswith("jumplora"):
         expected.add("jump_thresholds.0.log_theta")          # one shared threshold, stored once
     assert keys == expected
-    doc = json.loads((tmp_path / "adapter_config.json").read_text())
+    doc = json.loads((tmp_path / "fastcur_adapter.json").read_text())
     assert doc["method"] == CONFIGS[method].method and doc["target_modules"] == names
     assert doc["config"] == CONFIGS[method].to_dict() and doc["fastcur_version"] == fastcur.__version__
     assert set(doc["layers"]) == set(names)
@@ -79,7 +81,7 @@ def test_curlora_keeps_the_saved_indices(tmp_path):
 
 def _secura_model(seed=0, restrain=True):
     config = fastcur.SecuraConfig(rank=3, inner_rank=5, lora_bias=True, restrain=restrain, restrain_ratio=0.0,
-                                  merge_every=2, target_modules=["v_proj", "up_proj"])
+                                  merge_every=2, fold_lora_bias=True, target_modules=["v_proj", "up_proj"])
     return fastcur.inject(tiny_lm(seed), config)
 
 
@@ -105,7 +107,7 @@ def test_secura_after_schedule_merges_reloads_and_trains_on_identically(tmp_path
     # v_proj has no bias: the merge of a nonzero lora_bias gave it one
     assert model.layers[0].v_proj.bias is not None
     fastcur.save_adapter(model, tmp_path, merge_schedule=sched)
-    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    keys = set(load_file(tmp_path / "fastcur_adapter.safetensors"))
     assert "layers.0.v_proj.weight" in keys and "layers.0.v_proj.bias" in keys       # W changed: stored
     assert "layers.0.v_proj.restrain_generator_state" in keys
 
@@ -201,8 +203,8 @@ def test_wrappers_are_unwrapped(tmp_path):
 # -- atomic writes -------------------------------------------------------------------------------
 def test_a_crash_while_writing_tensors_leaves_the_old_adapter(tmp_path, monkeypatch):
     model = _trained("lora")
-    fastcur.save_adapter(model, tmp_path)
-    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    fastcur.save_adapter(model, tmp_path / "a")
+    before = {f: (tmp_path / "a" / f).read_bytes() for f in os.listdir(tmp_path / "a")}
     perturb_adapters(model, seed=9)
 
     def crash(tensors, path, metadata=None):
@@ -211,28 +213,20 @@ def test_a_crash_while_writing_tensors_leaves_the_old_adapter(tmp_path, monkeypa
         raise OSError("disk full")
     monkeypatch.setattr("safetensors.torch.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        fastcur.save_adapter(model, tmp_path)
-    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before    # no temp files left
-    fastcur.load_adapter(tiny_lm(0), tmp_path)
+        fastcur.save_adapter(model, tmp_path / "a")
+    assert {f: (tmp_path / "a" / f).read_bytes() for f in os.listdir(tmp_path / "a")} == before
+    assert os.listdir(tmp_path) == ["a"]                     # no staging folder left
+    fastcur.load_adapter(tiny_lm(0), tmp_path / "a")
 
 
-def test_a_crash_between_the_two_files_is_detected(tmp_path, monkeypatch):
+def test_a_save_keeps_other_files_and_replaces_an_older_layout(tmp_path):
     model = _trained("lora")
+    (tmp_path / "optimizer.pt").write_bytes(b"trainer state")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"an older save's tensors")
     fastcur.save_adapter(model, tmp_path)
-    perturb_adapters(model, seed=9)
-    real = os.replace
-
-    def replace(src, dst):
-        if str(dst).endswith("adapter_config.json"):
-            raise KeyboardInterrupt
-        real(src, dst)
-    monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt):
-        fastcur.save_adapter(model, tmp_path)
-    monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
-    with pytest.raises(ValueError, match="adapter_model.safetensors does not match adapter_config.json"):
-        fastcur.load_adapter(tiny_lm(0), tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "fastcur_adapter.json",
+                                            "fastcur_adapter.safetensors", "optimizer.pt"]
+    assert (tmp_path / "optimizer.pt").read_bytes() == b"trainer state"
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -245,20 +239,20 @@ def _refused_unchanged(model, saved, match):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
 
 
-def _drop_hash(saved) -> dict:
-    """Remove weights_sha256 from the saved config (a hand-edited pair has no hash to check);
-    returns the config written."""
-    config = saved / "adapter_config.json"
+def _rehash(saved) -> dict:
+    """Record the weights file's current SHA-256 in the saved config, as a careful hand edit
+    would; returns the config written."""
+    config = saved / "fastcur_adapter.json"
     doc = json.loads(config.read_text())
-    doc.pop("weights_sha256")
+    doc["weights_sha256"] = hashlib.sha256((saved / "fastcur_adapter.safetensors").read_bytes()).hexdigest()
     config.write_text(json.dumps(doc))
     return doc
 
 
 def _rewrite_by_hand(saved, tensors):
-    """Write `tensors` over the saved weights, as a hand edit would (no hash)."""
-    save_file(tensors, saved / "adapter_model.safetensors")
-    _drop_hash(saved)
+    """Write `tensors` over the saved weights, as a hand edit would (and rehash)."""
+    save_file(tensors, saved / "fastcur_adapter.safetensors")
+    _rehash(saved)
 
 
 @pytest.fixture
@@ -284,7 +278,7 @@ def test_another_methods_adapter_is_refused(saved):
 
 
 def test_missing_and_extra_keys_are_listed(saved):
-    tensors = load_file(saved / "adapter_model.safetensors")
+    tensors = load_file(saved / "fastcur_adapter.safetensors")
     del tensors["layers.0.q_proj.lora_B.weight"]
     tensors["layers.0.q_proj.lora_C.weight"] = torch.zeros(2)
     _rewrite_by_hand(saved, tensors)
@@ -293,7 +287,7 @@ def test_missing_and_extra_keys_are_listed(saved):
 
 
 def test_a_tensor_of_the_wrong_shape_names_it(saved):
-    tensors = load_file(saved / "adapter_model.safetensors")
+    tensors = load_file(saved / "fastcur_adapter.safetensors")
     tensors["layers.1.v_proj.lora_A.weight"] = torch.zeros(4, 23)
     _rewrite_by_hand(saved, tensors)
     _refused_unchanged(tiny_lm(), saved, r"tensor layers.1.v_proj.lora_A.weight has shape \[4, 23\], module "
@@ -301,23 +295,26 @@ def test_a_tensor_of_the_wrong_shape_names_it(saved):
 
 
 def test_corrupt_files_are_named(saved):
-    weights, config = saved / "adapter_model.safetensors", saved / "adapter_config.json"
+    weights, config = saved / "fastcur_adapter.safetensors", saved / "fastcur_adapter.json"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors does not match adapter_config.json.*corrupt or truncated"):
+    with pytest.raises(ValueError, match=r"fastcur_adapter.safetensors does not match fastcur_adapter.json.*corrupt or truncated"):
         fastcur.load_adapter(tiny_lm(), saved)
-    doc = _drop_hash(saved)
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors is not a readable safetensors file"):
+    doc = _rehash(saved)
+    with pytest.raises(ValueError, match=r"fastcur_adapter.safetensors is not a readable safetensors file"):
         fastcur.load_adapter(tiny_lm(), saved)
     config.write_text(json.dumps(doc)[:-20])
-    with pytest.raises(ValueError, match=r"adapter_config.json is not valid JSON"):
+    with pytest.raises(ValueError, match=r"fastcur_adapter.json is not valid JSON"):
         fastcur.load_adapter(tiny_lm(), saved)
     weights.unlink()
     config.write_text(json.dumps(doc))
-    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing"):
+    with pytest.raises(FileNotFoundError, match="fastcur_adapter.safetensors is missing"):
         fastcur.load_adapter(tiny_lm(), saved)
     config.unlink()
-    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+    with pytest.raises(FileNotFoundError, match="fastcur_adapter.json is missing beside the fastcur signpost"):
+        fastcur.load_adapter(tiny_lm(), saved)
+    (saved / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="fastcur_adapter.json is missing"):
         fastcur.load_adapter(tiny_lm(), saved)
     with pytest.raises(FileNotFoundError, match="no adapter directory"):
         fastcur.load_adapter(tiny_lm(), saved / "nope")

@@ -26,7 +26,8 @@ from torch import nn
 from .config import LoRAConfig
 from .inject import CONFIG_ATTR, _set_module, adapter_modules, freeze_base, unwrap
 from .modules.lora_linear import LoRALinear
-from .persistence import _atomic_write
+from ._atomic import atomic_folder
+from .adapter_files import ADAPTER_FILES
 
 PREFIX = "base_model.model."
 SUFFIXES = (".lora_A.weight", ".lora_B.weight")
@@ -59,7 +60,7 @@ def _read_peft_config(directory: str) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
         hint = " (a fastcur adapter: use fastcur.load_adapter)" if isinstance(config, dict) and \
-            config.get("format") == "fastcur-adapter" else ""
+            (config.get("format") == "fastcur-adapter" or "fastcur_config" in config) else ""
         raise ValueError(f"fastcur.load_peft_adapter: {path} is not a PEFT LoRA config (peft_type = "
                          f"{found!r}, expected 'LORA'){hint}")
     bad = [k for k in UNSUPPORTED if config.get(k) not in (None, False, [], {}, "")]
@@ -190,7 +191,9 @@ def export_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, task_
     `target_modules` lists the exact module names; layers whose rank or alpha differ from the
     most common go into `rank_pattern` / `alpha_pattern`. `task_type`: PEFT's (e.g.
     "CAUSAL_LM"), None by default. Only LoRA exports (PEFT has no CUR-LoRA, SECURA or
-    JumpLoRA); merged layers must be unmerged first. Returns the directory path."""
+    JumpLoRA); merged layers must be unmerged first. Both files are switched in together
+    (`fastcur._atomic.atomic_folder`): a crash leaves the old export or the new one.
+    Returns the directory path."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastcur.export_peft_adapter: model must be an nn.Module, got {type(model).__name__}")
     model = unwrap(model)
@@ -231,14 +234,11 @@ def export_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, task_
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"fastcur.export_peft_adapter: directory {directory!r} exists and is not a folder")
-    os.makedirs(directory, exist_ok=True)
     from safetensors.torch import save_file
-    _atomic_write(os.path.join(directory, WEIGHTS_NAMES[0]),
-                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2) + "\n"
-
-    def write_json(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    _atomic_write(os.path.join(directory, CONFIG_NAME), write_json)
+    # both files switch in together (a fresh folder and one rename); a fastcur adapter that
+    # was in the folder is replaced, other files stay
+    with atomic_folder(directory, replaces=ADAPTER_FILES) as staging:
+        save_file(tensors, os.path.join(staging, WEIGHTS_NAMES[0]), metadata={"format": "pt"})
+        with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2) + "\n")
     return directory
