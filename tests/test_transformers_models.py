@@ -115,7 +115,7 @@ def test_trained_adapter_saves_and_loads_into_a_fresh_base(arch, method, tmp_pat
         opt.zero_grad()
     model.eval()
     fastcur.save_adapter(model, tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
+    assert {p.name for p in tmp_path.iterdir()} >= {"fastcur_adapter.safetensors", "fastcur_adapter.json"}
     loaded = fastcur.load_adapter(tiny_causal_lm(arch), tmp_path).eval()
     assert set(fastcur.adapter_modules(loaded)) == set(fastcur.adapter_modules(model))
     with torch.no_grad():
