@@ -66,3 +66,25 @@ def test_errors():
     m = fastcur.LoRALinear(4, 4, rank=2)
     with pytest.raises(ValueError, match="last dimension in_features = 4"):
         m(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("change", ["optimizer_step", "load_state_dict"])
+def test_unmerge_after_the_adapter_changed_restores_weight(change):
+    m = fastcur.LoRALinear.from_linear(nn.Linear(20, 14, dtype=torch.float64), rank=3)
+    with torch.no_grad():
+        m.lora_B.weight.normal_()
+    w0 = m.weight.detach().clone()
+    m.merge()
+    if change == "optimizer_step":
+        opt = torch.optim.SGD(m.adapter_parameters().values(), lr=0.5)
+        for p in m.adapter_parameters().values():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    else:
+        m.load_state_dict({"lora_A.weight": torch.randn(3, 20, dtype=torch.float64),
+                           "lora_B.weight": torch.randn(14, 3, dtype=torch.float64)}, strict=False)
+    m.unmerge()
+    torch.testing.assert_close(m.weight, w0, rtol=0, atol=1e-12)
+    x = torch.randn(5, 20, dtype=torch.float64)
+    A, B = m.lora_A.weight.detach(), m.lora_B.weight.detach()
+    torch.testing.assert_close(m(x), x @ w0.T + m.bias + m.scaling * (x @ A.T) @ B.T)

@@ -11,9 +11,8 @@ import torch
 #: the paper's pure 1/p (eq. 4), which `inverse_eps=0` gives.
 INVERSE_EPS = 1e-3
 
-# The floor under `inverse_eps=0`: a zero-norm column gets a finite (very large) weight instead
-# of inf/nan. Probabilities are in [0, 1] and computed in float64, so 1e-12 only matters for
-# columns that are (numerically) zero.
+# Under `inverse_eps=0`, a zero-norm column gets 1/1e-12 (finite, very large) instead of inf/nan;
+# every other column gets its exact 1/p.
 _ZERO_GUARD = 1e-12
 
 
@@ -28,7 +27,8 @@ def inverted_probabilities(sq_norms: torch.Tensor, inverse_eps: float = INVERSE_
     total = sq.sum()
     if total == 0:
         return torch.full_like(sq, 1.0 / sq.numel())
-    inv = 1.0 / (sq / total + max(float(inverse_eps), _ZERO_GUARD))
+    p = sq / total + float(inverse_eps)
+    inv = 1.0 / torch.where(p > 0, p, torch.full_like(p, _ZERO_GUARD))
     return inv / inv.sum()
 
 
