@@ -378,3 +378,83 @@ def test_forward_merge_and_schedule_errors():
         fastcur.MergeSchedule(m, every=0)
     with pytest.raises(TypeError, match="expected an nn.Linear"):
         fastcur.SecuraLinear.from_linear(m)
+
+
+def test_released_restrain_rule_matches_float64_rederivation():
+    """restrain_rule="released": positions drawn with weights = the row norms sorted in descending
+    order, the decay on y0 + Δ, re-derived here in float64 from the released code's formula."""
+    m = trained(fastcur.SecuraLinear.from_linear(nn.Linear(24, 20), rank=2, restrain=True, restrain_ratio=0.0,
+                                                 restrain_min=2.0, restrain_rule="released", seed=5),
+                lora_bias=False)
+    x = torch.randn(2, 5, 24)
+    gen_state = m._generator.get_state()
+    y = m(x)
+    assert bool(m.restrain_fired)
+    g = torch.Generator()
+    g.set_state(gen_state)
+    norms = m.weight.detach().float().norm(dim=1)
+    ch = torch.multinomial(torch.topk(norms, k=20).values, max((20 - 2) // 2, 20 // 4), generator=g)
+    d = torch.float64
+    y0 = F.linear(x.to(d), m.weight.to(d), m.bias.to(d))
+    delta = reference.secura_delta(x.to(d), m.C.to(d), m.A_c.detach().to(d), m.B_c.detach().to(d), m.R.to(d))
+    S = reference.signorm_scales(y0, delta)
+    summand = y0 + delta
+    summand[..., ch] = summand[..., ch] * 0.99
+    torch.testing.assert_close(y.double(), (y0 + summand) / S, rtol=1e-5, atol=1e-5)
+
+
+def test_released_restrain_share_counts_over_the_last_two_dims():
+    """The released share divides by T n: with a batch of 2 every hit counts twice, so a ratio of
+    1.5 fires there and never in the default rule (share over all elements, at most 1)."""
+    x = torch.randn(2, 4, 24)
+    for rule, fires in (("released", True), ("fastcur", False)):
+        m = trained(fastcur.SecuraLinear.from_linear(nn.Linear(24, 20), rank=2, restrain=True, restrain_min=2.0,
+                                                     restrain_ratio=1.5, restrain_rule=rule))
+        m(x)
+        assert bool(m.restrain_fired) == fires
+    with pytest.raises(ValueError, match="restrain_rule"):
+        fastcur.SecuraLinear(24, 20, rank=2, restrain_rule="paper")
+
+
+@pytest.mark.parametrize("write", ["data_copy", "data_assign"])
+def test_tied_fast_path_sees_writes_through_data(write):
+    m = trained(fastcur.SecuraLinear.from_linear(nn.Linear(30, 20), rank=3))
+    assert m.tied
+    new = torch.randn(20, 30)
+    if write == "data_copy":
+        m.weight.data.copy_(new)
+    else:
+        m.weight.data = new
+    assert not m.tied
+    x = torch.randn(4, 30)
+    torch.testing.assert_close(m(x).double(), explicit_forward(m, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["max", "raw"])
+def test_signorm_jumps_at_zero_delta_and_max_form_is_scale_free(norm):
+    """Both SigNorm forms are discontinuous at Δ = 0 (S = 2 there, y = y0): an arbitrarily small
+    nonzero Δ changes the output by a finite amount. raw: S -> 2 - σ(0) = 1.5, every output
+    scaled by 4/3. max: S depends on Δ only through L / (max L + eps), the same for Δ and c Δ
+    while max L >> eps (scale-free); as max L falls below eps = 1e-10, S -> 2 - σ(-3) and
+    y -> 1.024 y0 (still a jump)."""
+    g = torch.Generator().manual_seed(0)
+    y0 = torch.randn(5, 16, generator=g, dtype=torch.float64) + 2.0
+    direction = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    at_zero = reference.signorm(y0, torch.zeros_like(y0), norm=norm)
+    torch.testing.assert_close(at_zero, y0, rtol=0, atol=0)
+    vanishing = reference.signorm(y0, 1e-20 * direction, norm=norm)
+    limit = 4 / 3 if norm == "raw" else 2 / (2 - torch.sigmoid(torch.tensor(-3.0, dtype=torch.float64)))
+    torch.testing.assert_close(vanishing, limit * y0, rtol=1e-6, atol=1e-9)
+    assert ((vanishing - y0) / y0).abs().min() > 0.02
+    if norm == "max":
+        S = [reference.signorm_scales(y0, c * direction, norm="max") for c in (1e-6, 1e-3, 1.0, 1e3)]
+        for s in S[1:]:
+            torch.testing.assert_close(s, S[0], rtol=1e-4, atol=1e-6)
+        # per token, the largest L gets S = 2 - σ(3): that output is 2 / 1.047 = 1.91 times y0
+        ratio = reference.signorm(y0, 1e-6 * direction, norm="max") / y0
+        torch.testing.assert_close(ratio.max(-1).values, torch.full((5,), 2 / (2 - torch.sigmoid(
+            torch.tensor(3.0, dtype=torch.float64)).item()), dtype=torch.float64), rtol=1e-4, atol=1e-6)
+
+
+def test_signorm_default_is_normalized():
+    assert fastcur.SecuraLinear(8, 6, rank=2).norm == "max" and fastcur.SecuraConfig().norm == "max"
