@@ -134,7 +134,10 @@ BAD = [
     (dict(W_B=torch.randn(3, 8)), "argument 'W_B' must have shape (4, 8) = (r_g, d), got (3, 8)"),
     (dict(hidden_mask=torch.ones(2, 3, 5)), "argument 'hidden_mask' must have shape (2, 3, 4)"),
     (dict(hidden_mask=torch.ones(2, 3, 4, requires_grad=True)), "argument 'hidden_mask' is a dropout mask"),
-    (dict(W_B=torch.randn(4, 8, dtype=torch.float64)), "argument 'W_B' must have the dtype of 'h'"),
+    (dict(W_B=torch.randn(4, 8, dtype=torch.float64)), "argument 'W_B' must have the dtype of 'W_A'"),
+    (dict(q=torch.randn(2, 8, dtype=torch.float64)), "argument 'q' must have the dtype of 'h'"),
+    (dict(gate_mask=torch.ones(2, 3, 5)), "argument 'gate_mask' must have shape (2, 3, 8) = (B, T, d)"),
+    (dict(W_A=torch.randn(32, 4, device="meta")), "argument 'W_A' must be on the device of 'h' (cpu)"),
     (dict(h=torch.randint(0, 3, (2, 3, 8))), "argument 'h' must be float32"),
 ]
 
@@ -153,3 +156,66 @@ def test_cpp_kernel_checks_direct_calls():
         torch.ops.fastcur.imsm_gate(a["h"], a["h_tuned"], a["q"], a["q_tuned"], a["W_A"], torch.randn(3, 8), None)
     with pytest.raises(RuntimeError, match="h must be 3-D"):
         torch.ops.fastcur.imsm_gate(a["h"][0], a["h_tuned"], a["q"], a["q_tuned"], a["W_A"], a["W_B"], None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
+def test_float32_gate_on_half_memories(backend, dtype, mask):
+    """The released precision: h, h', q, q' in bfloat16/float16, W_A, W_B (and the mask) float32.
+    The result comes back in h's dtype; h's gradients in h's dtype, the gate's in float32, each
+    within the tolerance rule of its dtype against the float64 reference, the dtype's own error
+    measured by the reference run on the memories' values with a float32 gate."""
+    from fastcur.testing import assert_close_to_reference
+
+    master = make_inputs(2, 5, 37, 8, seed=11, mask=mask)
+    half = [t.detach().to(dtype) for t in master[:4]]
+    gate = [t.detach().float() for t in master[4:6]] + [None if master[6] is None else master[6].float()]
+
+    def leaves(ts, dt):
+        return [t.detach().to(dt).requires_grad_() for t in ts]
+
+    grad_out = torch.randn(2, 5, 37, generator=torch.Generator().manual_seed(5)).to(dtype)
+    mem, W = leaves(half, dtype), leaves(gate[:2], torch.float32)
+    out = run(backend)(*mem, *W, gate[2])
+    grads = torch.autograd.grad(out, mem + W, grad_out)
+    assert out.dtype == dtype and [g.dtype for g in grads] == [dtype] * 4 + [torch.float32] * 2
+
+    def reference_run(dt):  # h's values, computed in dt, the output rounded to h's dtype
+        ins = leaves(half + gate[:2], dt)
+        m = None if gate[2] is None else gate[2].to(dt)
+        o = reference.imsm_gate(*ins, m)
+        return o, torch.autograd.grad(o, ins, grad_out.to(dt))
+
+    truth, truth_grads = reference_run(torch.float64)
+    low, low_grads = reference_run(torch.float32)
+    assert_close_to_reference(out, low.to(dtype), truth, "forward")
+    for name, g, lg, tg in zip(NAMES, grads, low_grads, truth_grads):
+        assert_close_to_reference(g, lg.to(g.dtype), tg, f"grad of {name}")
+
+
+def released_gate_float64(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask):
+    """The released gate written out: Linear(4d, r_g) -> Dropout -> Linear(r_g, d) -> Dropout ->
+    sigmoid on the concatenation [q, h, h', q'] (the masks stand for the two Dropouts)."""
+    B, T, d = h.shape
+    x = torch.cat([q.unsqueeze(1).expand(B, T, d), h, h_tuned, q_tuned.unsqueeze(1).expand(B, T, d)], dim=2)
+    g = torch.sigmoid(torch.nn.functional.linear(torch.nn.functional.linear(x, W_A.T) * hidden_mask, W_B.T)
+                      * gate_mask)
+    return g * h + (1 - g) * h_tuned
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_gate_mask_after_both_projections(backend, dtype):
+    """gate_mask: the dropout after W_B (the released gate's second): forward and every gradient
+    against the released gate written out in float64."""
+    *tensors, hidden_mask = make_inputs(3, 4, 19, 8, seed=9, mask=True)
+    g = torch.Generator().manual_seed(10)
+    gate_mask = (torch.rand(3, 4, 19, generator=g, dtype=torch.float64) > 0.3).double() / 0.7
+
+    def fn(*ts):
+        with fastcur.use_backend(backend):
+            return fastcur.ops.imsm_gate(*ts[:6], ts[6], gate_mask=ts[7])
+
+    check_against_reference(fn, released_gate_float64, tensors + [hidden_mask, gate_mask], dtype,
+                            names=NAMES + ["hidden_mask", "gate_mask"])

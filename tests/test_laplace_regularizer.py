@@ -431,3 +431,74 @@ def test_jumplora_weight_gate_with_open_schedule_is_refused_clearly():
     model = nn.Sequential(fastcur.JumpLoRALinear.from_linear(nn.Linear(6, 4), rank=2, f=0.5)).double()
     with pytest.raises(ValueError, match="weight gate with f = 0.5 > 0"):
         fastcur.LaplaceRegularizer(model).fit(data(n_batches=1), loss_mean, progress=False)
+
+
+def _damaged_files(tmp_path, good):
+    """name -> a damaged copy of the saved state `good` (bytes) or a foreign safetensors file."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(good), framework="pt") as f:
+        meta = json.loads(f.metadata()["fastcur_lalora"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    data = good.read_bytes()
+    files = {"garbage": b"not a safetensors file at all", "truncated": data[: len(data) // 2],
+             "empty": b""}
+    out = {}
+    for name, blob in files.items():
+        (tmp_path / name).write_bytes(blob)
+        out[name] = tmp_path / name
+    def variant(name, metadata, tensors=tensors):
+        save_file(tensors, str(tmp_path / name), metadata=metadata)
+        out[name] = tmp_path / name
+    variant("no_metadata", None)
+    variant("bad_json", {"fastcur_lalora": "{not json"})
+    variant("json_list", {"fastcur_lalora": "[1, 2]"})
+    variant("missing_key", {"fastcur_lalora": json.dumps({k: v for k, v in meta.items() if k != "n_samples"})})
+    variant("bad_number", {"fastcur_lalora": json.dumps({**meta, "lam": "banana"})})
+    first = next(k for k in tensors if k.startswith("precision."))
+    variant("wrong_precision", {"fastcur_lalora": json.dumps(meta)},
+            {**tensors, first: torch.zeros(1, dtype=tensors[first].dtype)})
+    variant("no_precision", {"fastcur_lalora": json.dumps(meta)},
+            {k: v for k, v in tensors.items() if k != first})
+    return out
+
+
+def test_damaged_state_file_gives_one_line_naming_the_file(tmp_path):
+    model, batches = make_model(), data(n_batches=1)
+    good = tmp_path / "good.safetensors"
+    fastcur.LaplaceRegularizer(model).fit(batches, loss_mean, progress=False).save(good)
+    reasons = {"no_metadata": "no 'fastcur_lalora' metadata", "bad_json": "Expecting property name",
+               "json_list": "a JSON list", "missing_key": r"lacks \['n_samples'\]",
+               "bad_number": "must be numbers", "wrong_precision": r"'precision\..*' must have shape",
+               "no_precision": r"'precision\..*' must have shape .* got missing"}
+    for name, path in _damaged_files(tmp_path, good).items():
+        with pytest.raises(ValueError) as err:
+            fastcur.LaplaceRegularizer(model).load(path)
+        message = str(err.value)
+        assert "\n" not in message and repr(str(path)) in message, (name, message)
+        assert message.startswith("fastcur.LaplaceRegularizer.load: "), (name, message)
+        if name in reasons:
+            assert __import__("re").search(reasons[name], message), (name, message)
+    with pytest.raises(FileNotFoundError, match="no such file .*nowhere.safetensors"):
+        fastcur.LaplaceRegularizer(model).load(tmp_path / "nowhere.safetensors")
+    fastcur.LaplaceRegularizer(model).load(good)  # the intact file still loads
+
+
+def test_damaged_kfac_factors_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    model, batches = make_model(), data(n_batches=1)
+    good = tmp_path / "kfac.safetensors"
+    fastcur.LaplaceRegularizer(model, kind="kfac").fit(batches, loss_mean, progress=False).save(good)
+    with safe_open(str(good), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(good))
+    key = next(k for k in tensors if k.startswith("kfac_S."))
+    tensors[key] = torch.zeros(tensors[key].shape[-1] + 1, dtype=tensors[key].dtype)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=r"bad.safetensors.*'kfac_S\..*' must have shape \((\d+), \1\) or \(\1,\)"):
+        fastcur.LaplaceRegularizer(model, kind="kfac").load(tmp_path / "bad.safetensors")

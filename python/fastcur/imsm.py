@@ -1,4 +1,5 @@
-"""IMSM (SPEC §6): interweave the memories of the frozen and the adapted model, one model copy.
+"""IMSM (docs/methods.md, "IMSM"): interweave the memories of the frozen and the adapted model,
+one model copy.
 
     model = fastcur.inject(LlamaForCausalLM(config), fastcur.LoRAConfig(rank=8))
     imsm = fastcur.IMSM(model, gate_rank=8, gate_dropout=0.1)
@@ -15,10 +16,14 @@ two halves are the memories h and h'; their means over the prompt tokens are the
 The frozen stream has no trainable tensor upstream, so it is run without gradient bookkeeping
 where the layers allow it (the adapter layers cut the graph at the frozen rows) and h, q enter
 the gate detached: the gradients of every trainable tensor are those of the two-copy model.
+As in the released code, the frozen stream runs as in eval mode (no dropout) while the tuned
+one trains, and the gate W_A, W_B are float32 on a bfloat16/float16 model.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import math
 import os
@@ -34,6 +39,8 @@ from .ops.imsm_gate import imsm_gate
 
 GATE_WEIGHTS = "imsm_gate.safetensors"
 GATE_CONFIG = "imsm_config.json"
+TRAIN_STREAMS = ("auto", "batched", "sequential")
+DROPOUT_AT = ("both", "hidden")
 
 
 @dataclass
@@ -66,20 +73,30 @@ class IMSM(nn.Module):
     """IMSM around a causal LM whose linear layers carry fastcur adapters (any method).
 
     Trainable: the adapters' tensors and the gate `W_A` [4d, gate_rank] (kaiming, as a Linear
-    of 4d inputs) and `W_B` [gate_rank, d] (zeros, so the gate is exactly 0.5 at init).
-    Gate dropout (`gate_dropout`, training only) acts on the gate_rank-wide hidden
-    `[q ⊕ h ⊕ h' ⊕ q'] W_A`, the one place where it leaves the fused gate deterministic.
+    of 4d inputs) and `W_B` [gate_rank, d] (zeros, so the gate is exactly 0.5 at init; the
+    released code draws it as a Linear, a recorded Decision). The gate is float32 whatever the
+    model's dtype (float64 on a float64 model); the mixed hidden state goes to the LM head in
+    the model's dtype, as the released code does.
 
-    `train_streams`: how a forward with gradients runs the two streams. "batched" (default,
-    SPEC §6): one pass over the doubled batch. "sequential": the frozen stream under no_grad,
-    then the tuned one, the same weights: no autograd state is kept for the frozen rows (the
-    batched pass keeps it in norms, attention and activations, whose ops see the whole batch),
-    so less activation memory and backward work in training. Without gradients (evaluation,
-    `generate`) both streams always run batched.
+    `gate_dropout` (0.1 as released; training only) where `gate_dropout_at` puts it:
+    "both" (default, the released gate: after W_A on the gate_rank-wide hidden and after W_B on
+    the d-wide pre-sigmoid gate; the second mask runs the gate unfused in training) or "hidden"
+    (after W_A only: the fused gate kernel in training too).
+
+    `train_streams`: how a training-mode forward runs the two streams. "sequential": the frozen
+    stream in eval mode under no_grad, then the tuned one, the same weights: no autograd state
+    for the frozen rows, so less activation memory and backward work. "batched": one pass over
+    the doubled batch (refused in training when the base model has active dropout, which would
+    reach the frozen rows). "auto" (default): sequential on the CPU, where it measured faster
+    and leaner, and wherever the base model has active dropout; batched elsewhere. In eval mode
+    (evaluation, `generate`) both streams always run batched.
+
+    A training-mode forward needs the prompt: `prompt_lengths` or `prompt_mask` (without them
+    the query means would average over the answer tokens too); it raises without them.
     """
 
     def __init__(self, model: nn.Module, gate_rank: int = 8, gate_dropout: float = 0.1,
-                 train_streams: str = "batched"):
+                 train_streams: str = "auto", gate_dropout_at: str = "both"):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastcur.IMSM: model must be an nn.Module, got {type(model).__name__}")
@@ -87,9 +104,11 @@ class IMSM(nn.Module):
             raise ValueError(f"fastcur.IMSM: gate_rank must be a positive int, got {gate_rank!r}")
         if not isinstance(gate_dropout, (int, float)) or not 0.0 <= gate_dropout < 1.0:
             raise ValueError(f"fastcur.IMSM: gate_dropout must be in [0, 1), got {gate_dropout!r}")
-        if train_streams not in ("batched", "sequential"):
-            raise ValueError(f"fastcur.IMSM: train_streams must be 'batched' or 'sequential', got {train_streams!r}")
-        self.train_streams = train_streams
+        if train_streams not in TRAIN_STREAMS:
+            raise ValueError(f"fastcur.IMSM: train_streams must be 'auto', 'batched' or 'sequential', got {train_streams!r}")
+        if gate_dropout_at not in DROPOUT_AT:
+            raise ValueError(f"fastcur.IMSM: gate_dropout_at must be 'both' or 'hidden', got {gate_dropout_at!r}")
+        self.train_streams, self.gate_dropout_at = train_streams, gate_dropout_at
         self.adapters = _adapter_layers(model)
         if not self.adapters:
             raise ValueError("fastcur.IMSM: the model has no fastcur adapter layers (AdapterLinear); "
@@ -99,8 +118,9 @@ class IMSM(nn.Module):
         d = model.config.hidden_size
         weight = self.head.weight
         self.hidden_size, self.gate_rank, self.gate_dropout = d, gate_rank, float(gate_dropout)
-        self.W_A = nn.Parameter(torch.empty(4 * d, gate_rank, device=weight.device, dtype=weight.dtype))
-        self.W_B = nn.Parameter(torch.zeros(gate_rank, d, device=weight.device, dtype=weight.dtype))
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # float32 on a half model
+        self.W_A = nn.Parameter(torch.empty(4 * d, gate_rank, device=weight.device, dtype=dtype))
+        self.W_B = nn.Parameter(torch.zeros(gate_rank, d, device=weight.device, dtype=dtype))
         self.reset_gate()
 
     @property
@@ -122,10 +142,7 @@ class IMSM(nn.Module):
     # -- the two streams in one batch ---------------------------------------------------------
     @contextlib.contextmanager
     def _frozen_rows(self, rows: int):
-        merged = [name for name, m in self.adapters.items() if m.merged]
-        if merged:
-            raise RuntimeError(f"fastcur.IMSM: the frozen stream needs unmerged adapters, but {merged[0]} "
-                               f"is merged; call unmerge() first")
+        self._check_unmerged()
         saved = [(m, m.frozen_batch_rows, m.detach_frozen_rows) for m in self.adapters.values()]
         for m in self.adapters.values():
             m.frozen_batch_rows, m.detach_frozen_rows = rows, True
@@ -135,48 +152,82 @@ class IMSM(nn.Module):
             for m, r, det in saved:
                 m.frozen_batch_rows, m.detach_frozen_rows = r, det
 
+    def _check_unmerged(self) -> None:
+        merged = [name for name, m in self.adapters.items() if m.merged]
+        if merged:
+            raise RuntimeError(f"fastcur.IMSM: the frozen stream needs unmerged adapters, but {merged[0]} "
+                               f"is merged; call unmerge() first")
+
     def streams(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False):
         """One batched pass of both streams: input_ids [B, T] -> (h [B, T, d] frozen, detached;
         h_tuned [B, T, d]; the cache of the doubled batch or None)."""
         B = input_ids.shape[0]
         two = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
+        backbone = self.backbone
+        cache_kw = _cache_keyword(type(backbone))
         with self._frozen_rows(B):
-            out = self.backbone(input_ids=two(input_ids), attention_mask=two(attention_mask),
-                                position_ids=two(position_ids), past_key_values=past_key_values,
-                                use_cache=use_cache)
+            out = backbone(input_ids=two(input_ids), attention_mask=two(attention_mask),
+                           position_ids=two(position_ids), use_cache=use_cache, **{cache_kw: past_key_values})
         hs = out.last_hidden_state
-        return hs[:B].detach(), hs[B:], (out.past_key_values if use_cache else None)
+        return hs[:B].detach(), hs[B:], (getattr(out, cache_kw) if use_cache else None)
 
     def _sequential_streams(self, input_ids, attention_mask):
-        """train_streams="sequential": the frozen stream first, under no_grad with the adapters
-        off (same weights), then the tuned stream: no autograd state for the frozen rows."""
+        """train_streams="sequential": the frozen stream first, in eval mode (no dropout) under
+        no_grad with the adapters off (same weights), then the tuned stream in the model's own
+        mode: no autograd state for the frozen rows."""
+        self._check_unmerged()
         layers = list(self.adapters.values())
         saved = [m.adapter_enabled for m in layers]
+        backbone = self.backbone
+        modes = [(m, m.training) for m in backbone.modules()]
         try:
             for m in layers:
                 m.adapter_enabled = False
+            backbone.eval()
             with torch.no_grad():
-                h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                h = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         finally:
             for m, on in zip(layers, saved):
                 m.adapter_enabled = on
-        h_tuned = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            for m, mode in modes:
+                m.training = mode
+        h_tuned = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return h, h_tuned
+
+    def _runs_sequential(self) -> bool:
+        """Whether this forward runs the streams one after the other (see `train_streams`)."""
+        if not self.training:
+            return False
+        if self.train_streams == "sequential":
+            return True
+        dropout = _active_dropout(self.backbone)
+        if self.train_streams == "batched":
+            if dropout is not None:
+                raise ValueError(f"fastcur.IMSM: train_streams='batched' would apply the base model's dropout "
+                                 f"({dropout}) to the frozen stream, which runs as in eval mode; use "
+                                 f"train_streams='sequential' (or 'auto'), or set that dropout to 0")
+            return False
+        return dropout is not None or self.W_A.device.type == "cpu"
 
     def interweave(self, h: torch.Tensor, h_tuned: torch.Tensor, q: torch.Tensor,
                    q_tuned: torch.Tensor) -> torch.Tensor:
         """The gate and the frozen LM head: h, h_tuned [B, T, d], q, q_tuned [B, d] -> logits
-        [B, T, vocab]. Gate dropout on the hidden in training mode."""
-        mask = None
+        [B, T, vocab]. Gate dropout in training mode, where `gate_dropout_at` puts it."""
+        hidden_mask = gate_mask = None
         if self.training and self.gate_dropout > 0:
-            keep = 1.0 - self.gate_dropout
-            mask = torch.bernoulli(torch.full((*h.shape[:2], self.gate_rank), keep, device=h.device,
-                                              dtype=h.dtype)).div_(keep)
-        mixed = imsm_gate(h, h_tuned, q, q_tuned, self.W_A, self.W_B, mask)
+            hidden_mask = self._dropout_mask((*h.shape[:2], self.gate_rank), h.device)
+            if self.gate_dropout_at == "both":
+                gate_mask = self._dropout_mask((*h.shape[:2], self.hidden_size), h.device)
+        mixed = imsm_gate(h, h_tuned, q, q_tuned, self.W_A, self.W_B, hidden_mask, gate_mask=gate_mask)
         if isinstance(self.head, AdapterLinear):  # the LM head stays frozen (SPEC §6)
             return F.linear(mixed, self.head.weight, self.head.bias)
         return self.head(mixed)
+
+    def _dropout_mask(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """nn.Dropout's mask: 0 with probability p, else 1 / (1 - p), in the gate's dtype."""
+        keep = 1.0 - self.gate_dropout
+        return torch.bernoulli(torch.full(shape, keep, device=device, dtype=self.W_A.dtype)).div_(keep)
 
     # -- training forward ---------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -184,14 +235,19 @@ class IMSM(nn.Module):
                 prompt_mask: torch.Tensor | None = None) -> IMSMOutput:
         """input_ids [B, T] (right padding); attention_mask [B, T] or None; the prompt is the
         first `prompt_lengths[b]` tokens of row b, or the True entries of `prompt_mask` [B, T]
-        (default: every attended token); labels [B, T] with -100 outside the answer tokens
-        (shifted inside, as transformers does). Returns `IMSMOutput(loss, logits)`."""
+        (required in training mode; in eval mode the default is every attended token); labels
+        [B, T] with -100 outside the answer tokens (shifted inside, as transformers does).
+        Returns `IMSMOutput(loss, logits)`."""
         input_ids, attention_mask = self._check_ids(input_ids, attention_mask)
+        if self.training and prompt_lengths is None and prompt_mask is None:
+            raise ValueError("fastcur.IMSM: a training-mode forward needs prompt_lengths (or prompt_mask): without "
+                             "them the query means q, q' average over the answer tokens too; pass "
+                             "prompt_lengths=[B] prompt sizes, or call .eval() for evaluation")
         pm = self._prompt_mask(input_ids, attention_mask, prompt_lengths, prompt_mask)
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"fastcur.IMSM: labels must have input_ids' shape {tuple(input_ids.shape)}, got {got}")
-        if self.train_streams == "sequential" and torch.is_grad_enabled():
+        if self._runs_sequential():
             h, h_tuned = self._sequential_streams(input_ids, attention_mask)
         else:
             h, h_tuned, _ = self.streams(input_ids, attention_mask)
@@ -265,7 +321,8 @@ class IMSM(nn.Module):
         save_adapter(self.model, directory)
         _atomic(directory, GATE_WEIGHTS, lambda p: save_file(
             {"W_A": self.W_A.detach().contiguous().cpu(), "W_B": self.W_B.detach().contiguous().cpu()}, p))
-        config = {"gate_rank": self.gate_rank, "gate_dropout": self.gate_dropout, "hidden_size": self.hidden_size}
+        config = {"gate_rank": self.gate_rank, "gate_dropout": self.gate_dropout,
+                  "gate_dropout_at": self.gate_dropout_at, "hidden_size": self.hidden_size}
         _atomic(directory, GATE_CONFIG, lambda p: _write_text(p, json.dumps(config, indent=2)))
 
     @classmethod
@@ -282,7 +339,8 @@ class IMSM(nn.Module):
         with open(os.path.join(directory, GATE_CONFIG)) as f:
             config = json.load(f)
         model = load_adapter(model, directory)
-        imsm = cls(model, gate_rank=int(config["gate_rank"]), gate_dropout=float(config["gate_dropout"]))
+        imsm = cls(model, gate_rank=int(config["gate_rank"]), gate_dropout=float(config["gate_dropout"]),
+                   gate_dropout_at=config.get("gate_dropout_at", "hidden"))
         tensors = load_file(os.path.join(directory, GATE_WEIGHTS))
         with torch.no_grad():
             for name in ("W_A", "W_B"):
@@ -336,6 +394,33 @@ class IMSM(nn.Module):
             raise ValueError("fastcur.IMSM: every row needs at least one attended prompt token "
                              "(check prompt_lengths / prompt_mask against attention_mask)")
         return pm
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(backbone_type: type) -> str:
+    """The keyword the decoder's forward takes its KV cache by: `cache` (transformers >= 5.25,
+    where `past_key_values` is deprecated) or `past_key_values` (earlier releases)."""
+    params = inspect.signature(backbone_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _active_dropout(backbone: nn.Module) -> str | None:
+    """The first module of the base model (adapters excluded: the frozen rows bypass them) whose
+    dropout acts in its current mode, as 'name (p=...)', or None: nn.Dropout modules and the
+    float `*dropout` attributes transformers' attention layers apply when training."""
+    skip: set[int] = set()
+    for name, m in backbone.named_modules():
+        if id(m) in skip or isinstance(m, AdapterLinear):
+            skip.update(id(c) for c in m.modules())
+            continue
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return f"{name} (p={m.p})"
+        for attr, value in vars(m).items():
+            if attr.endswith("dropout") and isinstance(value, float) and value > 0:
+                return f"{name}.{attr} = {value}"
+    return None
 
 
 def _masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

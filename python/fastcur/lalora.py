@@ -328,29 +328,39 @@ class LaplaceRegularizer:
 
     def load_state_dict(self, state: dict) -> "LaplaceRegularizer":
         """Restore curvature saved by `state_dict` (validated against this model's adapters)."""
+        fn = "fastcur.LaplaceRegularizer.load_state_dict"
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"fastcur.LaplaceRegularizer.load_state_dict: not a LaLoRA state (format {_FORMAT!r})")
+            raise ValueError(f"{fn}: not a LaLoRA state (format {_FORMAT!r})")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"{fn}: the state lacks {missing}")
         if state["kind"] != self.kind:
-            raise ValueError(f"fastcur.LaplaceRegularizer.load_state_dict: state has kind {state['kind']!r}, "
-                             f"this regularizer {self.kind!r}")
+            raise ValueError(f"{fn}: state has kind {state['kind']!r}, this regularizer {self.kind!r}")
         tensors = state["tensors"]
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError(f"{fn}: 'tensors' must map names to tensors")
         current = self._adapter_tensors()
         anchors = {k[len("anchor."):]: v for k, v in tensors.items() if k.startswith("anchor.")}
         if set(anchors) != set(current):
-            raise RuntimeError(f"fastcur.LaplaceRegularizer.load_state_dict: saved adapter tensors "
-                               f"{sorted(anchors)} do not match the model's {sorted(current)}")
+            raise RuntimeError(f"{fn}: saved adapter tensors {sorted(anchors)} do not match the model's {sorted(current)}")
         for n, p in current.items():
             if anchors[n].shape != p.shape:
-                raise RuntimeError(f"fastcur.LaplaceRegularizer.load_state_dict: '{n}' has shape "
-                                   f"{tuple(p.shape)} in the model but {tuple(anchors[n].shape)} in the state")
+                raise RuntimeError(f"{fn}: '{n}' has shape {tuple(p.shape)} in the model but "
+                                   f"{tuple(anchors[n].shape)} in the state")
+            _check_curvature(fn, self.kind, n, p.shape, tensors)
+        try:
+            scalars = (float(state["lam"]), float(state["prior_precision"]), int(state["kfac_max_dim"]),
+                       int(state["n_samples"]))
+        except (TypeError, ValueError):
+            raise ValueError(f"{fn}: lam, prior_precision, kfac_max_dim and n_samples must be numbers, got "
+                             f"{[state[k] for k in ('lam', 'prior_precision', 'kfac_max_dim', 'n_samples')]}") from None
         dev = lambda n, t: t.to(current[n].device)  # noqa: E731
         self.anchors = {n: dev(n, a).to(current[n].dtype) for n, a in anchors.items()}
         if self.kind == "diag":
             self.precisions = {n: dev(n, tensors[f"precision.{n}"]) for n in anchors}
         else:
             self.factors = {n: (dev(n, tensors[f"kfac_S.{n}"]), dev(n, tensors[f"kfac_G.{n}"])) for n in anchors}
-        self.lam, self.prior_precision = float(state["lam"]), float(state["prior_precision"])
-        self.kfac_max_dim, self.n_samples = int(state["kfac_max_dim"]), int(state["n_samples"])
+        self.lam, self.prior_precision, self.kfac_max_dim, self.n_samples = scalars
         self._cache = None
         return self
 
@@ -363,20 +373,53 @@ class LaplaceRegularizer:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fastcur_lalora": json.dumps(state)}))
 
     def load(self, path: str | os.PathLike) -> "LaplaceRegularizer":
-        """Read a file written by `save` (validated against this model's adapters)."""
-        from safetensors import safe_open
+        """Read a file written by `save` (validated against this model's adapters). A missing,
+        damaged or foreign file raises one line naming the file: FileNotFoundError for a
+        missing one, ValueError or RuntimeError (a state of other adapters) otherwise."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get("fastcur_lalora")
-            if meta is None:
-                raise ValueError(f"fastcur.LaplaceRegularizer.load: {os.fspath(path)!r} is not a LaLoRA state file")
-            state = json.loads(meta)
-            state["tensors"] = {k: f.get_tensor(k) for k in f.keys()}
-        return self.load_state_dict(state)
+        path = os.fspath(path)
+        fn = "fastcur.LaplaceRegularizer.load"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{fn}: no such file {path!r}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = (f.metadata() or {}).get("fastcur_lalora")
+                if meta is None:
+                    raise ValueError("no 'fastcur_lalora' metadata (not written by LaplaceRegularizer.save)")
+                state = json.loads(meta)
+                if not isinstance(state, dict):
+                    raise ValueError(f"its 'fastcur_lalora' metadata is a JSON {type(state).__name__}, not an object")
+                state["tensors"] = {k: f.get_tensor(k) for k in f.keys()}
+            return self.load_state_dict(state)
+        except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+            reason = " ".join(str(e).split()).removeprefix("fastcur.LaplaceRegularizer.load_state_dict: ")
+            kind = RuntimeError if type(e) is RuntimeError else ValueError
+            raise kind(f"{fn}: {path!r} is not a usable LaLoRA state file: {reason}") from None
 
     def __repr__(self) -> str:
         return (f"LaplaceRegularizer(kind={self.kind!r}, lam={self.lam:g}, prior_precision={self.prior_precision:g}, "
                 f"tensors={len(self.anchors) or len(self._adapter_tensors())}, fitted={self.fitted})")
+
+
+_STATE_KEYS = ("kind", "lam", "prior_precision", "kfac_max_dim", "n_samples", "tensors")
+
+
+def _check_curvature(fn: str, kind: str, name: str, shape: torch.Size, tensors: dict) -> None:
+    """The saved curvature of adapter tensor `name` (shape [rows, cols]) is present and fits it:
+    diag: `precision.<name>` of the same shape; kfac: `kfac_S.<name>` over cols and
+    `kfac_G.<name>` over rows, each [m, m] or its diagonal [m]."""
+    if kind == "diag":
+        q = tensors.get(f"precision.{name}")
+        if q is None or q.shape != shape:
+            got = "missing" if q is None else f"shape {tuple(q.shape)}"
+            raise ValueError(f"{fn}: 'precision.{name}' must have shape {tuple(shape)}, got {got}")
+        return
+    for key, m in ((f"kfac_S.{name}", shape[-1]), (f"kfac_G.{name}", shape[0])):
+        t = tensors.get(key)
+        if t is None or t.shape not in ((m,), (m, m)):
+            got = "missing" if t is None else f"shape {tuple(t.shape)}"
+            raise ValueError(f"{fn}: '{key}' must have shape ({m}, {m}) or ({m},), got {got}")
 
 
 def _per_example(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""imsm_gate (SPEC §6 and §7): IMSM's memory gate, `g ⊙ h + (1 − g) ⊙ h'`.
+"""imsm_gate (docs/methods.md, "IMSM"): IMSM's memory gate, `g ⊙ h + (1 − g) ⊙ h'`.
 
 `g = σ([q ⊕ h_t ⊕ h'_t ⊕ q'] W_A W_B)` is computed without forming the concatenation: W_A
 splits into four `d x r_g` blocks (A1..A4 for q, h, h', q'); the query terms `q A1 + q' A4`
@@ -6,8 +6,10 @@ are per-sequence constants computed once; per token only `h_t A2 + h'_t A3`, `W_
 mix remain, in one pass over the row. The forward returns the r_g-wide hidden z besides the
 output; the backward recomputes g from it (an M x r_g tensor saved instead of an M x d gate).
 
-Gate dropout (SPEC §6: 0.1 in training) is applied to the r_g-wide hidden z = [...] W_A through
-`hidden_mask` (zeros and 1 / (1 − p), drawn by the caller), so the op itself is deterministic.
+Gate dropout (0.1 in training) is applied through masks drawn by the caller (zeros and
+1 / (1 − p)), so the op itself is deterministic: `hidden_mask` on the r_g-wide hidden
+z = [...] W_A (fused), `gate_mask` on the d-wide pre-sigmoid gate z W_B (the released gate puts
+dropout after both projections; no fused kernel covers the second mask).
 
 Flow as cur_linear: checks → backend → `torch.ops.fastcur.imsm_gate` (C++ CPU/CUDA) or
 `torch.ops.fastcur.imsm_gate_triton`; one fake and one autograd formula for both.
@@ -90,7 +92,9 @@ def _triton_op():
     return torch.ops.fastcur.imsm_gate_triton.default
 
 
-def _check(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask) -> None:
+def _check(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask) -> None:
+    """The memories (h, h_tuned, q, q_tuned) share one dtype, the gate (W_A, W_B and the
+    masks) another (float32 on a half model), all one device."""
     c = ArgChecker("imsm_gate")
     c.tensor("h", h, anchor=True)
     if h.dim() != 3:
@@ -99,18 +103,28 @@ def _check(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask) -> None:
     c.tensor("h_tuned", h_tuned, (B, T, d), dims="h's shape (B, T, d)")
     c.tensor("q", q, (B, d), dims="(B, d)")
     c.tensor("q_tuned", q_tuned, (B, d), dims="(B, d)")
-    c.tensor("W_A", W_A, (4 * d, None), dims="(4d, r_g)")
+    gate = ArgChecker("imsm_gate")
+    gate.tensor("W_A", W_A, (4 * d, None), dims="(4d, r_g)", anchor=True)
+    if W_A.device != h.device:
+        c.fail(f"argument 'W_A' must be on the device of 'h' ({h.device}), got {W_A.device}")
     r = W_A.shape[1]
-    c.tensor("W_B", W_B, (r, d), dims="(r_g, d)")
-    c.tensor("hidden_mask", hidden_mask, (B, T, r), dims="(B, T, r_g)", optional=True)
-    if hidden_mask is not None and hidden_mask.requires_grad:
-        c.fail("argument 'hidden_mask' is a dropout mask and takes no gradient; pass it detached")
+    gate.tensor("W_B", W_B, (r, d), dims="(r_g, d)")
+    gate.tensor("hidden_mask", hidden_mask, (B, T, r), dims="(B, T, r_g)", optional=True)
+    gate.tensor("gate_mask", gate_mask, (B, T, d), dims="(B, T, d)", optional=True)
+    for name, mask in (("hidden_mask", hidden_mask), ("gate_mask", gate_mask)):
+        if mask is not None and mask.requires_grad:
+            c.fail(f"argument '{name}' is a dropout mask and takes no gradient; pass it detached")
 
 
 def imsm_gate(h: Tensor, h_tuned: Tensor, q: Tensor, q_tuned: Tensor, W_A: Tensor, W_B: Tensor,
-              hidden_mask: Tensor | None = None) -> Tensor:
-    """IMSM's memory gate (SPEC §6): `g ⊙ h + (1 − g) ⊙ h_tuned`,
-    `g = σ(([q ⊕ h ⊕ h_tuned ⊕ q_tuned] W_A ⊙ hidden_mask) W_B)`, element-wise over d.
+              hidden_mask: Tensor | None = None, gate_mask: Tensor | None = None) -> Tensor:
+    """IMSM's memory gate (docs/methods.md, "IMSM"): `g ⊙ h + (1 − g) ⊙ h_tuned`,
+    `g = σ((([q ⊕ h ⊕ h_tuned ⊕ q_tuned] W_A ⊙ hidden_mask) W_B) ⊙ gate_mask)`, element-wise over d.
+
+    Mixed precision as the released code: the gate (W_A, W_B, the masks) may be wider than the
+    memories (float32 gate on bfloat16/float16 hidden states); the memories are then cast to the
+    wider dtype at the op's edge, the gate and the mix run in it (gradients reach h, h_tuned in
+    their own dtype), and the result comes back in h's dtype.
 
     Args:
         h: [B, T, d] the frozen model's final hidden states (after the final norm).
@@ -118,14 +132,22 @@ def imsm_gate(h: Tensor, h_tuned: Tensor, q: Tensor, q_tuned: Tensor, W_A: Tenso
         q, q_tuned: [B, d] their means over each sequence's prompt tokens.
         W_A: [4d, r_g] (rows in the order q, h, h', q'); W_B: [r_g, d].
         hidden_mask: [B, T, r_g] or None: gate dropout on the r_g-wide hidden, values 0 or
-            1 / (1 − p) (no gradient).
+            1 / (1 − p) (no gradient), in W_A's dtype.
+        gate_mask: [B, T, d] or None: gate dropout on the d-wide pre-sigmoid gate (the
+            released gate's second dropout), as hidden_mask. No fused kernel covers it: with
+            it the gate runs as `fastcur.ops.reference.imsm_gate` composes it.
     Returns:
         [B, T, d] in h's dtype. Differentiable in h, h_tuned, q, q_tuned, W_A and W_B.
     """
-    _check(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask)
+    _check(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask)
+    out_dtype, dtype = h.dtype, torch.promote_types(h.dtype, W_A.dtype)
+    h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask = (
+        t if t is None or t.dtype == dtype else t.to(dtype)
+        for t in (h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask))
     backend = resolve("imsm_gate", h.device)
-    if backend == "reference":
-        return reference.imsm_gate(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask)
-    op = torch.ops.fastcur.imsm_gate.default if backend == "cpp" else _triton_op()
-    out, _ = op(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask)
-    return out
+    if backend == "reference" or gate_mask is not None:
+        out = reference.imsm_gate(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask)
+    else:
+        op = torch.ops.fastcur.imsm_gate.default if backend == "cpp" else _triton_op()
+        out, _ = op(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask)
+    return out.to(out_dtype)

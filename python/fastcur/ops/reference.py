@@ -245,19 +245,23 @@ def ella_penalty(A: torch.Tensor, B: torch.Tensor, log_theta: torch.Tensor, W_pa
 
 # -- IMSM (SPEC §6) -----------------------------------------------------------------------------
 def imsm_gate(h: torch.Tensor, h_tuned: torch.Tensor, q: torch.Tensor, q_tuned: torch.Tensor,
-              W_A: torch.Tensor, W_B: torch.Tensor,
-              hidden_mask: torch.Tensor | None = None) -> torch.Tensor:
+              W_A: torch.Tensor, W_B: torch.Tensor, hidden_mask: torch.Tensor | None = None,
+              gate_mask: torch.Tensor | None = None) -> torch.Tensor:
     """IMSM's memory gate (SPEC §6), written as the paper writes it: the concatenation is formed.
 
     `g = σ(([q ⊕ h_t ⊕ h'_t ⊕ q'] W_A ⊙ hidden_mask) W_B)`, output `g ⊙ h + (1 - g) ⊙ h'`.
     h, h_tuned [B, T, d]; q, q_tuned [B, d]; W_A [4d, r_g]; W_B [r_g, d];
     hidden_mask [B, T, r_g] or None (the gate dropout on the r_g-wide hidden, already scaled
-    by 1 / (1 - p)) -> [B, T, d]
+    by 1 / (1 - p)); gate_mask [B, T, d] or None (the dropout on the pre-sigmoid `z W_B`, the
+    released gate's second one) -> [B, T, d]
     """
     B, T, d = h.shape
     x = torch.cat([q[:, None, :].expand(B, T, d), h, h_tuned, q_tuned[:, None, :].expand(B, T, d)], dim=-1)
     z = x @ W_A
     if hidden_mask is not None:
         z = z * hidden_mask
-    g = torch.sigmoid(z @ W_B)
+    u = z @ W_B
+    if gate_mask is not None:
+        u = u * gate_mask
+    g = torch.sigmoid(u)
     return g * h + (1 - g) * h_tuned
