@@ -7,9 +7,11 @@ from fastcur.config import matches
 
 CONFIGS = [
     fastcur.LoRAConfig(rank=4, alpha=16.0, dropout=0.1, use_rslora=True, target_modules=["q_proj"]),
-    fastcur.CURLoRAConfig(rank=3, scale=0.5, select="lowest", replace=True, seed=7, target_modules=r".*\.up_proj"),
+    fastcur.CURLoRAConfig(rank=3, scale=0.5, select="lowest", replace=True, inverse_eps=0.0, seed=7,
+                          target_modules=r".*\.up_proj"),
     fastcur.SecuraConfig(rank=2, inner_rank=5, init="kaiming", lora_bias=True, norm="raw", scope="tensor",
-                         merge_mode="signorm", merge_every=3, reselect_on_merge=False, seed=2),
+                         merge_mode="signorm", merge_every=3, reselect_on_merge=True, fold_lora_bias=True,
+                         restrain_rule="released", seed=2),
     fastcur.JumpLoRAConfig(rank=4, alpha=8.0, gate="rank", f=0.5, reduction="sum", threshold_scope="per_block"),
 ]
 
@@ -19,8 +21,12 @@ def test_defaults_follow_the_papers_and_peft():
     assert (lora.rank, lora.alpha, lora.dropout, lora.use_rslora, lora.target_modules) == (8, 8.0, 0.0, False, "all-linear")
     cur = fastcur.CURLoRAConfig()
     assert (cur.rank, cur.scale, cur.select, cur.replace, cur.seed) == (8, 1.0, "sample", False, 0)
+    assert cur.inverse_eps == 1e-3  # the released code's 1 / (p + 0.001)
     sec = fastcur.SecuraConfig()
     assert (sec.inner_rank, sec.init, sec.signorm, sec.k, sec.merge_mode) == (None, "svd", "output", 6.0, "plain")
+    # the released code: C, R selected once, lora_bias kept in Δ at a merge; SigNorm normalized
+    # (a recorded Decision) and the restrain rule's fastcur form (the released one an option)
+    assert (sec.reselect_on_merge, sec.fold_lora_bias, sec.norm, sec.restrain_rule) == (False, False, "max", "fastcur")
     jump = fastcur.JumpLoRAConfig()
     assert (jump.rank, jump.alpha, jump.gate, jump.threshold_scope) == (8, 32.0, "weight", "global")
     assert [c.method for c in CONFIGS] == ["lora", "curlora", "secura", "jumplora"]
@@ -56,6 +62,9 @@ def test_from_dict_errors():
     (lambda: fastcur.CURLoRAConfig(select="top"), "select must be one of 'sample', 'lowest', got 'top'"),
     (lambda: fastcur.SecuraConfig(merge_every=0), "merge_every must be an int >= 1 or None"),
     (lambda: fastcur.SecuraConfig(signorm="input"), "signorm must be one of"),
+    (lambda: fastcur.SecuraConfig(restrain_rule="paper"), "restrain_rule must be one of 'fastcur', 'released'"),
+    (lambda: fastcur.SecuraConfig(fold_lora_bias=1), "fold_lora_bias must be a bool"),
+    (lambda: fastcur.CURLoRAConfig(inverse_eps=-0.5), "inverse_eps must be a number in"),
     (lambda: fastcur.JumpLoRAConfig(f=1.5), "f must be a number in"),
     (lambda: fastcur.JumpLoRAConfig(threshold_scope="block"), "threshold_scope must be one of"),
     (lambda: fastcur.LoRAConfig(target_modules=[]), "target_modules must be a non-empty list"),
