@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .._compile_guard import compile_disabled, install
+
 #: `fast_path` values: "auto" (verify on CPU, explicit C, R elsewhere), "verify" (verify on every
 #: device: one host sync per forward on a GPU), "off" (always the explicit C, R path).
 FAST_PATHS = ("auto", "verify", "off")
@@ -40,10 +42,14 @@ class CURSelection:
             layer.select()
         return layer
 
-    @torch.compiler.disable(reason="fastcur: a CUR adapter's rows and columns are not selected yet "
-                            "(nn.Linear-style constructor, or new base weights loaded) and selection "
-                            "runs on the host; call .select() on the layer (or run one eager forward) "
-                            "before torch.compile(fullgraph=True)")
+    def __new__(cls, *args, **kwargs):
+        install(cls)  # the compile_disabled methods, before torch.compile can trace an instance
+        return super().__new__(cls)
+
+    @compile_disabled("fastcur: a CUR adapter's rows and columns are not selected yet "
+                      "(nn.Linear-style constructor, or new base weights loaded) and selection "
+                      "runs on the host; call .select() on the layer (or run one eager forward) "
+                      "before torch.compile(fullgraph=True)")
     def _select_in_forward(self) -> None:
         # A graph break under torch.compile: without fullgraph the selection runs eagerly.
         self.select()

@@ -1,4 +1,4 @@
-"""SecuraLinear: the SECURA adapter of SPEC §3 (CABR-LoRA + SigNorm; arXiv 2502.18168)."""
+"""SecuraLinear: the SECURA adapter (docs/methods.md, SECURA: CABR-LoRA + SigNorm; arXiv 2502.18168)."""
 from __future__ import annotations
 
 import math
@@ -14,6 +14,7 @@ from ..ops.secura_linear import secura_linear
 from ..ops.secura_restrain import RULES, secura_linear_restrained
 from ..ops.signorm_merge import signorm_merge
 from .adapter_linear import AdapterLinear, LowRankTap
+from .._compile_guard import compile_disabled
 from .cur_selection import FAST_PATHS, CURSelection
 
 
@@ -157,9 +158,9 @@ class SecuraLinear(CURSelection, AdapterLinear):
     def _trained_tensor(self) -> torch.Tensor:
         return self.A_c
 
-    @torch.compiler.disable(reason="fastcur.SecuraLinear: restrain=True draws its channels on the host "
-                            "in training mode (a graph break); for torch.compile(fullgraph=True) use "
-                            "restrain=False, or eval mode (which never restrains)")
+    @compile_disabled("fastcur.SecuraLinear: restrain=True draws its channels on the host "
+                      "in training mode (a graph break); for torch.compile(fullgraph=True) use "
+                      "restrain=False, or eval mode (which never restrains)")
     def _restrain_channels(self) -> torch.Tensor:
         n, r = self.out_features, self.rank
         count = min(n, max((n - r) // 2, n // 4))
