@@ -11,7 +11,7 @@ from fastcur.ops import reference
 
 
 def explicit_forward(m, x):
-    """The module's function in float64, straight from SPEC §2, with its own C, R, U."""
+    """The module's function in float64, straight from docs/methods.md (CURLoRA), with its own C, R, U."""
     d = torch.float64
     return reference.cur_linear(x.to(d), m.weight.to(d), None if m.bias is None else m.bias.to(d),
                                 m.C.to(d), m.U.to(d), m.R.to(d), m.scale)

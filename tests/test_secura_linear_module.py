@@ -22,7 +22,7 @@ def trained(m, seed=1, lora_bias=False):
 
 
 def explicit_forward(m, x):
-    """The module's function in float64 from SPEC §3 with its own tensors."""
+    """The module's function in float64 from docs/methods.md (SECURA) with its own tensors."""
     d = torch.float64
     t = lambda v: None if v is None else v.detach().to(d)  # noqa: E731
     return reference.secura_linear(x.to(d), t(m.weight), t(m.bias), t(m.C), t(m.A_c), t(m.B_c), t(m.R),

@@ -1,4 +1,4 @@
-"""CURLoRALinear: the CUR-LoRA adapter of SPEC §2 (CURLoRA, arXiv 2408.14572)."""
+"""CURLoRALinear: the CUR-LoRA adapter (docs/methods.md, CURLoRA; arXiv 2408.14572)."""
 from __future__ import annotations
 
 import torch
@@ -109,7 +109,7 @@ class CURLoRALinear(CURSelection, AdapterLinear):
 
     def curvature_taps(self, x: torch.Tensor, grad_y: torch.Tensor) -> list:
         """U is a linear map between the r-dim projections: inputs h = x R^T [E, T, r], output
-        gradients s * grad_y C [E, T, r], so `g_U,e = s (dy_e C)^T (x_e R^T)` (SPEC §2's dU per
+        gradients s * grad_y C [E, T, r], so `g_U,e = s (dy_e C)^T (x_e R^T)` (the method's dU per
         example). x [E, T, in], grad_y [E, T, out]."""
         if not self._selected:
             self.select()

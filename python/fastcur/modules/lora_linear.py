@@ -1,4 +1,4 @@
-"""LoRALinear: the PEFT-compatible LoRA baseline of SPEC §1."""
+"""LoRALinear: the PEFT-compatible LoRA baseline (docs/methods.md, LoRA)."""
 from __future__ import annotations
 
 import math
