@@ -258,6 +258,7 @@ def test_model_without_adapters_is_rejected():
     (dict(gate_dropout=1.0), r"gate_dropout must be in \[0, 1\), got 1.0"),
     (dict(train_streams="both"), "train_streams must be 'auto', 'batched' or 'sequential', got 'both'"),
     (dict(gate_dropout_at="gate"), "gate_dropout_at must be 'both' or 'hidden', got 'gate'"),
+    (dict(gate_init="normal"), "gate_init must be 'zeros' or 'linear', got 'normal'"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -440,3 +441,15 @@ def test_save_and_load_keep_the_dropout_placement(tmp_path):
     imsm.save_adapter(tmp_path / "ckpt")
     loaded = fastcur.IMSM.load_adapter(tiny_llama(), tmp_path / "ckpt")
     assert (loaded.gate_dropout, loaded.gate_dropout_at) == (0.2, "hidden")
+
+
+def test_released_gate_init():
+    """gate_init="linear": both projections drawn as nn.Linear draws them (kaiming-uniform,
+    bounds 1/sqrt(fan_in)), as the released code; the gate is then not 0.5 at init."""
+    torch.manual_seed(0)
+    imsm = fastcur.IMSM(add_adapters(tiny_llama()), gate_init="linear")
+    d, r = imsm.hidden_size, imsm.gate_rank
+    for W, fan_in in ((imsm.W_A, 4 * d), (imsm.W_B, r)):
+        bound = 1 / fan_in ** 0.5
+        assert W.abs().max() <= bound and W.abs().max() > 0.8 * bound  # uniform up to the bound
+    assert W.std() > 0.4 * bound  # spread, not a constant

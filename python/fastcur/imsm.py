@@ -41,6 +41,7 @@ GATE_WEIGHTS = "imsm_gate.safetensors"
 GATE_CONFIG = "imsm_config.json"
 TRAIN_STREAMS = ("auto", "batched", "sequential")
 DROPOUT_AT = ("both", "hidden")
+GATE_INITS = ("zeros", "linear")
 
 
 @dataclass
@@ -73,8 +74,9 @@ class IMSM(nn.Module):
     """IMSM around a causal LM whose linear layers carry fastcur adapters (any method).
 
     Trainable: the adapters' tensors and the gate `W_A` [4d, gate_rank] (kaiming, as a Linear
-    of 4d inputs) and `W_B` [gate_rank, d] (zeros, so the gate is exactly 0.5 at init; the
-    released code draws it as a Linear, a recorded Decision). The gate is float32 whatever the
+    of 4d inputs) and `W_B` [gate_rank, d]: zeros with `gate_init="zeros"` (default, the gate
+    is exactly 0.5 at init, a recorded Decision), or a Linear's kaiming init with
+    `gate_init="linear"` (the released code). The gate is float32 whatever the
     model's dtype (float64 on a float64 model); the mixed hidden state goes to the LM head in
     the model's dtype, as the released code does.
 
@@ -96,7 +98,7 @@ class IMSM(nn.Module):
     """
 
     def __init__(self, model: nn.Module, gate_rank: int = 8, gate_dropout: float = 0.1,
-                 train_streams: str = "auto", gate_dropout_at: str = "both"):
+                 train_streams: str = "auto", gate_dropout_at: str = "both", gate_init: str = "zeros"):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastcur.IMSM: model must be an nn.Module, got {type(model).__name__}")
@@ -108,7 +110,9 @@ class IMSM(nn.Module):
             raise ValueError(f"fastcur.IMSM: train_streams must be 'auto', 'batched' or 'sequential', got {train_streams!r}")
         if gate_dropout_at not in DROPOUT_AT:
             raise ValueError(f"fastcur.IMSM: gate_dropout_at must be 'both' or 'hidden', got {gate_dropout_at!r}")
-        self.train_streams, self.gate_dropout_at = train_streams, gate_dropout_at
+        if gate_init not in GATE_INITS:
+            raise ValueError(f"fastcur.IMSM: gate_init must be 'zeros' or 'linear', got {gate_init!r}")
+        self.train_streams, self.gate_dropout_at, self.gate_init = train_streams, gate_dropout_at, gate_init
         self.adapters = _adapter_layers(model)
         if not self.adapters:
             raise ValueError("fastcur.IMSM: the model has no fastcur adapter layers (AdapterLinear); "
@@ -133,11 +137,15 @@ class IMSM(nn.Module):
 
     @torch.no_grad()
     def reset_gate(self) -> None:
-        """W_A: nn.Linear(4d, r_g)'s kaiming init (bound 1/sqrt(4d)); W_B: zeros (g = 0.5)."""
-        w = torch.empty(self.gate_rank, 4 * self.hidden_size, dtype=torch.float32)
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-        self.W_A.copy_(w.t())
-        self.W_B.zero_()
+        """W_A: nn.Linear(4d, r_g)'s kaiming init (bound 1/sqrt(4d)); W_B: zeros (g = 0.5,
+        gate_init="zeros") or nn.Linear(r_g, d)'s init (bound 1/sqrt(r_g), gate_init="linear")."""
+        for W, fan_out in ((self.W_A, self.gate_rank), (self.W_B, self.hidden_size)):
+            if W is self.W_B and self.gate_init == "zeros":
+                W.zero_()
+                continue
+            w = torch.empty(fan_out, W.shape[0], dtype=torch.float32)  # a Linear's [out, in] weight
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            W.copy_(w.t())
 
     # -- the two streams in one batch ---------------------------------------------------------
     @contextlib.contextmanager
