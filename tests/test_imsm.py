@@ -453,3 +453,22 @@ def test_released_gate_init():
         bound = 1 / fan_in ** 0.5
         assert W.abs().max() <= bound and W.abs().max() > 0.8 * bound  # uniform up to the bound
     assert W.std() > 0.4 * bound  # spread, not a constant
+
+
+@pytest.mark.parametrize("at", ["both", "hidden"])
+def test_gate_stays_float32_under_autocast(at):
+    """Under CPU autocast (bfloat16) the gate's projections still run in float32: a training
+    gate gives the same output with and without autocast around it (fused and unfused paths)."""
+    imsm = make_imsm(dtype=torch.float32)
+    imsm.gate_dropout_at = at
+    ids, am, pl, labels = batch()
+    imsm.eval()
+    h, h_tuned, _ = imsm.streams(ids, am)
+    pm = ((torch.arange(9)[None, :] < pl[:, None]) & am.bool())[..., None]
+    q, q_tuned = (h * pm).sum(1) / pm.sum(1), (h_tuned * pm).sum(1) / pm.sum(1)
+    gm = torch.ones(*h.shape) if at == "both" else None  # the unfused path, as dropout "both" takes
+    plain = fastcur.ops.imsm_gate(h, h_tuned, q, q_tuned, imsm.W_A, imsm.W_B, None, gm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = fastcur.ops.imsm_gate(h, h_tuned, q, q_tuned, imsm.W_A, imsm.W_B, None, gm)
+    assert cast.dtype == torch.float32
+    torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-6)

@@ -16,6 +16,7 @@ Flow as cur_linear: checks → backend → `torch.ops.fastcur.imsm_gate` (C++ CP
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -146,7 +147,11 @@ def imsm_gate(h: Tensor, h_tuned: Tensor, q: Tensor, q_tuned: Tensor, W_A: Tenso
         for t in (h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask))
     backend = resolve("imsm_gate", h.device)
     if backend == "reference" or gate_mask is not None:
-        out = reference.imsm_gate(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask)
+        # in the gate's dtype under autocast too, as the fused kernels compute
+        with contextlib.ExitStack() as stack:
+            if torch.amp.is_autocast_available(h.device.type):
+                stack.enter_context(torch.autocast(h.device.type, enabled=False))
+            out = reference.imsm_gate(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask)
     else:
         op = torch.ops.fastcur.imsm_gate.default if backend == "cpp" else _triton_op()
         out, _ = op(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask)
