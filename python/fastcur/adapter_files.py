@@ -55,7 +55,8 @@ def _fastcur_version() -> str:
     return __version__
 
 
-def _load_json(path: str, caller: str) -> Any:
+def load_json(path: str, caller: str) -> Any:
+    """The parsed JSON file at `path`; ValueError naming it when it is not valid JSON."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -72,7 +73,7 @@ def read_document(directory: str, caller: str) -> tuple[str, dict[str, Any]]:
         peft_path = os.path.join(directory, PEFT_CONFIG_NAME)
         if not os.path.isfile(peft_path):
             raise FileNotFoundError(f"{caller}: {path} is missing (not a fastcur adapter folder)")
-        document = _load_json(peft_path, caller)
+        document = load_json(peft_path, caller)
         if isinstance(document, dict) and document.get("fastcur_config") == CONFIG_NAME:
             raise FileNotFoundError(f"{caller}: {path} is missing beside the fastcur signpost {PEFT_CONFIG_NAME}; "
                                     f"the folder is damaged")
@@ -81,7 +82,7 @@ def read_document(directory: str, caller: str) -> tuple[str, dict[str, Any]]:
                              f"{document['peft_type']!r}); load it with fastcur.load_peft_adapter")
         path = peft_path                      # a format_version 1 fastcur folder
     else:
-        document = _load_json(path, caller)
+        document = load_json(path, caller)
     check_document(path, document, caller)
     return path, document
 

@@ -27,7 +27,7 @@ from .config import LoRAConfig
 from .inject import CONFIG_ATTR, _set_module, adapter_modules, freeze_base, unwrap
 from .modules.lora_linear import LoRALinear
 from ._atomic import atomic_folder
-from .adapter_files import ADAPTER_FILES
+from .adapter_files import ADAPTER_FILES, load_json
 
 PREFIX = "base_model.model."
 SUFFIXES = (".lora_A.weight", ".lora_B.weight")
@@ -52,11 +52,7 @@ def _read_peft_config(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"fastcur.load_peft_adapter: {path} is missing (not a PEFT adapter directory)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"fastcur.load_peft_adapter: {path} is not valid JSON ({e}); the file is corrupt") from None
+    config = load_json(path, "fastcur.load_peft_adapter")
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
         hint = " (a fastcur adapter: use fastcur.load_adapter)" if isinstance(config, dict) and \
