@@ -110,6 +110,8 @@ DAMAGE = {
                       r"layers\['layers.0.q_proj'\]\['options'\] is missing or of the wrong type"),
     "in_features": (lambda d: d["layers"]["layers.0.q_proj"].update(in_features="24"), r"\['in_features'\]"),
     "format_version": (lambda d: d.update(format_version="2"), r"format_version must be an int"),
+    "merges": (lambda d: d["layers"]["layers.1.up_proj"]["state"].update(merges="many"),
+               r"layers\['layers.1.up_proj'\]\['state'\] needs a bool 'merged' and an int 'merges'"),
     "config": (lambda d: d["config"].update(rank="x"), r"'method' / 'config' do not describe"),
     "unknown method": (lambda d: d.update(method="dora"), r"'method' / 'config' do not describe"),
     "modules_to_save": (lambda d: d.update(modules_to_save={"lm_head": 3}), r"modules_to_save\['lm_head'\]"),

@@ -143,7 +143,11 @@ def check_document(path: str, document: Any, caller: str) -> None:
                         ("state", isinstance(info.get("state"), dict)),
                         ("tensors", _str_list(info.get("tensors")))):
             _need(ok, caller, path, f"{where}[{key!r}] is missing or of the wrong type ({info.get(key)!r})")
-        threshold = info["state"].get("threshold")
+        state = info["state"]
+        _need(isinstance(state.get("merged", False), bool) and _is_int(state.get("merges", 0))
+              and state.get("merges", 0) >= 0, caller, path,
+              f"{where}['state'] needs a bool 'merged' and an int 'merges' >= 0, got {state!r}")
+        threshold = state.get("threshold")
         if info["class"] == "JumpLoRALinear" or threshold is not None:
             _need(threshold in keys, caller, path,
                   f"{where}['state']['threshold'] = {threshold!r} names no jump_thresholds group "

@@ -3,7 +3,7 @@
     config = fastcur.SecuraConfig(rank=8, target_modules=["q_proj", "v_proj"])
     fastcur.inject(model, config)
 
-Every config has `.method` (its name in `adapter_config.json`), `.layer_class` (the module it
+Every config has `.method` (its name in `fastcur_adapter.json`), `.layer_class` (the module it
 injects), `.to_dict()` / `AdapterConfig.from_dict(d)` (dispatch on "method"),
 `.layer_options()` (the keyword arguments of `layer_class.from_linear`) and
 `options_of(layer)` (the same keyword arguments read back from a built layer).
