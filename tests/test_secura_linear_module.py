@@ -416,20 +416,6 @@ def test_released_restrain_share_counts_over_the_last_two_dims():
         fastcur.SecuraLinear(24, 20, rank=2, restrain_rule="paper")
 
 
-@pytest.mark.parametrize("write", ["data_copy", "data_assign"])
-def test_tied_fast_path_sees_writes_through_data(write):
-    m = trained(fastcur.SecuraLinear.from_linear(nn.Linear(30, 20), rank=3))
-    assert m.tied
-    new = torch.randn(20, 30)
-    if write == "data_copy":
-        m.weight.data.copy_(new)
-    else:
-        m.weight.data = new
-    assert not m.tied
-    x = torch.randn(4, 30)
-    torch.testing.assert_close(m(x).double(), explicit_forward(m, x), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("norm", ["max", "raw"])
 def test_signorm_jumps_at_zero_delta_and_max_form_is_scale_free(norm):
     """Both SigNorm forms are discontinuous at Δ = 0 (S = 2 there, y = y0): an arbitrarily small
