@@ -1,4 +1,4 @@
-"""Benchmark of cur_linear / CURLoRALinear (SPEC §2) against the floor and the baselines.
+"""Benchmark of cur_linear / CURLoRALinear (docs/methods.md, CURLoRA) against the floor and the baselines.
 
     fastcur bench cur_linear [--quick] [--dtype float32] [--shapes 2048,2048,2048,16] ...
     python benchmarks/bench_cur_linear.py [same arguments]
@@ -100,7 +100,7 @@ QUICK_SHAPES = [(512, 1024, 1024, 16), (2048, 2048, 2048, 16)]
 
 BENCHMARK = Benchmark(
     name="cur_linear",
-    description="CUR-LoRA linear layer y = x W^T + b + s ((x R^T) U^T) C^T (SPEC §2), x [M, k], W [n, k], rank r",
+    description="CUR-LoRA linear layer y = x W^T + b + s ((x R^T) U^T) C^T (docs/methods.md, CURLoRA), x [M, k], W [n, k], rank r",
     providers={
         FLOOR: _DATA.floor,
         FOCUS: cur_lora_linear,

@@ -1,4 +1,4 @@
-"""Benchmarks of IMSM (SPEC §6) on a random Llama built offline, LoRA adapters on every projection.
+"""Benchmarks of IMSM (docs/methods.md, IMSM) on a random Llama built offline, LoRA adapters on every projection.
 
     fastcur bench imsm [--quick] [--shapes B,T,d,L ...]            # a training step (fwd+bwd of the loss)
     fastcur bench imsm:generate [--quick] [--shapes B,T,d,L,N ...] # greedy generation of N tokens

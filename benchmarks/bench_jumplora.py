@@ -1,4 +1,4 @@
-"""Benchmark of JumpLoRA (SPEC §4): jump_linear / jump_rank_linear through JumpLoRALinear,
+"""Benchmark of JumpLoRA (docs/methods.md, JumpLoRA): jump_linear / jump_rank_linear through JumpLoRALinear,
 against the floor and the baselines.
 
     fastcur bench jumplora [--quick] [--dtype float32] [--shapes 2048,2048,2048,8] ...
@@ -213,7 +213,7 @@ QUICK_SHAPES = [(512, 1024, 1024, 8), (2048, 2048, 2048, 8)]
 BENCHMARK = Benchmark(
     name="jumplora",
     description="JumpLoRA linear layer y = x (W + ΔW)^T + b, ΔW = s (f J(B A) + (1-f) B A) "
-                "(SPEC §4), x [M, k], W [n, k], rank r; rank-gated variant alongside",
+                "(docs/methods.md, JumpLoRA), x [M, k], W [n, k], rank r; rank-gated variant alongside",
     providers={
         FLOOR: _DATA.floor,
         FOCUS: jump_weight,

@@ -1,4 +1,4 @@
-"""Benchmark of the LaLoRA ops and regularizer (SPEC §5) against the ways people write them today.
+"""Benchmark of the LaLoRA ops and regularizer (docs/methods.md, LaLoRA) against the ways people write them today.
 
     fastcur bench lalora [--quick] [--dtype float32] [--wait-idle 60] ...
     python benchmarks/bench_lalora.py [same arguments]
@@ -200,7 +200,7 @@ QUICK = [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[5]]
 
 BENCHMARK = Benchmark(
     name="lalora",
-    description="LaLoRA (SPEC §5): Fisher accumulation, fused penalty + gradient, regularized step, K-FAC factors; "
+    description="LaLoRA (docs/methods.md, LaLoRA): Fisher accumulation, fused penalty + gradient, regularized step, K-FAC factors; "
                 "vs floor = fastcur time / baseline time",
     providers={FLOOR: baseline, FOCUS: fastcur_provider, AUTOGRAD: autograd_penalty},
     floor=FLOOR,

@@ -1,4 +1,4 @@
-"""Benchmarks of SECURA (SPEC §3): the SecuraLinear layer, and the signorm / signorm_merge ops alone.
+"""Benchmarks of SECURA (docs/methods.md, SECURA): the SecuraLinear layer, and the signorm / signorm_merge ops alone.
 
     fastcur bench secura [--quick] [--dtype float32] [--shapes 2048,2048,2048,16,64] ...
     fastcur bench secura:signorm [--shapes 2048,4096]
@@ -98,7 +98,7 @@ def peft_lora(case: Case) -> Prepared:
 
 BENCHMARK = Benchmark(
     name="secura",
-    description="SECURA layer y = signorm(x W^T + b, s (((x R^T) B_c) A_c) C^T) (SPEC §3), x [M, k], W [n, k], "
+    description="SECURA layer y = signorm(x W^T + b, s (((x R^T) B_c) A_c) C^T) (docs/methods.md, SECURA), x [M, k], W [n, k], "
                 "rank r, inner rank a",
     providers={FLOOR: _DATA.floor, FOCUS: secura_linear, REFERENCE: reference_unfused, SEED_CODE: seed_code_style,
                PEFT_DORA: peft_dora, PEFT_LORA: peft_lora},
@@ -154,7 +154,7 @@ def signorm_fastcur(case: Case) -> Prepared:
 
 SIGNORM = Benchmark(
     name="secura_signorm",
-    description="signorm(y0, delta) alone, scope token (SPEC §3), y0, delta [M, n]",
+    description="signorm(y0, delta) alone, scope token (docs/methods.md, SECURA), y0, delta [M, n]",
     providers={EAGER: signorm_eager, FASTCUR_SIGNORM: signorm_fastcur},
     floor=EAGER, focus=FASTCUR_SIGNORM, shape_fields=("M", "n"),
     shapes=[(512, 4096), (2048, 4096), (4096, 4096)], quick_shapes=[(2048, 4096)],
@@ -204,7 +204,7 @@ def merge_fastcur(case: Case) -> Prepared:
 
 SIGNORM_MERGE = Benchmark(
     name="secura_signorm_merge",
-    description="signorm_merge(W, C, U, R) alone, scope row (SPEC §3), W [n, k], rank r",
+    description="signorm_merge(W, C, U, R) alone, scope row (docs/methods.md, SECURA), W [n, k], rank r",
     providers={EAGER: merge_eager, FASTCUR_MERGE: merge_fastcur},
     floor=EAGER, focus=FASTCUR_MERGE, shape_fields=("n", "k", "r"),
     shapes=[(2048, 2048, 16), (4096, 4096, 16), (4096, 4096, 64)], quick_shapes=[(4096, 4096, 16)],

@@ -1,4 +1,4 @@
-// cur_linear (SPEC §2): the device-generic schedule shared by the CPU and CUDA kernels.
+// cur_linear (docs/methods.md, CURLoRA): the device-generic schedule shared by the CPU and CUDA kernels.
 //
 // The base GEMMs go through ATen (MKL / oneDNN on the CPU, cuBLAS on CUDA). Each device
 // supplies two primitives:

@@ -11,7 +11,7 @@ TORCH_LIBRARY(fastcur, m) {
   // y = x W^T + b + scale * ((x R^T) U^T) C^T, and h = x R^T (saved for the backward).
   // x [M, k], weight [n, k], bias [n]?, C [n, r], U [r, r], R [r, k].
   // rows/cols [r] int64: when given, the caller promises R == weight[rows] and
-  // C == weight[:, cols] (the tied fast path of SPEC §2): x R^T is gathered from x W^T.
+  // C == weight[:, cols] (the tied fast path of docs/methods.md, CURLoRA): x R^T is gathered from x W^T.
   m.def(
       "cur_linear(Tensor x, Tensor weight, Tensor? bias, Tensor C, Tensor U, Tensor R, "
       "float scale, Tensor? rows, Tensor? cols) -> (Tensor, Tensor)");
@@ -21,7 +21,7 @@ TORCH_LIBRARY(fastcur, m) {
       "cur_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor C, Tensor U, Tensor R, "
       "Tensor h, float scale, Tensor? cols, bool need_dx) -> (Tensor, Tensor, Tensor)");
 
-  // SECURA (SPEC §3). signorm: y = (2 y0 + delta) / S; returns (y [M, n], rowmax [M]), the row
+  // SECURA (docs/methods.md, SECURA). signorm: y = (2 y0 + delta) / S; returns (y [M, n], rowmax [M]), the row
   // maxima of L = |delta| / (|y0| + eps) (float32; float64 for float64), which the backward
   // uses to recompute S. norm: "max" | "raw"; scope: "token" | "tensor".
   m.def("signorm(Tensor y0, Tensor delta, float k, float eps, str norm, str scope) -> (Tensor, Tensor)");
@@ -47,7 +47,7 @@ TORCH_LIBRARY(fastcur, m) {
   m.def(
       "signorm_merge(Tensor weight, Tensor C, Tensor U, Tensor R, float scale, float k, "
       "float eps, str scope) -> Tensor");
-  // LaLoRA (SPEC §5). x [E, T, k], grad_out [E, T, n], A [r, k], B [n, r] ->
+  // LaLoRA (docs/methods.md, LaLoRA). x [E, T, k], grad_out [E, T, n], A [r, k], B [n, r] ->
   // (F_A [r, k], F_B [n, r]): sums over examples of squared per-example gradients, float32
   // (float64 for float64 inputs).
   m.def("lora_fisher_diag(Tensor x, Tensor grad_out, Tensor A, Tensor B, float scale) -> (Tensor, Tensor)");
@@ -63,7 +63,7 @@ TORCH_LIBRARY(fastcur, m) {
   m.def("kfac_penalty(Tensor delta, Tensor S, Tensor G) -> Tensor");
   // grad * (G delta S + G^T delta S^T) [a, b].
   m.def("kfac_penalty_bwd(Tensor grad, Tensor delta, Tensor S, Tensor G) -> Tensor");
-  // JumpLoRA (SPEC §4). x [M, k], weight [n, k], bias [n]?, A [r, k], B [n, r].
+  // JumpLoRA (docs/methods.md, JumpLoRA). x [M, k], weight [n, k], bias [n]?, A [r, k], B [n, r].
   // Weight-gated: y = x (W + ΔW)^T + b, ΔW = scale (f J(B A) + (1 - f) B A), log_theta [].
   m.def(
       "jump_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor log_theta, "
@@ -102,7 +102,7 @@ TORCH_LIBRARY(fastcur, m) {
   m.def(
       "ella_penalty_bwd(Tensor grad, Tensor A, Tensor B, Tensor log_theta, Tensor W_past, "
       "float scale) -> (Tensor, Tensor)");
-  // IMSM (SPEC §6). h, h_tuned [B, T, d], q, q_tuned [B, d], W_A [4d, r], W_B [r, d],
+  // IMSM (docs/methods.md, IMSM). h, h_tuned [B, T, d], q, q_tuned [B, d], W_A [4d, r], W_B [r, d],
   // hidden_mask [B, T, r]? (gate dropout on the r-wide hidden, pre-scaled). Returns
   // (h' + g (h - h') [B, T, d], z [B, T, r]: the masked hidden, float32/float64, for the backward).
   m.def(

@@ -1,4 +1,4 @@
-// IMSM's memory gate (SPEC §6): shape checks, the split of W_A and the schedule around the
+// IMSM's memory gate (docs/methods.md, IMSM): shape checks, the split of W_A and the schedule around the
 // per-row passes, shared by the CPU and CUDA kernels. h, h_tuned [B, T, d]; q, q_tuned [B, d];
 // W_A [4d, r] (blocks A1..A4, [d, r] each, for q, h, h', q'); W_B [r, d]; hidden_mask
 // [B, T, r] or none (gate dropout, pre-scaled).

@@ -1,4 +1,4 @@
-// jump_linear and ella_penalty (SPEC §4): the device-generic, row-block schedule. The CUDA
+// jump_linear and ella_penalty (docs/methods.md, JumpLoRA): the device-generic, row-block schedule. The CUDA
 // kernels use it for both ops and the CPU for ella_penalty; the CPU jump_linear runs the same
 // steps with the same primitives inside one parallel region (csrc/cpu/jump_linear.cpp, where
 // the reason is measured).
@@ -103,7 +103,7 @@ at::Tensor jump_linear_forward(const at::Tensor& x, const at::Tensor& weight,
   return at::mm(x, weff.t());
 }
 
-// Gradients of jump_linear w.r.t. x, A, B and log_theta (SPEC §4). The dy^T x contraction
+// Gradients of jump_linear w.r.t. x, A, B and log_theta (docs/methods.md, JumpLoRA). The dy^T x contraction
 // runs one block of W's rows at a time: T = dy[:, blk]^T x, then the mask / interpolation /
 // straight-through terms turn it into dL/dZ in place, and it is contracted with A and B into
 // dB[blk] and dA before the next block; no n x k gradient exists beyond one tile. dx goes

@@ -1,4 +1,4 @@
-// jump_rank_linear (SPEC §4, rank-gated): the device-generic schedule shared by the CPU and
+// jump_rank_linear (docs/methods.md, JumpLoRA, rank-gated): the device-generic schedule shared by the CPU and
 // CUDA kernels. The base GEMMs go through ATen; each device supplies the gate epilogues on
 // the skinny [M, r] projection:
 //   rank_gate(h [M, r], log_theta [r]) -> g = h 1[h > θ_j]

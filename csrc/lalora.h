@@ -1,4 +1,4 @@
-// LaLoRA (SPEC §5): the device-generic schedules shared by the CPU and CUDA kernels.
+// LaLoRA (docs/methods.md, LaLoRA): the device-generic schedules shared by the CPU and CUDA kernels.
 //
 // GEMMs go through ATen (MKL / oneDNN on the CPU, cuBLAS on CUDA). Each device supplies:
 //   square_accumulate_(acc [N], g [E_g, N], c)      acc += c * sum_e g[e]^2, one pass over g
@@ -24,7 +24,7 @@ inline at::ScalarType lalora_acc_type(at::ScalarType t) {
 
 // Examples per group in lora_fisher_diag: the group's per-example gradients
 // (E_g x (n r + r k) accumulator-typed values) stay within this many elements, so memory does
-// not grow with E (SPEC §5: never hold all examples' gradients at once).
+// not grow with E (docs/methods.md, LaLoRA: never hold all examples' gradients at once).
 constexpr int64_t kFisherGroupElements = int64_t(1) << 18;
 
 inline void check_lora_fisher_args(const at::Tensor& x, const at::Tensor& grad_out,
@@ -112,7 +112,7 @@ inline void check_penalty_lists(const at::TensorList params, const at::TensorLis
 }
 
 // ---------------------------------------------------------------------------------------------
-// K-FAC (SPEC §5): factor accumulation and the Kronecker quadratic form.
+// K-FAC (docs/methods.md, LaLoRA): factor accumulation and the Kronecker quadratic form.
 
 // out[d, d] (+)= xc^T xc as a symmetric rank-k update: only the block rows' lower-triangle
 // parts [i : i + b, 0 : i + b] go through the GEMM (about (1 + b/d)/2 of the flops); the upper

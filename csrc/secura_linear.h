@@ -1,4 +1,4 @@
-// secura_linear (SPEC §3, §7): the device-generic schedule shared by the CPU and CUDA kernels.
+// secura_linear (docs/methods.md, SECURA): the device-generic schedule shared by the CPU and CUDA kernels.
 //
 //   y0 = x W^T                       ATen GEMM, bias NOT added yet
 //   h  = x R^T                       tied fast path: gathered from y0 (columns `rows`), else a GEMM
@@ -10,7 +10,7 @@
 // scales the backward needs: saving S (one M x n tensor) is cheaper than keeping y0 and Δ
 // (two) or recomputing the base GEMM.
 //
-// Backward with S constant (SPEC §3): dΔ = dy / S, dy0 = 2 dΔ, so
+// Backward with S constant (docs/methods.md, SECURA): dΔ = dy / S, dy0 = 2 dΔ, so
 //   dx   = 2 dΔ W + dh R             one GEMM plus a rank-r update (beta = 2)
 //   dΔ C = (dΔ W)[:, cols]           tied fast path, else a GEMM
 //   dz = s dΔ C, dA_c = u^T dz, du = dz A_c^T, dB_c = h^T du, dh = du B_c^T
@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> secura_linear_forward(
   const bool tensor_scope = parse_scope_tensor(std::string(scope), "token");
   // SigNorm's ratio |Δ| / |y0| is most sensitive where y0 = x W^T + b is near 0, i.e. where
   // x W^T and b cancel. In 16-bit dtypes, rounding x W^T before adding b (what the tied gather
-  // needs: it must read x W^T without b, SPEC §2) loses exactly those elements' precision and
+  // needs: it must read x W^T without b, docs/methods.md, CURLoRA) loses exactly those elements' precision and
   // moves the scope's max L. So with a bias and a 16-bit dtype the bias rides in the GEMM
   // (one rounding, as nn.Linear) and x R^T is the skinny GEMM (r / n of the base GEMM's work);
   // float32 / float64 keep the tied gather and add b in the epilogue.

@@ -1,4 +1,4 @@
-// SigNorm (SPEC §3): the scalar math shared by the CPU and CUDA kernels of signorm,
+// SigNorm (docs/methods.md, SECURA): the scalar math shared by the CPU and CUDA kernels of signorm,
 // secura_linear and signorm_merge, the argument checks of the three ops, and signorm's
 // forward and backward around each device's row passes.
 //
@@ -34,7 +34,7 @@ inline bool parse_scope_tensor(const std::string& scope, const char* row_name) {
   return scope == "tensor";
 }
 
-// N of SPEC §3 (the logit of the sigmoid), given the ratio L and the scope's max mx.
+// N of docs/methods.md, SECURA (the logit of the sigmoid), given the ratio L and the scope's max mx.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t signorm_logit(acc_t L, acc_t mx, acc_t k, acc_t eps, bool raw) {
   return raw ? k * L : k * (L / (mx + eps) - acc_t(0.5));

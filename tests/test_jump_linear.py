@@ -1,5 +1,5 @@
 """jump_linear on every backend present: forward and every gradient against the float64
-reference, the straight-through gradients against SPEC §4's formulas, f = 0 and f = 1,
+reference, the straight-through gradients against docs/methods.md, JumpLoRA's formulas, f = 0 and f = 1,
 opcheck, gradcheck, torch.compile, odd shapes, bad input."""
 import pytest
 import torch
@@ -46,7 +46,7 @@ def test_matches_reference_all_grads(backend, dtype, shape):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("f", [1.0, 0.35])
 def test_straight_through_gradients_match_spec_formulas(backend, reduction, f):
-    """dA, dB, d log_theta written out from SPEC §4 (not through the reference's autograd),
+    """dA, dB, d log_theta written out from docs/methods.md, JumpLoRA (not through the reference's autograd),
     on inputs where many |Z| fall inside the kernel window."""
     (x, W, b, A, B, lt), bw, _ = jump_inputs((29,), 40, 36, 4, gap=False, seed=3, grads="params")
     s = 2.0
@@ -123,7 +123,7 @@ def test_empty_batch(backend):
 
 def test_gradcheck_float64():
     """θ in a gap of |Z| (finite differences never cross the gate); log_theta's gradient is a
-    straight-through estimate, not a derivative, so it is checked against SPEC above instead."""
+    straight-through estimate, not a derivative, so it is checked against the formula above instead."""
     for backend in BACKENDS:
         inputs, bw, _ = jump_inputs((3, 5), 7, 6, 2, gap=True, seed=4)
         inputs[5].requires_grad_(False)
@@ -263,7 +263,7 @@ def test_ella_fused_opcheck_and_gradcheck():
     args = (x.float().requires_grad_(), W.float(), b.float(), A.float().requires_grad_(),
             B.float().requires_grad_(), lt.float().requires_grad_(), 1.5, Wp.float(), 0.5, bw, True)
     torch.library.opcheck(torch.ops.fastcur.jump_linear_ella.default, args)
-    lt.requires_grad_(False)   # straight-through, not a derivative (checked against SPEC above)
+    lt.requires_grad_(False)   # straight-through, not a derivative (checked against the formula above)
     assert torch.autograd.gradcheck(run_ella("cpp", 0.5, 0.7, bw, Wp), (x, W, b, A, B, lt))
 
 

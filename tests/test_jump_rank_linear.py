@@ -1,5 +1,5 @@
 """jump_rank_linear on every backend present: forward and every gradient against the float64
-reference, the one-sided straight-through gradient against SPEC §4, opcheck, gradcheck,
+reference, the one-sided straight-through gradient against docs/methods.md, JumpLoRA, opcheck, gradcheck,
 torch.compile, odd shapes, bad input."""
 import pytest
 import torch

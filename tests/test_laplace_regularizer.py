@@ -1,4 +1,4 @@
-"""fastcur.LaplaceRegularizer (LaLoRA, SPEC §5): adapter discovery, diagonal Fisher against
+"""fastcur.LaplaceRegularizer (LaLoRA, docs/methods.md, LaLoRA): adapter discovery, diagonal Fisher against
 torch.func per-example gradients, K-FAC factors against explicit outer products, the fused
 gradient against autograd, the prior on A while B = 0, state files, errors, and the measured
 learning / forgetting trade-off on a small two-task run."""

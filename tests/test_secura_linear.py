@@ -1,6 +1,6 @@
 """secura_linear (the op) on every backend present: forward and every gradient against the
 float64 reference, tied and explicit C/R, both norms and scopes, lora_bias, opcheck,
-gradcheck, torch.compile, the SPEC's properties, bad input. Module tests live in
+gradcheck, torch.compile, the documented properties, bad input. Module tests live in
 tests/test_secura_linear_module.py."""
 import pytest
 import torch

@@ -1,5 +1,5 @@
 """signorm on every backend present: forward and gradients against the float64 reference,
-both norms and scopes, opcheck, gradcheck, torch.compile, the SPEC's properties, bad input."""
+both norms and scopes, opcheck, gradcheck, torch.compile, the documented properties, bad input."""
 import pytest
 import torch
 
@@ -97,7 +97,7 @@ def test_raw_norm_is_the_released_formula():
 
 
 def test_gradcheck_float64():
-    """S is detached by definition, so finite differences only agree with the SPEC's gradient
+    """S is detached by definition, so finite differences only agree with the documented gradient
     where S does not move under perturbation: norm="raw" with a huge eps makes L ~ 1e-30, so
     S = 1.5 to double precision while the forward and backward paths are fully exercised."""
     for backend in BACKENDS:

@@ -114,7 +114,7 @@ def method_config(method: str) -> fastcur.AdapterConfig:
     """The config the model-level tests inject: rank 4 on every attention and MLP projection.
 
     JumpLoRA runs at f = 0.5: at f = 1 with B = 0 at init no entry of Z passes the gate and the
-    update gets no gradient (the method ramps f up from 0 over a task; SPEC §4). Its layers share
+    update gets no gradient (the method ramps f up from 0 over a task; docs/methods.md, JumpLoRA). Its layers share
     one threshold (threshold_scope="global", the paper's)."""
     targets = list(PROJECTIONS)
     if method == "lora":

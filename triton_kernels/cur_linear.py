@@ -1,4 +1,4 @@
-"""cur_linear (SPEC §2) in Triton: the launchers behind `torch.ops.fastcur.cur_linear_triton`.
+"""cur_linear (docs/methods.md, CURLoRA) in Triton: the launchers behind `torch.ops.fastcur.cur_linear_triton`.
 
 Shapes (2-D only; the caller flattens leading dimensions into M):
     x [M, k], weight W [n, k], bias b [n] or None, C [n, r], U [r, r], R [r, k],
@@ -359,7 +359,7 @@ def cur_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], C: Tensor,
 def cur_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, C: Tensor, U: Tensor, R: Tensor,
                    h: Tensor, scale: float, cols: Optional[Tensor],
                    need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of `cur_linear_fwd` w.r.t. x and U (SPEC §2), plus g for dR.
+    """Gradients of `cur_linear_fwd` w.r.t. x and U (docs/methods.md, CURLoRA), plus g for dR.
 
     Args:
         grad_y: [M, n]; x: [M, k]; weight: [n, k]; C: [n, r]; U: [r, r]; R: [r, k];

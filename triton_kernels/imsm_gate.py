@@ -1,4 +1,4 @@
-"""imsm_gate (SPEC §6) in Triton: IMSM's memory gate, one program per BLOCK_M token rows.
+"""imsm_gate (docs/methods.md, IMSM) in Triton: IMSM's memory gate, one program per BLOCK_M token rows.
 
 Shapes (the launchers flatten [B, T, d] to M = B T rows):
     h, h_tuned [M, d], c = q A1 + q' A4 [B, r] (per-sequence, computed once by the launcher),

@@ -1,4 +1,4 @@
-"""jump_linear and ella_penalty (SPEC §4) in Triton: the launchers behind
+"""jump_linear and ella_penalty (docs/methods.md, JumpLoRA) in Triton: the launchers behind
 `torch.ops.fastcur.jump_linear_triton` and `torch.ops.fastcur.ella_penalty_triton`.
 
 Shapes (2-D; the caller flattens leading dimensions into M):
@@ -260,7 +260,7 @@ def jump_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Ten
                     log_theta: Tensor, scale: float, f: float, bandwidth: float, mean: bool,
                     need_dx: bool, need_adapter: bool, W_past: Optional[Tensor] = None,
                     grad_ella: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx [M, k] or empty, dA [r, k], dB [n, r], dlog_theta like log_theta), SPEC §4.
+    """(dx [M, k] or empty, dA [r, k], dB [n, r], dlog_theta like log_theta), docs/methods.md, JumpLoRA.
     With W_past [n, k] and grad_ella [] the ELLA gradient joins each tile's dL/dZ."""
     M, k = x.shape
     n, r = B.shape

@@ -1,4 +1,4 @@
-"""jump_rank_linear (SPEC §4, rank-gated) in Triton: the launchers behind
+"""jump_rank_linear (docs/methods.md, JumpLoRA, rank-gated) in Triton: the launchers behind
 `torch.ops.fastcur.jump_rank_linear_triton`.
 
 Forward  (x [M, k], W [n, k], A [r, k], B [n, r], log_theta [r]):

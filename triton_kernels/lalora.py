@@ -1,4 +1,4 @@
-"""LaLoRA (SPEC §5) in Triton: the launchers behind `torch.ops.fastcur.<op>_triton`.
+"""LaLoRA (docs/methods.md, LaLoRA) in Triton: the launchers behind `torch.ops.fastcur.<op>_triton`.
 
 lora_fisher_diag(x [E, T, k], grad_out [E, T, n], A [r, k], B [n, r], scale):
     H = x A^T, P = grad_out B                 `_mm_kernel` (skinny projections, [E T, r])
@@ -195,7 +195,7 @@ def _fisher_sq(L: Tensor, R: Tensor, c: float, acc: torch.dtype) -> Tensor:
 
 
 def lora_fisher_diag(x: Tensor, grad_out: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """(F_A [r, k], F_B [n, r]) of SPEC §5; x [E, T, k], grad_out [E, T, n]."""
+    """(F_A [r, k], F_B [n, r]) of docs/methods.md, LaLoRA; x [E, T, k], grad_out [E, T, n]."""
     E, T, k = x.shape
     n, r = B.shape
     acc = _acc_dtype(A.dtype)

@@ -1,4 +1,4 @@
-"""secura_linear (SPEC §3) in Triton: the launchers behind `torch.ops.fastcur.secura_linear_triton`.
+"""secura_linear (docs/methods.md, SECURA) in Triton: the launchers behind `torch.ops.fastcur.secura_linear_triton`.
 
 Shapes (2-D): x [M, k], weight W [n, k], bias [n]?, C [n, r], A_c [a, r], B_c [r, a], R [r, k],
 lora_bias [n]?, rows/cols int64 [r] or None (tied fast path, as cur_linear).

@@ -1,4 +1,4 @@
-"""signorm (SPEC §3) in Triton, and the row kernel that secura_linear and signorm_merge share.
+"""signorm (docs/methods.md, SECURA) in Triton, and the row kernel that secura_linear and signorm_merge share.
 
 Shapes (2-D; the caller flattens leading dimensions into M):
     y0 [M, n], delta [M, n]  ->  y [M, n], rowmax [M] (row maxima of L, float32/float64)

@@ -1,4 +1,4 @@
-"""signorm_merge (SPEC §3) in Triton: `(2 W + ΔW) / S_w` with ΔW = scale C U R recomputed
+"""signorm_merge (docs/methods.md, SECURA) in Triton: `(2 W + ΔW) / S_w` with ΔW = scale C U R recomputed
 per tile by the shared row kernel of signorm.py (z = scale C U [n, r], E = R), so neither ΔW
 nor the ratios ever exist as n x k tensors; scope "tensor" is two launches around a device max.
 """

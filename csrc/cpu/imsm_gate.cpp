@@ -1,4 +1,4 @@
-// IMSM's memory gate on the CPU (SPEC §6, §7): one pass over each token's row.
+// IMSM's memory gate on the CPU (docs/methods.md, IMSM): one pass over each token's row.
 //
 // The query terms c = q A1 + q' A4 [B, r] are per-sequence constants computed once (a tiny
 // GEMM); per token only z = c + h A2 + h' A3 (two d x r products), a = z W_B, g = σ(a) and the

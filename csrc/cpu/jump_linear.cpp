@@ -1,4 +1,4 @@
-// jump_linear on the CPU (SPEC §4): the row-block schedule of csrc/jump_linear.h with ATen
+// jump_linear on the CPU (docs/methods.md, JumpLoRA): the row-block schedule of csrc/jump_linear.h with ATen
 // GEMMs (MKL / oneDNN) and the elementwise tile primitives below (at::parallel_for).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

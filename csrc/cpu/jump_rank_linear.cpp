@@ -1,4 +1,4 @@
-// jump_rank_linear on the CPU (SPEC §4, rank-gated): ATen GEMMs plus the gate epilogues on
+// jump_rank_linear on the CPU (docs/methods.md, JumpLoRA, rank-gated): ATen GEMMs plus the gate epilogues on
 // the skinny [M, r] projection (csrc/jump_rank_linear.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

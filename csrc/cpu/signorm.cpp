@@ -1,4 +1,4 @@
-// signorm on the CPU (SPEC §3, §7): y = (2 y0 + Δ) / S, one pass per block of rows.
+// signorm on the CPU (docs/methods.md, SECURA): y = (2 y0 + Δ) / S, one pass per block of rows.
 //
 // Forward returns (y [M, n], rowmax [M]); rowmax holds the row maxima of L (float32, float64
 // for float64 inputs) and is all the backward needs besides y0 and Δ, which the caller keeps

@@ -1,4 +1,4 @@
-// CPU building blocks of the SigNorm epilogue (SPEC §3), shared by signorm, secura_linear and
+// CPU building blocks of the SigNorm epilogue (docs/methods.md, SECURA), shared by signorm, secura_linear and
 // signorm_merge. They work on a block of `mb` rows of an [*, n] output at a time, so the
 // adapter term Δ and the ratios exist only for that block (a few hundred KiB per thread),
 // never as a full M x n tensor.

@@ -1,4 +1,4 @@
-// signorm_merge on the CPU (SPEC §3, §7): W_new = (2 W + ΔW) / S_w with ΔW = s C U R.
+// signorm_merge on the CPU (docs/methods.md, SECURA): W_new = (2 W + ΔW) / S_w with ΔW = s C U R.
 //
 // ΔW is recomputed one block of rows at a time (a [mb, r] x [r, k] GEMM into a per-thread
 // buffer) and the ratios live only in that block's buffer, so the only n x k allocation is

@@ -1,4 +1,4 @@
-// IMSM's memory gate on CUDA (SPEC §6): one thread block per token row.
+// IMSM's memory gate on CUDA (docs/methods.md, IMSM): one thread block per token row.
 //
 // The query terms c = q A1 + q' A4 [B, r] are computed once per sequence (a tiny cuBLAS GEMM in
 // imsm_prepare); the row kernel then forms z = c + h A2 + h' A3 with block reductions over d

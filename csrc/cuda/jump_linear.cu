@@ -1,4 +1,4 @@
-// jump_linear on CUDA (SPEC §4): the row-block schedule of csrc/jump_linear.h with cuBLAS
+// jump_linear on CUDA (docs/methods.md, JumpLoRA): the row-block schedule of csrc/jump_linear.h with cuBLAS
 // GEMMs through ATen and two elementwise tile kernels; θ = exp(log_theta) is read on the
 // device (no host sync), the θ gradient is a block reduction plus one atomicAdd per block.
 #include <ATen/ATen.h>

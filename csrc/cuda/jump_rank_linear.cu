@@ -1,4 +1,4 @@
-// jump_rank_linear on CUDA (SPEC §4, rank-gated): cuBLAS GEMMs through ATen
+// jump_rank_linear on CUDA (docs/methods.md, JumpLoRA, rank-gated): cuBLAS GEMMs through ATen
 // (csrc/jump_rank_linear.h) plus the gate epilogues on the skinny [M, r] projection; θ_j is
 // read on the device, the window sums go through one atomicAdd per block and channel.
 #include <ATen/ATen.h>

@@ -1,4 +1,4 @@
-// signorm on CUDA (SPEC §3): the row kernel of signorm_cuda.cuh with Δ loaded, and an
+// signorm on CUDA (docs/methods.md, SECURA): the row kernel of signorm_cuda.cuh with Δ loaded, and an
 // elementwise backward that recomputes S from y0, Δ and the forward's row maxima.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -1,4 +1,4 @@
-// The CUDA row kernel of the SigNorm epilogue (SPEC §3), shared by signorm, secura_linear and
+// The CUDA row kernel of the SigNorm epilogue (docs/methods.md, SECURA), shared by signorm, secura_linear and
 // signorm_merge: one thread block per row, two sweeps over the row (the row max of L, then the
 // output), Δ either loaded or recomputed per element from the row's z (kept in shared memory)
 // and E [r, n] by strides, so Δ never exists as an M x n tensor on the fused paths.

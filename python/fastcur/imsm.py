@@ -228,7 +228,7 @@ class IMSM(nn.Module):
             if self.gate_dropout_at == "both":
                 gate_mask = self._dropout_mask((*h.shape[:2], self.hidden_size), h.device)
         mixed = imsm_gate(h, h_tuned, q, q_tuned, self.W_A, self.W_B, hidden_mask, gate_mask=gate_mask)
-        if isinstance(self.head, AdapterLinear):  # the LM head stays frozen (SPEC §6)
+        if isinstance(self.head, AdapterLinear):  # the LM head stays frozen (docs/methods.md, IMSM)
             return F.linear(mixed, self.head.weight, self.head.bias)
         return self.head(mixed)
 

@@ -1,4 +1,4 @@
-"""IncLoRA with JumpLoRA adapters and the ELLA penalty (SPEC §4): the continual-learning
+"""IncLoRA with JumpLoRA adapters and the ELLA penalty (docs/methods.md, JumpLoRA): the continual-learning
 manager that gives every task fresh adapters and folds each task's sparse update into W.
 
     manager = fastcur.IncLoRA(model, target_modules=["q_proj", "v_proj"], ella_lambda=0.1)
@@ -57,7 +57,7 @@ def _block_of(name: str) -> str:
 
 
 class IncLoRA:
-    """Incremental LoRA with JumpLoRA adapters (SPEC §4), optionally with ELLA.
+    """Incremental LoRA with JumpLoRA adapters (docs/methods.md, JumpLoRA), optionally with ELLA.
 
     Args:
         model: any nn.Module; its nn.Linear layers named by `target_modules` get adapters.
@@ -170,7 +170,7 @@ class IncLoRA:
 
     def step(self) -> float:
         """Advance the schedule by one training step; returns the f the next forward uses.
-        At the first step with f > 0 the thresholds are reset exactly (SPEC §4)."""
+        At the first step with f > 0 the thresholds are reset exactly (docs/methods.md, JumpLoRA)."""
         if not self.active:
             raise RuntimeError("fastcur.IncLoRA.step: no active task; call start_task() first")
         self._step += 1

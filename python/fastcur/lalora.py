@@ -1,4 +1,4 @@
-"""LaLoRA (SPEC §5): a Laplace (EWC-style) regularizer on the adapter tensors of a model.
+"""LaLoRA (docs/methods.md, LaLoRA): a Laplace (EWC-style) regularizer on the adapter tensors of a model.
 
     reg = fastcur.LaplaceRegularizer(model, kind="diag", lam=1.0)
     reg.fit(source_batches, loss_fn)          # curvature at the anchor θ0 (Stage I)
@@ -18,7 +18,7 @@ Curvature, per adapted tensor P (shape [out_p, in_p]; per-example gradient g_e):
 - kfac: `F ≈ G ⊗ S` with `S = E_tokens[i i^T]` (in_p x in_p) and `G = E_examples[sum_t o o^T]`
   (out_p x out_p), i.e. token sums of output-gradient outer products averaged over examples
   (exact for T = 1; cross-token terms dropped for sequences). LoRA A: i = x, o = s dy B;
-  LoRA B: i = x A^T, o = s dy (the SPEC's G_B with the scale s included, which makes G ⊗ S a
+  LoRA B: i = x A^T, o = s dy (docs/methods.md's G_B with the scale s included, which makes G ⊗ S a
   Fisher of B's gradient); CUR-LoRA U: i = x R^T, o = s dy C; SECURA B_c, A_c: the LoRA pair
   of the chain `x R^T -> B_c -> A_c`, with output gradient `s (dy / S) C` (S the layer's
   detached SigNorm scales; restrain's channel decay is ignored). A factor wider than

@@ -1,6 +1,6 @@
 """Tolerances and the comparison helper every kernel test uses.
 
-Rule (ARCHITECTURE.md §Testing): ground truth is the reference evaluated in float64. A
+Rule: ground truth is the reference evaluated in float64. A
 backend passes when its error is at most 2x the error of the reference run at the backend's
 own precision, plus a small floor per dtype (relative to the largest magnitude of the true
 value, so that the floor means the same at any scale). NaN never passes.

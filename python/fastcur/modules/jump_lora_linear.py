@@ -1,4 +1,4 @@
-"""JumpLoRALinear: the JumpLoRA adapter of SPEC §4 (arXiv 2604.16171), plus its shared
+"""JumpLoRALinear: the JumpLoRA adapter of docs/methods.md, JumpLoRA (arXiv 2604.16171), plus its shared
 threshold object, the f schedule and the exact threshold reset."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ DEFAULT_LOG_THETA = -4.7
 
 
 def f_schedule(step: int, total_steps: int, start: float = 0.2, end: float = 0.8) -> float:
-    """The interpolation weight f of SPEC §4 at `step` of a task of `total_steps` steps:
+    """The interpolation weight f of docs/methods.md, JumpLoRA at `step` of a task of `total_steps` steps:
     0 until `start` of the steps, linear to 1 at `end`, then 1."""
     if total_steps <= 0:
         return 1.0
@@ -60,7 +60,7 @@ class JumpLoRALinear(AdapterLinear):
     `y = x W^T + b + s g B^T`, `g = (x A^T) 1[x A^T > θ_j]` (gate="rank").
 
     Args (beyond nn.Linear's):
-        rank: r; alpha: s = alpha / r (SPEC §4: r = 8, alpha = 32).
+        rank: r; alpha: s = alpha / r (docs/methods.md, JumpLoRA: r = 8, alpha = 32).
         gate: "weight" (the paper's, default) or "rank" (the cheaper rank-gated variant).
         threshold: a `JumpThreshold` to share with other layers; None creates one for this
             layer (per-layer scope). Rank-gated layers need a threshold of size r.
@@ -241,7 +241,7 @@ class JumpLoRALinear(AdapterLinear):
 
 
 # ---------------------------------------------------------------------------------------------
-# The exact threshold reset (SPEC §4)
+# The exact threshold reset (docs/methods.md, JumpLoRA)
 # ---------------------------------------------------------------------------------------------
 
 def _abs_z_chunks(layers: list[JumpLoRALinear], acc: torch.dtype,
@@ -309,7 +309,7 @@ def _groups(layers: Iterable[JumpLoRALinear]) -> dict[int, tuple[JumpThreshold, 
 @torch.no_grad()
 def reset_thresholds(model_or_layers: nn.Module | Iterable[JumpLoRALinear],
                      chunk_elems: int = 1 << 20) -> dict[int, float]:
-    """SPEC §4's threshold reset, for every weight-gated threshold in a model (or list of layers).
+    """docs/methods.md, JumpLoRA's threshold reset, for every weight-gated threshold in a model (or list of layers).
 
     θ := the k-th smallest |Z| over all layers sharing θ, k = Σ numel(Z) − Σ (numel(A) +
     numel(B)), so about as many entries as LoRA has parameters stay above θ. Exact (radix

@@ -1,4 +1,4 @@
-"""The functional API of SPEC.md §7; `fastcur.ops.reference` holds the plain-PyTorch twins."""
+"""The functional API of docs/methods.md; `fastcur.ops.reference` holds the plain-PyTorch twins."""
 from . import reference
 from .cur_linear import cur_linear
 from .cur_select import cur_select

@@ -1,4 +1,4 @@
-"""Registration shared by every fused op with a backward op (ARCHITECTURE.md "How one op flows")."""
+"""Registration shared by every fused op with a backward op (the flow every op follows: checks, backend, dispatcher op, fake and autograd)."""
 from __future__ import annotations
 
 from typing import Callable

@@ -1,4 +1,4 @@
-"""cur_linear (SPEC §2 and §7): `x W^T + b + scale * ((x R^T) U^T) C^T`.
+"""cur_linear (docs/methods.md, CURLoRA): `x W^T + b + scale * ((x R^T) U^T) C^T`.
 
 Flow: `cur_linear` checks its arguments, picks a backend, and calls the dispatcher op of that
 backend: `torch.ops.fastcur.cur_linear` (C++ CPU/CUDA kernels) or
@@ -38,7 +38,7 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_y, _grad_h):
-        # Gradients of SPEC §2; C and R are independent inputs (the tied fast path is only a
+        # Gradients of docs/methods.md, CURLoRA; C and R are independent inputs (the tied fast path is only a
         # way to compute the same function), so dW is the plain `dy^T x`.
         x, weight, C, U, R, h, cols = ctx.saved_tensors
         need_x, need_w, need_b, need_c, need_u, need_r = ctx.needs_input_grad[:6]

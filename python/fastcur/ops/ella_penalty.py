@@ -1,4 +1,4 @@
-"""ella_penalty (SPEC §4 and §7): `‖scale J(B A) ⊙ W_past‖_F²`, the ELLA term of one layer.
+"""ella_penalty (docs/methods.md, JumpLoRA): `‖scale J(B A) ⊙ W_past‖_F²`, the ELLA term of one layer.
 
 The mask 1[|Z| > θ] is hard: no gradient reaches log_theta. The kernels recompute Z = B A
 one block of rows at a time and contract the gradient tile with A and B right away, so no
@@ -46,7 +46,7 @@ def _make_backward(bwd_op):
             Z = B.to(acc) @ A.to(acc)
             D = s * Z * (Z.abs() > log_theta.to(acc).exp().reshape(()))
             dW = (2 * grad.to(acc) * D.square() * W_past.to(acc)).to(W_past.dtype)
-        # log_theta: the mask is hard, no gradient (SPEC §4).
+        # log_theta: the mask is hard, no gradient (docs/methods.md, JumpLoRA).
         return (dA if need_a else None), (dB if need_b else None), None, dW, None
 
     return backward
@@ -78,7 +78,7 @@ def _triton_op():
 
 
 def ella_penalty(A: Tensor, B: Tensor, log_theta: Tensor, W_past: Tensor, scale: float) -> Tensor:
-    """ELLA penalty of one layer (SPEC §4): `‖scale J(B A) ⊙ W_past‖_F²`.
+    """ELLA penalty of one layer (docs/methods.md, JumpLoRA): `‖scale J(B A) ⊙ W_past‖_F²`.
 
     Args:
         A: [r, k], B: [n, r] the current task's factors; log_theta: [] (or [1]).

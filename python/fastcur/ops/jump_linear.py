@@ -1,12 +1,12 @@
-"""jump_linear (SPEC §4 and §7): weight-gated JumpLoRA, `x (W + ΔW)^T + b` with
+"""jump_linear (docs/methods.md, JumpLoRA): weight-gated JumpLoRA, `x (W + ΔW)^T + b` with
 `ΔW = scale (f J(B A) + (1 - f) B A)`, `J(Z) = Z 1[|Z| > θ]`, `θ = exp(log_theta)`.
 
 Flow as cur_linear: checks, backend, then `torch.ops.fastcur.jump_linear` (C++ CPU/CUDA) or
 `torch.ops.fastcur.jump_linear_triton`; one fake and one autograd formula for both, the
 backward calls the `_bwd` op, which contracts `dy^T x` with A and B one tile of W's rows at a
-time (no n x k gradient is ever held), with the straight-through θ gradient of SPEC §4.
+time (no n x k gradient is ever held), with the straight-through θ gradient of docs/methods.md, JumpLoRA.
 
-jump_linear_ella: the same layer with ELLA's penalty `‖scale J(B A) ⊙ W_past‖²` (SPEC §4)
+jump_linear_ella: the same layer with ELLA's penalty `‖scale J(B A) ⊙ W_past‖²` (docs/methods.md, JumpLoRA)
 computed from the same Z tiles in the forward, and its gradient added into each tile's dL/dZ
 before the one contraction with A and B in the backward (IncLoRA with `ella_lambda > 0`).
 """
@@ -197,7 +197,7 @@ def _check(x, weight, bias, A, B, log_theta) -> None:
 def jump_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
                 log_theta: Tensor, scale: float, f: float = 1.0, bandwidth: float = 1e-3,
                 reduction: str = "mean") -> Tensor:
-    """Weight-gated JumpLoRA linear layer (SPEC §4): `x (W + ΔW)^T + b`.
+    """Weight-gated JumpLoRA linear layer (docs/methods.md, JumpLoRA): `x (W + ΔW)^T + b`.
 
     Args:
         x: [..., k] activations (any leading dimensions).
@@ -227,7 +227,7 @@ def jump_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
 def jump_linear_ella(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
                      log_theta: Tensor, scale: float, W_past: Tensor, f: float = 1.0,
                      bandwidth: float = 1e-3, reduction: str = "mean") -> tuple[Tensor, Tensor]:
-    """`jump_linear` and ELLA's penalty of the same adapter in one pass (SPEC §4).
+    """`jump_linear` and ELLA's penalty of the same adapter in one pass (docs/methods.md, JumpLoRA).
 
     Args: as `jump_linear`, plus W_past [n, k] (the sum of past tasks' ΔW, no gradient).
     Returns:

@@ -1,4 +1,4 @@
-"""jump_rank_linear (SPEC §4 rank-gated, §7): `x W^T + b + scale g B^T`, `g = h 1[h > θ_j]`,
+"""jump_rank_linear (docs/methods.md, JumpLoRA, rank-gated): `x W^T + b + scale g B^T`, `g = h 1[h > θ_j]`,
 `h = x A^T`: the JumpReLU sits in the epilogue of the skinny projection, and the up
 projection is accumulated into the base output in one pass.
 """
@@ -95,7 +95,7 @@ def _check(x, weight, bias, A, B, log_theta) -> None:
 
 def jump_rank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
                      log_theta: Tensor, scale: float, bandwidth: float = 1e-3) -> Tensor:
-    """Rank-gated JumpLoRA linear layer (SPEC §4): `x W^T + b + scale g B^T`.
+    """Rank-gated JumpLoRA linear layer (docs/methods.md, JumpLoRA): `x W^T + b + scale g B^T`.
 
     Args:
         x: [..., k]; weight: [n, k]; bias: [n] or None; A: [r, k]; B: [n, r].

@@ -1,4 +1,4 @@
-"""LaLoRA ops (SPEC §5 and §7): diagonal Fisher, the Laplace penalty, K-FAC.
+"""LaLoRA ops (docs/methods.md, LaLoRA): diagonal Fisher, the Laplace penalty, K-FAC.
 
     lora_fisher_diag(x, grad_out, A, B, scale) -> (F_A, F_B)
     laplace_diag_penalty(params, anchors, precisions, lam) -> value       (differentiable)
@@ -177,7 +177,7 @@ def _op(name: str, backend: str):
 
 # -- public functions ----------------------------------------------------------------------------
 def lora_fisher_diag(x: Tensor, grad_out: Tensor, A: Tensor, B: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Diagonal empirical Fisher sums of one LoRA layer `y = ... + scale * (x A^T) B^T` (SPEC §5).
+    """Diagonal empirical Fisher sums of one LoRA layer `y = ... + scale * (x A^T) B^T` (docs/methods.md, LaLoRA).
 
     Per example e, with inputs X_e [T, k] and output gradients G_e [T, n]:
     `g_B,e = scale * G_e^T (X_e A^T)` [n, r] and `g_A,e = scale * (G_e B)^T X_e` [r, k].
@@ -263,7 +263,7 @@ def _check_lists(fn: str, params, anchors, precisions, grads=None) -> None:
 
 def laplace_diag_penalty(params: Sequence[Tensor], anchors: Sequence[Tensor], precisions: Sequence[Tensor],
                          lam: float) -> Tensor:
-    """`(lam/2) * sum_i sum(precisions[i] * (params[i] - anchors[i])^2)` (SPEC §5), fused.
+    """`(lam/2) * sum_i sum(precisions[i] * (params[i] - anchors[i])^2)` (docs/methods.md, LaLoRA), fused.
 
     Args:
         params, anchors, precisions: lists of L tensors; the i-th three share a shape (any),
@@ -319,7 +319,7 @@ def kfac_factor(x: Tensor, diagonal: bool = False) -> Tensor:
 
 
 def kfac_penalty(delta: Tensor, S: Tensor, G: Tensor) -> Tensor:
-    """`tr(G delta S delta^T)` without forming the Kronecker product G ⊗ S (SPEC §5).
+    """`tr(G delta S delta^T)` without forming the Kronecker product G ⊗ S (docs/methods.md, LaLoRA).
 
     Args:
         delta: [a, b] (θ - θ0 of one factor, e.g. ΔA [r, k]).

@@ -1,6 +1,6 @@
-"""Plain-PyTorch references of every fastcur op (SPEC.md §7): the ground truth.
+"""Plain-PyTorch references of every fastcur op (docs/methods.md): the ground truth.
 
-Written for reading, not speed: each line is a line of SPEC.md. Tests evaluate these in
+Written for reading, not speed: each line is a line of docs/methods.md. Tests evaluate these in
 float64; the `reference` backend runs them as they are.
 """
 from __future__ import annotations
@@ -11,14 +11,14 @@ import torch.nn.functional as F
 
 def cur_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor,
                U: torch.Tensor, R: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """`x W^T + b + scale * ((x R^T) U^T) C^T` (SPEC §2); never forms C U R.
+    """`x W^T + b + scale * ((x R^T) U^T) C^T` (docs/methods.md, CURLoRA); never forms C U R.
 
     x [..., k], weight [n, k], bias [n] or None, C [n, r], U [r, r], R [r, k] -> [..., n]
     """
     return F.linear(x, weight, bias) + scale * (((x @ R.mT) @ U.mT) @ C.mT)
 
 
-# -- SECURA (SPEC §3) ---------------------------------------------------------------------------
+# -- SECURA (docs/methods.md, SECURA) ---------------------------------------------------------------------------
 def _signorm_scale(L: torch.Tensor, k: float, eps: float, norm: str, dim) -> torch.Tensor:
     """`S = 2 - σ(N)` from the ratios L (detached); max over `dim` (None = the whole tensor).
 
@@ -36,7 +36,7 @@ def _signorm_scale(L: torch.Tensor, k: float, eps: float, norm: str, dim) -> tor
 
 def signorm(y0: torch.Tensor, delta: torch.Tensor, k: float = 6.0, eps: float = 1e-10,
             norm: str = "max", scope: str = "token") -> torch.Tensor:
-    """SigNorm in output space (SPEC §3): `(y0 + (y0 + Δ)) / S`, S detached.
+    """SigNorm in output space (docs/methods.md, SECURA): `(y0 + (y0 + Δ)) / S`, S detached.
 
     y0 [..., n] the base output (bias included), delta [..., n] the adapter's output.
     `L = |Δ| / (|y0| + eps)`, computed in float32 or wider; max per row of the last dimension
@@ -58,7 +58,7 @@ def signorm_scales(y0: torch.Tensor, delta: torch.Tensor, k: float = 6.0, eps: f
 def secura_delta(x: torch.Tensor, C: torch.Tensor, A_c: torch.Tensor, B_c: torch.Tensor,
                  R: torch.Tensor, lora_bias: torch.Tensor | None = None,
                  scale: float = 1.0) -> torch.Tensor:
-    """`Δ(x) = s * (((x R^T) B_c) A_c) C^T + lora_bias` (SPEC §3).
+    """`Δ(x) = s * (((x R^T) B_c) A_c) C^T + lora_bias` (docs/methods.md, SECURA).
 
     x [..., k], C [n, r], A_c [a, r], B_c [r, a], R [r, k], lora_bias [n] or None -> [..., n]
     """
@@ -70,7 +70,7 @@ def secura_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   A_c: torch.Tensor, B_c: torch.Tensor, R: torch.Tensor,
                   lora_bias: torch.Tensor | None = None, scale: float = 1.0, k: float = 6.0,
                   eps: float = 1e-10, norm: str = "max", scope: str = "token") -> torch.Tensor:
-    """`signorm(x W^T + b, Δ(x))` (SPEC §3, §7). x [..., k], weight [n, k] -> [..., n]."""
+    """`signorm(x W^T + b, Δ(x))` (docs/methods.md, SECURA). x [..., k], weight [n, k] -> [..., n]."""
     y0 = F.linear(x, weight, bias)
     return signorm(y0, secura_delta(x, C, A_c, B_c, R, lora_bias, scale), k, eps, norm, scope)
 
@@ -78,7 +78,7 @@ def secura_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def signorm_merge(weight: torch.Tensor, C: torch.Tensor, U: torch.Tensor, R: torch.Tensor,
                   scale: float = 1.0, k: float = 6.0, eps: float = 1e-10,
                   scope: str = "row") -> torch.Tensor:
-    """SigNorm-scaled merge in weight space (SPEC §3): `(W + (W + ΔW)) / S_w`, ΔW = s C U R.
+    """SigNorm-scaled merge in weight space (docs/methods.md, SECURA): `(W + (W + ΔW)) / S_w`, ΔW = s C U R.
 
     weight [n, k], C [n, r], U [r, r], R [r, k] -> [n, k] in weight's dtype; the ratios are
     computed in float32 or wider, max per output row (scope="row") or over the matrix
@@ -90,14 +90,14 @@ def signorm_merge(weight: torch.Tensor, C: torch.Tensor, U: torch.Tensor, R: tor
     L = dW.abs() / (W.abs() + eps)
     S = _signorm_scale(L, k, eps, "max", -1 if scope == "row" else None)
     return ((W + (W + dW)) / S).to(weight.dtype)
-# -- LaLoRA (SPEC §5) ---------------------------------------------------------------------------
+# -- LaLoRA (docs/methods.md, LaLoRA) ---------------------------------------------------------------------------
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def lora_fisher_diag(x: torch.Tensor, grad_out: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                      scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over examples of squared per-example gradients of A and B (SPEC §5).
+    """Sums over examples of squared per-example gradients of A and B (docs/methods.md, LaLoRA).
 
     x [E, T, k], grad_out [E, T, n], A [r, k], B [n, r] -> (F_A [r, k], F_B [n, r]) in float32
     (float64 for float64 inputs). The per-example gradients are formed in the inputs' dtype,
@@ -135,16 +135,16 @@ def kfac_penalty(delta: torch.Tensor, S: torch.Tensor, G: torch.Tensor) -> torch
     G = torch.diag(G) if G.dim() == 1 else G
     return torch.trace(G @ delta @ S @ delta.mT)
 # ---------------------------------------------------------------------------------------------
-# JumpLoRA (SPEC §4)
+# JumpLoRA (docs/methods.md, JumpLoRA)
 # ---------------------------------------------------------------------------------------------
 
 def _window(u: torch.Tensor) -> torch.Tensor:
-    """The rectangle kernel K(u) = 1[|u| < 1/2] of SPEC §4, in u's dtype."""
+    """The rectangle kernel K(u) = 1[|u| < 1/2] of docs/methods.md, JumpLoRA, in u's dtype."""
     return (u.abs() < 0.5).to(u.dtype)
 
 
 class _SymmetricJumpReLU(torch.autograd.Function):
-    """J(Z) = Z ⊙ 1[|Z| > θ] with the straight-through gradients of SPEC §4.
+    """J(Z) = Z ⊙ 1[|Z| > θ] with the straight-through gradients of docs/methods.md, JumpLoRA.
 
     dL/dZ = G ⊙ 1[|Z| > θ];  dL/dθ = (θ/ε) · reduce(G ⊙ (−K((Z−θ)/ε) + K((−Z−θ)/ε))),
     reduce = mean over all entries ("mean") or their sum ("sum").
@@ -167,7 +167,7 @@ class _SymmetricJumpReLU(torch.autograd.Function):
 
 
 class _OneSidedJumpReLU(torch.autograd.Function):
-    """g = h ⊙ 1[h > θ_j] (rank-gated, SPEC §4), h [M, r], θ [r].
+    """g = h ⊙ 1[h > θ_j] (rank-gated, docs/methods.md, JumpLoRA), h [M, r], θ [r].
 
     dh = dg ⊙ 1[h > θ];  dθ_j = −(θ_j/ε) Σ_tokens K((h_tj − θ_j)/ε) dg_tj.
     """
@@ -190,7 +190,7 @@ class _OneSidedJumpReLU(torch.autograd.Function):
 def jump_delta_weight(A: torch.Tensor, B: torch.Tensor, log_theta: torch.Tensor, scale: float,
                       f: float = 1.0, bandwidth: float = 1e-3,
                       reduction: str = "mean") -> torch.Tensor:
-    """ΔW = scale · (f · J(B A) + (1 − f) · B A), [n, k] (SPEC §4), differentiable with the
+    """ΔW = scale · (f · J(B A) + (1 − f) · B A), [n, k] (docs/methods.md, JumpLoRA), differentiable with the
     straight-through estimator. A [r, k], B [n, r], log_theta [] (θ = exp(log_theta))."""
     Z = B @ A
     J = _SymmetricJumpReLU.apply(Z, log_theta.exp().reshape(()), bandwidth, reduction)
@@ -200,7 +200,7 @@ def jump_delta_weight(A: torch.Tensor, B: torch.Tensor, log_theta: torch.Tensor,
 def jump_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                 B: torch.Tensor, log_theta: torch.Tensor, scale: float, f: float = 1.0,
                 bandwidth: float = 1e-3, reduction: str = "mean") -> torch.Tensor:
-    """`x (W + ΔW)^T + b`, weight-gated JumpLoRA (SPEC §4).
+    """`x (W + ΔW)^T + b`, weight-gated JumpLoRA (docs/methods.md, JumpLoRA).
 
     x [..., k], weight [n, k], bias [n] or None, A [r, k], B [n, r], log_theta [] -> [..., n]
     """
@@ -223,7 +223,7 @@ def jump_linear_ella(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def jump_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                      B: torch.Tensor, log_theta: torch.Tensor, scale: float,
                      bandwidth: float = 1e-3) -> torch.Tensor:
-    """`x W^T + b + scale · g B^T`, `g = h ⊙ 1[h > θ_j]`, `h = x A^T` (rank-gated, SPEC §4).
+    """`x W^T + b + scale · g B^T`, `g = h ⊙ 1[h > θ_j]`, `h = x A^T` (rank-gated, docs/methods.md, JumpLoRA).
 
     x [..., k], weight [n, k], bias [n] or None, A [r, k], B [n, r], log_theta [r] -> [..., n]
     """
@@ -243,11 +243,11 @@ def ella_penalty(A: torch.Tensor, B: torch.Tensor, log_theta: torch.Tensor, W_pa
     return (scale * Z * mask * W_past).square().sum()
 
 
-# -- IMSM (SPEC §6) -----------------------------------------------------------------------------
+# -- IMSM (docs/methods.md, IMSM) -----------------------------------------------------------------------------
 def imsm_gate(h: torch.Tensor, h_tuned: torch.Tensor, q: torch.Tensor, q_tuned: torch.Tensor,
               W_A: torch.Tensor, W_B: torch.Tensor, hidden_mask: torch.Tensor | None = None,
               gate_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """IMSM's memory gate (SPEC §6), written as the paper writes it: the concatenation is formed.
+    """IMSM's memory gate (docs/methods.md, IMSM), written as the paper writes it: the concatenation is formed.
 
     `g = σ(([q ⊕ h_t ⊕ h'_t ⊕ q'] W_A ⊙ hidden_mask) W_B)`, output `g ⊙ h + (1 - g) ⊙ h'`.
     h, h_tuned [B, T, d]; q, q_tuned [B, d]; W_A [4d, r_g]; W_B [r_g, d];

@@ -1,4 +1,4 @@
-"""secura_linear (SPEC §3 and §7): the SECURA layer, `signorm(x W^T + b, Δ(x))`, fused.
+"""secura_linear (docs/methods.md, SECURA): the SECURA layer, `signorm(x W^T + b, Δ(x))`, fused.
 
 `Δ(x) = s * (((x R^T) B_c) A_c) C^T + lora_bias`. Flow as cur_linear: checks → backend →
 `torch.ops.fastcur.secura_linear` (C++ CPU/CUDA) or `torch.ops.fastcur.secura_linear_triton`;
@@ -47,7 +47,7 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_y, _grad_S, _grad_h):
-        # S is a constant (SPEC §3): dΔ = dy / S, dy0 = 2 dΔ. C, R are independent inputs (the
+        # S is a constant (docs/methods.md, SECURA): dΔ = dy / S, dy0 = 2 dΔ. C, R are independent inputs (the
         # tied path only computes the same function), so dW is the plain 2 dΔ^T x.
         x, weight, C, A_c, B_c, R, S, h, cols = ctx.saved_tensors
         need = ctx.needs_input_grad[:8]

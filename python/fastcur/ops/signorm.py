@@ -1,4 +1,4 @@
-"""signorm (SPEC §3 and §7): SigNorm in output space, `(y0 + (y0 + Δ)) / S` with S detached.
+"""signorm (docs/methods.md, SECURA): SigNorm in output space, `(y0 + (y0 + Δ)) / S` with S detached.
 
 Flow as cur_linear: checks → backend → `torch.ops.fastcur.signorm` (C++ CPU/CUDA) or
 `torch.ops.fastcur.signorm_triton`; one fake and one autograd formula for both.
@@ -87,7 +87,7 @@ def _check(y0, delta, k, eps, norm, scope) -> None:
 
 def signorm(y0: Tensor, delta: Tensor, k: float = 6.0, eps: float = 1e-10, norm: str = "max",
             scope: str = "token") -> Tensor:
-    """SigNorm (SPEC §3): `(y0 + (y0 + delta)) / S`, `S = 2 - σ(N)` detached.
+    """SigNorm (docs/methods.md, SECURA): `(y0 + (y0 + delta)) / S`, `S = 2 - σ(N)` detached.
 
     Args:
         y0: [..., n] the base layer's output (bias included).

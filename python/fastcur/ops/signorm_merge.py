@@ -1,7 +1,7 @@
-"""signorm_merge (SPEC §3 and §7): the SigNorm-scaled merge in weight space,
+"""signorm_merge (docs/methods.md, SECURA): the SigNorm-scaled merge in weight space,
 `(W + (W + ΔW)) / S_w` with `ΔW = scale C U R`.
 
-A weight update, not a layer: it has no gradient (SPEC defines none). Calling it on inputs
+A weight update, not a layer: it has no gradient (docs/methods.md defines none). Calling it on inputs
 that require grad with grad mode on raises, instead of silently dropping a gradient.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _check(weight, C, U, R, k, eps, scope) -> None:
     c.tensor("R", R, (r, kk), dims="(r, k)")
     check_options(c, k, eps, scope=scope, scopes=("row", "tensor"))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (weight, C, U, R)):
-        c.fail("has no gradient (SPEC §3 defines none); call it under torch.no_grad() or on "
+        c.fail("has no gradient (docs/methods.md, SECURA defines none); call it under torch.no_grad() or on "
                "detached tensors", RuntimeError)
 
 
