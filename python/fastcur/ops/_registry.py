@@ -1,4 +1,5 @@
-"""Registration shared by every fused op with a backward op (the flow every op follows: checks, backend, dispatcher op, fake and autograd)."""
+"""Registration shared by every fused op with a backward op: the dispatcher op's fake (meta)
+and autograd formulas, registered once for the C++ and the Triton op."""
 from __future__ import annotations
 
 from typing import Callable
