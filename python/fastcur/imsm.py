@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._atomic import atomic_write
+from ._atomic import atomic_folder
 from .modules.adapter_linear import AdapterLinear
 from .ops.imsm_gate import imsm_gate
 
@@ -320,43 +320,38 @@ class IMSM(nn.Module):
 
     # -- save / load ----------------------------------------------------------------------------
     def save_adapter(self, directory: str) -> None:
-        """The adapters (`fastcur.save_adapter`: adapter_model.safetensors + adapter_config.json)
-        and the gate (imsm_gate.safetensors: W_A, W_B; imsm_config.json), each written atomically."""
+        """The adapters (`fastcur.save_adapter`'s files) and the gate (imsm_gate.safetensors:
+        W_A, W_B; imsm_config.json), written into a fresh folder switched in with one rename
+        (`fastcur._atomic.atomic_folder`): a crash leaves the old IMSM adapter or the new one."""
         from safetensors.torch import save_file
 
         from . import save_adapter
-        os.makedirs(directory, exist_ok=True)
-        save_adapter(self.model, directory)
-        _atomic(directory, GATE_WEIGHTS, lambda p: save_file(
-            {"W_A": self.W_A.detach().contiguous().cpu(), "W_B": self.W_B.detach().contiguous().cpu()}, p))
+        from .adapter_files import ADAPTER_FILES
         config = {"gate_rank": self.gate_rank, "gate_dropout": self.gate_dropout,
                   "gate_dropout_at": self.gate_dropout_at, "hidden_size": self.hidden_size}
-        _atomic(directory, GATE_CONFIG, lambda p: _write_text(p, json.dumps(config, indent=2)))
+        with atomic_folder(directory, replaces=ADAPTER_FILES) as staging:
+            save_adapter(self.model, staging)
+            save_file({"W_A": self.W_A.detach().contiguous().cpu(), "W_B": self.W_B.detach().contiguous().cpu()},
+                      os.path.join(staging, GATE_WEIGHTS))
+            _write_text(os.path.join(staging, GATE_CONFIG), json.dumps(config, indent=2))
 
     @classmethod
     def load_adapter(cls, model: nn.Module, directory: str) -> "IMSM":
         """Inject and load the adapters into the fresh base `model` (`fastcur.load_adapter`),
         then wrap it in an IMSM with the saved gate. Reproduces the saved IMSM's outputs."""
-        from safetensors.torch import load_file
-
         from . import load_adapter
         for name in (GATE_WEIGHTS, GATE_CONFIG):
             if not os.path.isfile(os.path.join(directory, name)):
                 raise FileNotFoundError(f"fastcur.IMSM.load_adapter: {directory!r} has no {name} "
                                         f"(saved by IMSM.save_adapter?)")
-        with open(os.path.join(directory, GATE_CONFIG)) as f:
-            config = json.load(f)
+        # the gate is read and checked before the model changes (a bad gate file leaves it as it was)
+        config, tensors = _read_gate(directory, getattr(getattr(model, "config", None), "hidden_size", None))
         model = load_adapter(model, directory)
-        imsm = cls(model, gate_rank=int(config["gate_rank"]), gate_dropout=float(config["gate_dropout"]),
+        imsm = cls(model, gate_rank=config["gate_rank"], gate_dropout=float(config["gate_dropout"]),
                    gate_dropout_at=config.get("gate_dropout_at", "hidden"))
-        tensors = load_file(os.path.join(directory, GATE_WEIGHTS))
         with torch.no_grad():
             for name in ("W_A", "W_B"):
-                p, t = getattr(imsm, name), tensors[name]
-                if t.shape != p.shape:
-                    raise ValueError(f"fastcur.IMSM.load_adapter: saved {name} has shape {tuple(t.shape)}, "
-                                     f"the model needs {tuple(p.shape)} (another hidden size?)")
-                p.copy_(t)
+                getattr(imsm, name).copy_(tensors[name])
         return imsm
 
     # -- checks ---------------------------------------------------------------------------------
@@ -438,11 +433,36 @@ def _masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask[..., None], h, 0).sum(1) / w.sum(1, keepdim=True)
 
 
+def _read_gate(directory: str, d: int | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The checked gate config and tensors of an IMSM adapter folder (one-line errors naming
+    the file); `d`: the model's hidden size, the shapes W_A [4d, gate_rank], W_B [gate_rank, d]."""
+    from safetensors.torch import load_file
+
+    from .adapter_files import load_json
+    caller = "fastcur.IMSM.load_adapter"
+    path = os.path.join(directory, GATE_CONFIG)
+    config = load_json(path, caller)
+    rank = config.get("gate_rank") if isinstance(config, dict) else None
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or \
+            not isinstance(config.get("gate_dropout"), (int, float)):
+        raise ValueError(f"{caller}: {path} needs an int gate_rank >= 1 and a number gate_dropout, got {config!r}")
+    path = os.path.join(directory, GATE_WEIGHTS)
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises its own error type for a damaged header
+        raise ValueError(f"{caller}: {path} is not a readable safetensors file ({e})") from None
+    d = d if d is not None else config.get("hidden_size")
+    if not isinstance(d, int):
+        raise ValueError(f"{caller}: the model's hidden size is unknown (no model.config.hidden_size) and "
+                         f"{os.path.join(directory, GATE_CONFIG)} records none")
+    for name, shape in (("W_A", (4 * d, rank)), ("W_B", (rank, d))):
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            got = tuple(tensors[name].shape) if name in tensors else "missing"
+            raise ValueError(f"{caller}: {path}: {name} must have shape {shape} (hidden size {d}, gate_rank "
+                             f"{rank}), got {got}")
+    return config, tensors
+
+
 def _write_text(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
-
-
-def _atomic(directory: str, name: str, write) -> None:
-    """write(path) into a temp file in `directory`, then rename it onto `name`."""
-    atomic_write(os.path.join(directory, name), write)

@@ -51,8 +51,7 @@ import torch
 from torch import nn
 
 from ._atomic import atomic_folder
-from .adapter_files import (ADAPTER_FILES, CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, read_document,
-                            read_tensors, write_folder)
+from .adapter_files import ADAPTER_FILES, FORMAT, FORMAT_VERSION, read_document, read_tensors, write_folder
 from .config import AdapterConfig, JumpLoRAConfig, config_class, config_class_of_layer
 from .inject import CONFIG_ATTR, adapter_modules, freeze_base, unwrap
 from .modules.adapter_linear import AdapterLinear
