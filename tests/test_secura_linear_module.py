@@ -444,3 +444,19 @@ def test_signorm_jumps_at_zero_delta_and_max_form_is_scale_free(norm):
 
 def test_signorm_default_is_normalized():
     assert fastcur.SecuraLinear(8, 6, rank=2).norm == "max" and fastcur.SecuraConfig().norm == "max"
+
+
+def test_merge_and_unload_folds_the_kept_lora_bias():
+    """lora_bias stays in Δ at a merge; merge_and_unload folds it into the plain layer's bias
+    (creating one where the layer had none), so nothing of the adapter is dropped."""
+    net = _net(lambda i, o, dtype: fastcur.SecuraLinear(i, o, dtype=dtype, rank=2, lora_bias=True, signorm="off",
+                                                      bias=False))
+    for layer in (net.fc1, net.fc2):
+        layer.select()
+        trained(layer, lora_bias=True)
+    x = torch.randn(5, 16)
+    expected = net(x).detach()
+    lb = net.fc1.lora_bias.detach().clone()
+    fastcur.merge_and_unload(net)
+    assert isinstance(net.fc1, nn.Linear) and torch.equal(net.fc1.bias, lb)
+    torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)  # signorm off: the merge is exact

@@ -368,6 +368,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     layers = _adapters_or_raise(model, "fastcur.merge_and_unload")
     _check_mergeable(layers, "fastcur.merge_and_unload")
     merge(model)
+    for layer in layers.values():
+        if isinstance(layer, SecuraLinear):
+            layer.fold_bias()        # lora_bias stays in Δ at a SECURA merge; the plain layer has no Δ
     return _replace_all(model, layers, keep_saved=True)
 
 

@@ -256,19 +256,27 @@ class SecuraLinear(CURSelection, AdapterLinear):
             U = self.A_c.mT @ self.B_c.mT
             self.weight.copy_(signorm_merge(self.weight, self.C, U, self.R, self.scale, self.k,
                                             self.eps, self.merge_scope))
-        if self.lora_bias is not None and self.fold_lora_bias:
-            if self.bias is None and bool(self.lora_bias.ne(0).any()):
-                self.bias = nn.Parameter(torch.zeros_like(self.lora_bias, dtype=self.weight.dtype),
-                                         requires_grad=False)
-            if self.bias is not None:
-                self.bias.add_(self.lora_bias.to(self.bias.dtype))
-            self.lora_bias.zero_()
+        if self.fold_lora_bias:
+            self.fold_bias()
         self.B_c.zero_()
         self.merges += 1
         if self.reselect_on_merge:
             self.select(init_adapter=False)
         else:
             self._verify_tied()
+
+    @torch.no_grad()
+    def fold_bias(self) -> None:
+        """Add lora_bias to the layer's bias (one is created, frozen, if the layer has none and
+        lora_bias is nonzero) and zero it; a no-op without lora_bias. `merge` calls it with
+        `fold_lora_bias`, `fastcur.merge_and_unload` always (the plain layer has no lora_bias)."""
+        if self.lora_bias is None:
+            return
+        if self.bias is None and bool(self.lora_bias.ne(0).any()):
+            self.bias = nn.Parameter(torch.zeros_like(self.lora_bias, dtype=self.weight.dtype), requires_grad=False)
+        if self.bias is not None:
+            self.bias.add_(self.lora_bias.to(self.bias.dtype))
+        self.lora_bias.zero_()
 
     def extra_repr(self) -> str:
         state = ("tied" if self.tied else "explicit C, R") if self._selected else "not selected yet"
