@@ -1,5 +1,6 @@
 """AdapterLinear's switches, shared by every adapter class: `adapter_enabled` (the frozen base
-only) and `frozen_batch_rows` (IMSM: the first rows of the batch bypass the adapter)."""
+only) and `frozen_batch_rows` (IMSM: the first rows of the batch bypass the adapter); and what
+the base gives every class: `module_name`, `to_base_layer`, `adapter_dtype`."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,3 +63,19 @@ def test_switches_refuse_a_merged_layer_and_bad_rows():
         setattr(layer, switch, value)
         with pytest.raises(RuntimeError, match="merged .* unmerge"):
             layer(x)
+
+
+@pytest.mark.parametrize("cls,options", CLASSES, ids=lambda v: getattr(v, "__name__", ""))
+def test_from_linear_records_the_name_and_gives_the_linear_back(cls, options):
+    lin = torch.nn.Linear(24, 20).to(torch.bfloat16)
+    layer = cls.from_linear(lin, module_name="blocks.0.proj", **options)
+    assert layer.module_name == "blocks.0.proj" and not layer.fan_in_fan_out
+    assert layer.adapter_dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in layer.adapter_parameters().values())
+    base = layer.to_base_layer()
+    assert type(base) is torch.nn.Linear and base.weight is lin.weight and base.bias is lin.bias
+
+
+def test_module_name_must_be_a_string():
+    with pytest.raises(TypeError, match="module_name must be a str or None, got 3"):
+        fastcur.CURLoRALinear(24, 20, rank=2, module_name=3)
