@@ -159,3 +159,24 @@ def test_modules_to_save_errors():
     with pytest.raises(ValueError, match="no module of the model matches"):
         fastcur.inject(model, fastcur.LoRAConfig(target_modules=["q_proj"], modules_to_save=["nope"]))
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before and not fastcur.adapter_modules(model)
+
+
+def test_a_compiled_model_follows_set_adapter():
+    model, _, out_a, out_b = two_adapters()
+    compiled = torch.compile(model, backend="eager")        # Dynamo guards see the swapped modules
+    x = ids()
+    torch.testing.assert_close(compiled(x), out_b)         # up to rounding (the graph's op order)
+    fastcur.set_adapter(compiled, "a")
+    assert fastcur.active_adapter(compiled) == "a"
+    torch.testing.assert_close(compiled(x), out_a)
+
+
+def test_switching_a_sharded_model_is_refused():
+    model, _, _, out_b = two_adapters()
+    weight = model.layers[0].q_proj.weight
+    weight.full_tensor = lambda: weight                      # what FSDP2's DTensor weights offer
+    with pytest.raises(ValueError, match="sharded \\(FSDP2 DTensor weights\\).*before fully_shard"):
+        fastcur.set_adapter(model, "a")
+    del weight.full_tensor
+    assert fastcur.active_adapter(model) == "b"
+    torch.testing.assert_close(model(ids()), out_b, rtol=0, atol=0)

@@ -9,6 +9,8 @@ and take them out again.
     model = fastcur.merge_and_unload(model)     # plain nn.Linear layers with the update folded in
 
 `inject` records the config on the model as `model.fastcur_config` (save_adapter writes it).
+Several named adapters on one model (`inject(..., adapter_name=)`, `set_adapter`, ...):
+`fastcur.named_adapters`.
 """
 from __future__ import annotations
 
