@@ -92,3 +92,14 @@ def test_atomic_folder_refuses_a_file(tmp_path):
     with pytest.raises(NotADirectoryError, match="is not a folder"):
         with atomic_folder(tmp_path / "f"):
             pass
+
+
+def test_atomic_folder_refuses_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for target in (".", str(tmp_path), str(tmp_path.parent)):
+        with pytest.raises(ValueError, match="current working directory.*subfolder"):
+            with atomic_folder(target):
+                pass
+    with atomic_folder("sub") as staging:
+        _write(staging, "a.json", "x")
+    assert os.listdir(tmp_path / "sub") == ["a.json"]

@@ -164,6 +164,10 @@ def atomic_folder(directory: str | os.PathLike, *, replaces: Iterable[str] = ())
         directory = os.path.realpath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"{directory!r} exists and is not a folder")
+    cwd = os.getcwd()
+    if cwd == directory or cwd.startswith(directory + os.sep):
+        raise ValueError(f"{directory!r} is (or holds) the current working directory, which a folder switch "
+                         f"would move away; save into a subfolder")
     parent, base = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
     _sweep_stale(parent, base)
