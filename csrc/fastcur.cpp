@@ -7,6 +7,9 @@
 
 #include <string>
 
+#include "cpu/cpu_choice.h"
+#include "cpu/simd.h"
+
 TORCH_LIBRARY(fastcur, m) {
   // y = x W^T + b + scale * ((x R^T) U^T) C^T, and h = x R^T (saved for the backward).
   // x [M, k], weight [n, k], bias [n]?, C [n, r], U [r, r], R [r, k].
@@ -141,9 +144,60 @@ pybind11::dict build_info() {
   return info;
 }
 
+// The x86-64 level the CPU row kernels run at (cpu/simd.h): active, the CPU's highest, and
+// whether each level was built.
+pybind11::dict cpu_isa() {
+  namespace c = fastcur::cpu;
+  pybind11::dict info;
+  info["active"] = std::string(c::isa_name(c::active_isa()));
+  info["cpu_max"] = std::string(c::isa_name(c::cpu_max_isa()));
+  info["clones"] = bool(FASTCUR_HAS_CPU_CLONES);
+  const char* env = std::getenv("FASTCUR_CPU_ISA");
+  info["env"] = env ? pybind11::object(pybind11::str(env)) : pybind11::none();
+  return info;
+}
+
+bool set_cpu_isa(const std::string& name) {
+  const int v = fastcur::cpu::parse_isa(name.c_str());
+  TORCH_CHECK(v >= 0, "fastcur: unknown x86-64 level '", name, "' (avx512, avx2 or baseline)");
+  return fastcur::cpu::set_active_isa(fastcur::cpu::Isa(v));
+}
+
+// Per-shape kernel / ATen choices of the CPU ops (cpu/cpu_choice.h).
+pybind11::dict cpu_schedule() {
+  namespace c = fastcur::cpu;
+  pybind11::dict info;
+  info["mode"] = std::string(c::schedule_name(c::schedule_mode()));
+  pybind11::list entries;
+  for (const auto& ch : c::choices()) {
+    pybind11::dict e;
+    e["op"] = ch.op;
+    e["key"] = ch.key;
+    e["isa"] = ch.isa;
+    e["threads"] = ch.threads;
+    e["choice"] = std::string(ch.kernel ? "kernel" : "aten");
+    e["kernel_ms"] = ch.kernel_ms;
+    e["aten_ms"] = ch.aten_ms;
+    e["how"] = ch.how;
+    entries.append(e);
+  }
+  info["choices"] = entries;
+  return info;
+}
+
+void set_cpu_schedule(const std::string& mode) {
+  const int v = fastcur::cpu::parse_schedule(mode.c_str());
+  TORCH_CHECK(v >= 0, "fastcur: unknown CPU schedule mode '", mode, "' (auto, kernel or aten)");
+  fastcur::cpu::set_schedule_mode(fastcur::cpu::Schedule(v));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcur C++/CUDA kernels; ops are registered under torch.ops.fastcur";
   m.def("build_info", &build_info, "What this extension was built with");
+  m.def("cpu_isa", &cpu_isa, "The x86-64 level the CPU row kernels run at");
+  m.def("set_cpu_isa", &set_cpu_isa, "Run the CPU row kernels at a level (False: not here)");
+  m.def("cpu_schedule", &cpu_schedule, "The CPU ops' per-shape kernel / ATen choices");
+  m.def("set_cpu_schedule", &set_cpu_schedule, "auto, kernel or aten; forgets the choices");
 }

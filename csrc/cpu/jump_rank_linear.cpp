@@ -7,8 +7,10 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
+#include "cpu/cpu_choice.h"
 #include "jump_rank_linear.h"
 #include "rank_update.h"
 #include "skinny_rows.h"
@@ -223,6 +225,16 @@ bool fused_dtype(const at::Tensor& weight) {
   return weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble;
 }
 
+// The cache key of the fused / generic choice (cpu/cpu_choice.h): M, n, k, r, the flag (bias
+// in the forward, need_dx in the backward), dtype.
+std::string shape_key(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A, bool flag) {
+  return std::to_string(x.size(0)) + "," + std::to_string(weight.size(0)) + "," +
+         std::to_string(weight.size(1)) + "," + std::to_string(A.size(0)) + "," +
+         (flag ? "1," : "0,") + c10::toString(weight.scalar_type());
+}
+
+// float32 / float64: the fused schedule or the generic one (whole-matrix ATen GEMMs), per
+// shape, whichever measured faster at the active x86-64 level (cpu/cpu_choice.h).
 // Reduced precision takes the generic schedule, whose whole-matrix GEMMs accumulate in float
 // inside BLAS (the per-block partials above would round at every block).
 std::tuple<at::Tensor, at::Tensor> jump_rank_linear_cpu(
@@ -233,7 +245,14 @@ std::tuple<at::Tensor, at::Tensor> jump_rank_linear_cpu(
     return jump_rank_linear_forward(x, weight, bias, A, B, log_theta, scale, rank_gate_cpu,
                                     rank_update_addmm);
   check_jump_rank_linear_args(x, weight, bias, A, B, log_theta);
-  return jump_rank_linear_fwd_fused(x, weight, bias, A, B, log_theta, scale);
+  using Out = std::tuple<at::Tensor, at::Tensor>;
+  return cpu::choose<Out>(
+      "jump_rank_linear", shape_key(x, weight, A, bias.has_value()),
+      [&] { return jump_rank_linear_fwd_fused(x, weight, bias, A, B, log_theta, scale); },
+      [&] {
+        return jump_rank_linear_forward(x, weight, bias, A, B, log_theta, scale, rank_gate_cpu,
+                                        rank_update_addmm);
+      });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_rank_linear_bwd_cpu(
@@ -245,8 +264,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_rank_linear_bwd_
                                      need_dx, rank_gate_bwd_cpu, rank_update_addmm);
   check_jump_rank_linear_args(x, weight, c10::nullopt, A, B, log_theta);
   check_jump_rank_bwd_args(grad_y, x, weight, A, h, bandwidth);
-  return jump_rank_linear_bwd_fused(grad_y, x, weight, A, B, log_theta, h, scale, bandwidth,
-                                    need_dx);
+  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  return cpu::choose<Out>(
+      "jump_rank_linear_bwd", shape_key(x, weight, A, need_dx),
+      [&] {
+        return jump_rank_linear_bwd_fused(grad_y, x, weight, A, B, log_theta, h, scale, bandwidth,
+                                          need_dx);
+      },
+      [&] {
+        return jump_rank_linear_backward(grad_y, x, weight, A, B, log_theta, h, scale, bandwidth,
+                                         need_dx, rank_gate_bwd_cpu, rank_update_addmm);
+      });
 }
 
 }  // namespace

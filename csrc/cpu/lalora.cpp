@@ -7,9 +7,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <type_traits>
 #include <vector>
 
+#include "cpu/cpu_choice.h"
 #include "cpu/simd.h"
 #include "cpu/skinny_rows.h"
 #include "lalora.h"
@@ -51,8 +53,8 @@ int64_t fisher_block_rows(int64_t T, int64_t row_bytes) {
 // 4.0-4.3 ms with rows_dot / outer_acc into gradients stored per example.
 // Memory: (threads - 1) x (n r + r k) accumulators plus one example's gradients per thread,
 // independent of E.
-std::tuple<at::Tensor, at::Tensor> lora_fisher_diag_cpu(const at::Tensor& x, const at::Tensor& grad_out,
-                                                        const at::Tensor& A, const at::Tensor& B, double scale) {
+std::tuple<at::Tensor, at::Tensor> lora_fisher_diag_rows(const at::Tensor& x, const at::Tensor& grad_out,
+                                                         const at::Tensor& A, const at::Tensor& B, double scale) {
   check_lora_fisher_args(x, grad_out, A, B);
   const int64_t E = x.size(0), T = x.size(1), k = x.size(2), r = A.size(0), n = B.size(0);
   const auto acc = lalora_acc_type(A.scalar_type());
@@ -119,6 +121,29 @@ std::tuple<at::Tensor, at::Tensor> lora_fisher_diag_cpu(const at::Tensor& x, con
   return {FA, FB};
 }
 
+// The ATen formulation (csrc/lalora.h): groups of examples through batched GEMMs, each group's
+// gradients squared and summed by ATen ops.
+std::tuple<at::Tensor, at::Tensor> lora_fisher_diag_aten(const at::Tensor& x, const at::Tensor& grad_out,
+                                                         const at::Tensor& A, const at::Tensor& B, double scale) {
+  return lora_fisher_diag_impl(x, grad_out, A, B, scale, [](at::Tensor& acc, const at::Tensor& g, double c) {
+    acc.view({-1}).add_(g.square().sum(0), c);
+  });
+}
+
+// The row-kernel schedule or the ATen one, per shape (cpu/cpu_choice.h): the row kernels were
+// tuned on AVX-512; where they lose at the active level, the batched GEMMs run.
+std::tuple<at::Tensor, at::Tensor> lora_fisher_diag_cpu(const at::Tensor& x, const at::Tensor& grad_out,
+                                                        const at::Tensor& A, const at::Tensor& B, double scale) {
+  check_lora_fisher_args(x, grad_out, A, B);
+  using Out = std::tuple<at::Tensor, at::Tensor>;
+  const std::string key = std::to_string(x.size(0)) + "," + std::to_string(x.size(1)) + "," +
+                          std::to_string(B.size(0)) + "," + std::to_string(x.size(2)) + "," +
+                          std::to_string(A.size(0)) + "," + std::string(c10::toString(A.scalar_type()));
+  return cpu::choose<Out>(
+      "lora_fisher_diag", key, [&] { return lora_fisher_diag_rows(x, grad_out, A, B, scale); },
+      [&] { return lora_fisher_diag_aten(x, grad_out, A, B, scale); });
+}
+
 // One work item: elements [begin, end) of tensor t.
 struct Work {
   int64_t t, begin, end;
@@ -157,11 +182,11 @@ double penalty_chunk(const scalar_t* __restrict__ p, const scalar_t* __restrict_
 
 // The same for float32/float64 with register accumulators (GCC vectors, cpu/simd.h), two
 // vectors per step. Measured (200 tensors of 1024 x 16, 2 threads): 2.9 ms with the loop above.
-template <typename T>
+template <int VB, typename T>
 FASTCUR_INLINE double penalty_wide(const T* p, const T* a, const T* q, T* grad, int64_t begin,
                                    int64_t end, double lam) {
-  using W = typename cpu::Vec<T>::type;
-  constexpr int64_t L = cpu::vector_lanes<T>;
+  using W = typename cpu::VecN<T, VB>::type;
+  constexpr int64_t L = cpu::lanes<T, VB>;
   const T l = static_cast<T>(lam);
   W s0 = {}, s1 = {};
   int64_t i = begin;
@@ -187,15 +212,14 @@ FASTCUR_INLINE double penalty_wide(const T* p, const T* a, const T* q, T* grad, 
   return total;
 }
 
-FASTCUR_CPU_CLONES double penalty_chunk_wide(const float* p, const float* a, const float* q,
-                                             float* grad, int64_t begin, int64_t end, double lam) {
-  return penalty_wide(p, a, q, grad, begin, end, lam);
-}
-
-FASTCUR_CPU_CLONES double penalty_chunk_wide(const double* p, const double* a, const double* q,
-                                             double* grad, int64_t begin, int64_t end, double lam) {
-  return penalty_wide(p, a, q, grad, begin, end, lam);
-}
+FASTCUR_CPU_DISPATCH(double, penalty_chunk_wide,
+                     (const float* p, const float* a, const float* q, float* grad, int64_t begin,
+                      int64_t end, double lam),
+                     (p, a, q, grad, begin, end, lam), penalty_wide)
+FASTCUR_CPU_DISPATCH(double, penalty_chunk_wide,
+                     (const double* p, const double* a, const double* q, double* grad,
+                      int64_t begin, int64_t end, double lam),
+                     (p, a, q, grad, begin, end, lam), penalty_wide)
 
 template <typename scalar_t>
 double penalty_any(const scalar_t* p, const scalar_t* a, const scalar_t* q, scalar_t* grad,

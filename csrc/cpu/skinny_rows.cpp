@@ -22,11 +22,11 @@ FASTCUR_INLINE void load_rows(W* xv, const T* X, int64_t ldx, int64_t c) {
 // accumulators, each V load feeding R rows (with one row per step, V's 8 loads per x load made
 // the loop bound by L2 reads of V: 1.07 ms against 0.42 ms for R = 4, J = 8 on 1024 x 2048
 // rows).
-template <int R, int J, typename T>
+template <int VB, int R, int J, typename T>
 FASTCUR_INLINE void dot_tile(T* out, int64_t ldo, const T* X, int64_t ldx, const T* V,
                              int64_t n) {
-  using W = typename Vec<T>::type;
-  constexpr int64_t L = vector_lanes<T>;
+  using W = typename VecN<T, VB>::type;
+  constexpr int64_t L = lanes<T, VB>;
   W acc[R][J] = {};
   int64_t c = 0;
   for (; c + L <= n; c += L) {
@@ -40,7 +40,7 @@ FASTCUR_INLINE void dot_tile(T* out, int64_t ldo, const T* X, int64_t ldx, const
     }
   }
   for (int i = 0; i < R; ++i) {
-    const W sums = lane_sums<J, T>(acc[i]);
+    const W sums = lane_sums<J, VB, T>(acc[i]);
     for (int j = 0; j < J; ++j) {
       T s = sums[j];
       for (int64_t cc = c; cc < n; ++cc) s += X[i * ldx + cc] * V[j * n + cc];
@@ -49,34 +49,37 @@ FASTCUR_INLINE void dot_tile(T* out, int64_t ldo, const T* X, int64_t ldx, const
   }
 }
 
-// R rows of out [*, r], the channels eight, then four, then one at a time.
-template <int R, typename T>
+// R rows of out [*, r], the channels eight (AVX-512: R x 8 accumulators fit its 32
+// registers), then four (at most the lane count), then one at a time.
+template <int VB, int R, typename T>
 FASTCUR_INLINE void dot_rows(T* out, const T* X, int64_t ldx, const T* V, int64_t r, int64_t n) {
   int64_t j = 0;
-  for (; j + 8 <= r; j += 8) dot_tile<R, 8>(out + j, r, X, ldx, V + j * n, n);
-  for (; j + 4 <= r; j += 4) dot_tile<R, 4>(out + j, r, X, ldx, V + j * n, n);
-  for (; j < r; ++j) dot_tile<R, 1>(out + j, r, X, ldx, V + j * n, n);
+  if constexpr (VB == 64)
+    for (; j + 8 <= r; j += 8) dot_tile<VB, R, 8>(out + j, r, X, ldx, V + j * n, n);
+  constexpr int J = lanes<T, VB> < 4 ? int(lanes<T, VB>) : 4;   // SSE2 doubles: 2
+  for (; j + J <= r; j += J) dot_tile<VB, R, J>(out + j, r, X, ldx, V + j * n, n);
+  for (; j < r; ++j) dot_tile<VB, R, 1>(out + j, r, X, ldx, V + j * n, n);
 }
 
 // Rows outermost (X streams through once, in order), V [r, n] from L1/L2; four rows per step
 // where the CPU has 32 vector registers (AVX-512), two otherwise.
-template <typename T>
+template <int VB, typename T>
 FASTCUR_INLINE void rows_dot_impl(T* out, const T* X, int64_t ldx, const T* V, int64_t mb,
                                   int64_t r, int64_t n) {
   int64_t m = 0;
-  if (has_32_vector_registers())
-    for (; m + 4 <= mb; m += 4) dot_rows<4>(out + m * r, X + m * ldx, ldx, V, r, n);
-  for (; m + 2 <= mb; m += 2) dot_rows<2>(out + m * r, X + m * ldx, ldx, V, r, n);
-  for (; m < mb; ++m) dot_rows<1>(out + m * r, X + m * ldx, ldx, V, r, n);
+  if constexpr (VB == 64)
+    for (; m + 4 <= mb; m += 4) dot_rows<VB, 4>(out + m * r, X + m * ldx, ldx, V, r, n);
+  for (; m + 2 <= mb; m += 2) dot_rows<VB, 2>(out + m * r, X + m * ldx, ldx, V, r, n);
+  for (; m < mb; ++m) dot_rows<VB, 1>(out + m * r, X + m * ldx, ldx, V, r, n);
 }
 
 // out[i, :] = Σ_c X[i, c] Vt[c, :] for R rows and one vector of channels: R accumulators,
 // each Vt load feeding R rows, X's elements broadcast from memory. No lane sums, against
 // rows_dot's; one example's X A^T at r = 16 (128 x 1024 rows, in L2): 27 us against 43-52.
-template <int R, typename T>
+template <int VB, int R, typename T>
 FASTCUR_INLINE void narrow_tile(T* out, int64_t ldo, const T* X, int64_t ldx, const T* Vt,
                                 int64_t ldv, int64_t n) {
-  using W = typename Vec<T>::type;
+  using W = typename VecN<T, VB>::type;
   W acc[R] = {};
   for (int64_t c = 0; c < n; ++c) {
     const W v = load<W>(Vt + c * ldv);
@@ -86,19 +89,17 @@ FASTCUR_INLINE void narrow_tile(T* out, int64_t ldo, const T* X, int64_t ldx, co
   for (int i = 0; i < R; ++i) store(out + i * ldo, acc[i]);
 }
 
-// Channel groups of one vector, rows sixteen at a time with AVX-512's 32 registers (six
-// otherwise: a 64-byte vector is two AVX2 registers), then one.
-template <typename T>
+// Channel groups of one vector, rows sixteen at a time with AVX-512's 32 registers (twelve
+// with 16: AVX2, SSE2), then one.
+template <int VB, typename T>
 FASTCUR_INLINE void narrow_rows_impl(T* out, const T* X, int64_t ldx, const T* Vt, int64_t mb,
                                      int64_t r, int64_t n) {
-  for (int64_t g = 0; g < r; g += vector_lanes<T>) {
+  constexpr int R = VB == 64 ? 16 : 12;
+  for (int64_t g = 0; g < r; g += lanes<T, VB>) {
     T* o = out + g;
     int64_t m = 0;
-    if (has_32_vector_registers())
-      for (; m + 16 <= mb; m += 16) narrow_tile<16>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
-    else
-      for (; m + 6 <= mb; m += 6) narrow_tile<6>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
-    for (; m < mb; ++m) narrow_tile<1>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
+    for (; m + R <= mb; m += R) narrow_tile<VB, R>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
+    for (; m < mb; ++m) narrow_tile<VB, 1>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
   }
 }
 
@@ -127,11 +128,11 @@ FASTCUR_INLINE void dual_step(W* h, const W* p, T* D, int64_t ldd, const T* X, i
 // D[c, :] += Σ_i X[i, c] coef[i, :] (U rows of D through registers per step, from L1/L2; set,
 // not added, when `first`). The Fisher's two products of one example's G_e at r = 16 (128 x
 // 1024 rows, in L2): 48 us, against 58 us for narrow_rows + outer_square_acc.
-template <int R, int U, typename T>
+template <int VB, int R, int U, typename T>
 FASTCUR_INLINE void dual_tile(T* H, int64_t ldh, T* D, int64_t ldd, const T* X, int64_t ldx,
                               const T* Vt, int64_t ldv, const T* coef, int64_t ldc, int64_t n,
                               bool first) {
-  using W = typename Vec<T>::type;
+  using W = typename VecN<T, VB>::type;
   W h[R] = {}, p[R];
   for (int i = 0; i < R; ++i) p[i] = load<W>(coef + i * ldc);
   int64_t c = 0;
@@ -141,34 +142,30 @@ FASTCUR_INLINE void dual_tile(T* H, int64_t ldh, T* D, int64_t ldd, const T* X, 
 }
 
 // Rows R at a time from row m on, while R fit; returns the next row.
-template <int R, int U, typename T>
+template <int VB, int R, int U, typename T>
 FASTCUR_INLINE int64_t dual_rows(T* H, T* D, const T* X, int64_t ldx, const T* Vt,
                                  const T* coef, int64_t m, int64_t mb, int64_t r, int64_t n,
                                  bool add) {
   for (; m + R <= mb; m += R)
-    dual_tile<R, U>(H + m * r, r, D, r, X + m * ldx, ldx, Vt, r, coef + m * r, r, n,
+    dual_tile<VB, R, U>(H + m * r, r, D, r, X + m * ldx, ldx, Vt, r, coef + m * r, r, n,
                     m == 0 && !add);
   return m;
 }
 
-// Channel groups of one vector; tiles of 8 rows x 4 columns of D with AVX-512's 32 registers,
-// of 2 x 1 otherwise (a 64-byte vector is two AVX2 registers); then single rows.
-template <typename T>
+// Channel groups of one vector; tiles of 8 rows x 4 columns of D with AVX-512's 32 registers
+// (8 + 8 + 4 + 4 vectors), of 4 x 2 with 16 (AVX2, SSE2: 4 + 4 + 2 + 2); then single rows.
+template <int VB, typename T>
 FASTCUR_INLINE void narrow_pass_impl(T* H, T* D, const T* X, int64_t ldx, const T* Vt,
                                      const T* coef, int64_t mb, int64_t r, int64_t n, bool add) {
-  using W = typename Vec<T>::type;
-  for (int64_t g = 0; g < r; g += vector_lanes<T>) {
+  using W = typename VecN<T, VB>::type;
+  constexpr int R = VB == 64 ? 8 : 4, U = VB == 64 ? 4 : 2;
+  for (int64_t g = 0; g < r; g += lanes<T, VB>) {
     if (mb == 0 && !add)
       for (int64_t c = 0; c < n; ++c) store(D + c * r + g, W{});
     T *h = H + g, *d = D + g;
     const T *v = Vt + g, *p = coef + g;
-    if (has_32_vector_registers()) {
-      const int64_t m = dual_rows<8, 4>(h, d, X, ldx, v, p, 0, mb, r, n, add);
-      dual_rows<1, 4>(h, d, X, ldx, v, p, m, mb, r, n, add);
-    } else {
-      const int64_t m = dual_rows<2, 1>(h, d, X, ldx, v, p, 0, mb, r, n, add);
-      dual_rows<1, 2>(h, d, X, ldx, v, p, m, mb, r, n, add);
-    }
+    const int64_t m = dual_rows<VB, R, U>(h, d, X, ldx, v, p, 0, mb, r, n, add);
+    dual_rows<VB, 1, U>(h, d, X, ldx, v, p, m, mb, r, n, add);
   }
 }
 
@@ -183,11 +180,11 @@ FASTCUR_INLINE V strip_update(V f, V g, T s, bool add) {
 // Rows j0..j0+J of F updated from Σ_i coef[i, j0 + j] X[i, c:c+L] for one vector of columns at
 // a time, all mb rows accumulated in registers (with SQUARE, the per-example gradient is
 // squared where it is formed and never stored); then the columns past the last whole vector.
-template <bool SQUARE, int J, typename T>
+template <int VB, bool SQUARE, int J, typename T>
 FASTCUR_INLINE void strips(T* F, const T* coef, int64_t r, int64_t j0, const T* X, int64_t ldx,
                            int64_t mb, int64_t n, T s, bool add) {
-  using W = typename Vec<T>::type;
-  constexpr int64_t L = vector_lanes<T>;
+  using W = typename VecN<T, VB>::type;
+  constexpr int64_t L = lanes<T, VB>;
   int64_t c = 0;
   for (; c + L <= n; c += L) {
     W acc[J] = {};
@@ -211,28 +208,27 @@ FASTCUR_INLINE void strips(T* F, const T* coef, int64_t r, int64_t j0, const T* 
     }
 }
 
-// Channels sixteen, then eight at a time with AVX-512; then four, then one.
-template <bool SQUARE, typename T>
+// Channels sixteen at a time with AVX-512's 32 registers; then eight, four, one.
+template <int VB, bool SQUARE, typename T>
 FASTCUR_INLINE void strips_impl(T* F, const T* coef, const T* X, int64_t ldx, int64_t mb,
                                 int64_t r, int64_t n, T s, bool add) {
   int64_t j = 0;
-  if (has_32_vector_registers()) {
-    for (; j + 16 <= r; j += 16) strips<SQUARE, 16>(F, coef, r, j, X, ldx, mb, n, s, add);
-    for (; j + 8 <= r; j += 8) strips<SQUARE, 8>(F, coef, r, j, X, ldx, mb, n, s, add);
-  }
-  for (; j + 4 <= r; j += 4) strips<SQUARE, 4>(F, coef, r, j, X, ldx, mb, n, s, add);
-  for (; j < r; ++j) strips<SQUARE, 1>(F, coef, r, j, X, ldx, mb, n, s, add);
+  if constexpr (VB == 64)
+    for (; j + 16 <= r; j += 16) strips<VB, SQUARE, 16>(F, coef, r, j, X, ldx, mb, n, s, add);
+  for (; j + 8 <= r; j += 8) strips<VB, SQUARE, 8>(F, coef, r, j, X, ldx, mb, n, s, add);
+  for (; j + 4 <= r; j += 4) strips<VB, SQUARE, 4>(F, coef, r, j, X, ldx, mb, n, s, add);
+  for (; j < r; ++j) strips<VB, SQUARE, 1>(F, coef, r, j, X, ldx, mb, n, s, add);
 }
 
 // acc[j0 + j, :] += Σ_i coef[i, j0 + j] X[i, :] for i < R rows, j < J channels: the R rows'
 // vectors loaded once per step feed J accumulator rows (R = 8, J = 4 measured 0.50 ms against
 // 0.73 for four rows a channel at a time, on 1024 x 2048 rows). Skipped when every
 // coefficient is 0 (gated-off channels).
-template <int R, int J, typename T>
+template <int VB, int R, int J, typename T>
 FASTCUR_INLINE void outer_tile(T* acc, const T* coef, int64_t r, int64_t j0, const T* X,
                                int64_t ldx, int64_t n) {
-  using W = typename Vec<T>::type;
-  constexpr int64_t L = vector_lanes<T>;
+  using W = typename VecN<T, VB>::type;
+  constexpr int64_t L = lanes<T, VB>;
   T a[R][J];
   bool any = false;
   for (int i = 0; i < R; ++i)
@@ -263,29 +259,29 @@ FASTCUR_INLINE void outer_tile(T* acc, const T* coef, int64_t r, int64_t j0, con
 }
 
 // The rows read in order, eight at a time.
-template <typename T>
+template <int VB, typename T>
 FASTCUR_INLINE void outer_acc_impl(T* acc, const T* coef, const T* X, int64_t ldx, int64_t mb,
                                    int64_t r, int64_t n) {
   const int64_t full = r - r % 4;
   int64_t m = 0;
   for (; m + 8 <= mb; m += 8) {
     int64_t j = 0;
-    for (; j < full; j += 4) outer_tile<8, 4>(acc, coef + m * r, r, j, X + m * ldx, ldx, n);
-    for (; j < r; ++j) outer_tile<8, 1>(acc, coef + m * r, r, j, X + m * ldx, ldx, n);
+    for (; j < full; j += 4) outer_tile<VB, 8, 4>(acc, coef + m * r, r, j, X + m * ldx, ldx, n);
+    for (; j < r; ++j) outer_tile<VB, 8, 1>(acc, coef + m * r, r, j, X + m * ldx, ldx, n);
   }
   for (; m < mb; ++m) {
     int64_t j = 0;
-    for (; j < full; j += 4) outer_tile<1, 4>(acc, coef + m * r, r, j, X + m * ldx, ldx, n);
-    for (; j < r; ++j) outer_tile<1, 1>(acc, coef + m * r, r, j, X + m * ldx, ldx, n);
+    for (; j < full; j += 4) outer_tile<VB, 1, 4>(acc, coef + m * r, r, j, X + m * ldx, ldx, n);
+    for (; j < r; ++j) outer_tile<VB, 1, 1>(acc, coef + m * r, r, j, X + m * ldx, ldx, n);
   }
 }
 
 // Four output vectors accumulated over the K rows of rhs in registers, stored once.
-template <typename T>
+template <int VB, typename T>
 FASTCUR_INLINE void small_k_rows_impl(T* out, int64_t ldo, const T* lhs, const T* rhs, int64_t mb,
                                       int64_t K, int64_t n) {
-  using W = typename Vec<T>::type;
-  constexpr int64_t L = vector_lanes<T>;
+  using W = typename VecN<T, VB>::type;
+  constexpr int64_t L = lanes<T, VB>;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = std::min(n, c0 + kChunk);
     for (int64_t m = 0; m < mb; ++m) {
@@ -318,72 +314,54 @@ FASTCUR_INLINE void small_k_rows_impl(T* out, int64_t ldo, const T* lhs, const T
   }
 }
 
+// The square / strip kernels as IMPLs of FASTCUR_CPU_DISPATCH (first template argument VB).
+template <int VB, typename T>
+FASTCUR_INLINE void outer_square_acc_impl(T* F, const T* coef, const T* X, int64_t ldx, int64_t mb,
+                                          int64_t r, int64_t n, T s) {
+  strips_impl<VB, true>(F, coef, X, ldx, mb, r, n, s, true);
+}
+template <int VB, typename T>
+FASTCUR_INLINE void outer_strip_acc_impl(T* F, const T* coef, const T* X, int64_t ldx, int64_t mb,
+                                         int64_t r, int64_t n, bool add) {
+  strips_impl<VB, false>(F, coef, X, ldx, mb, r, n, T(0), add);
+}
+
 }  // namespace
 
-FASTCUR_CPU_CLONES void outer_acc(float* acc, const float* coef, const float* X, int64_t ldx,
-                                  int64_t mb, int64_t r, int64_t n) {
-  outer_acc_impl(acc, coef, X, ldx, mb, r, n);
-}
-FASTCUR_CPU_CLONES void outer_acc(double* acc, const double* coef, const double* X, int64_t ldx,
-                                  int64_t mb, int64_t r, int64_t n) {
-  outer_acc_impl(acc, coef, X, ldx, mb, r, n);
-}
+// Each kernel for float and double, built per x86-64 level (cpu/simd.h).
+#define FASTCUR_ROW_KERNEL(T)                                                                  \
+  FASTCUR_CPU_DISPATCH(void, outer_acc,                                                        \
+                       (T * acc, const T* coef, const T* X, int64_t ldx, int64_t mb, int64_t r, \
+                        int64_t n),                                                            \
+                       (acc, coef, X, ldx, mb, r, n), outer_acc_impl)                          \
+  FASTCUR_CPU_DISPATCH(void, rows_dot,                                                         \
+                       (T * out, const T* X, int64_t ldx, const T* V, int64_t mb, int64_t r,   \
+                        int64_t n),                                                            \
+                       (out, X, ldx, V, mb, r, n), rows_dot_impl)                              \
+  FASTCUR_CPU_DISPATCH(void, small_k_rows,                                                     \
+                       (T * out, int64_t ldo, const T* lhs, const T* rhs, int64_t mb,          \
+                        int64_t K, int64_t n),                                                 \
+                       (out, ldo, lhs, rhs, mb, K, n), small_k_rows_impl)                      \
+  FASTCUR_CPU_DISPATCH(void, narrow_rows,                                                      \
+                       (T * out, const T* X, int64_t ldx, const T* Vt, int64_t mb, int64_t r,  \
+                        int64_t n),                                                            \
+                       (out, X, ldx, Vt, mb, r, n), narrow_rows_impl)                          \
+  FASTCUR_CPU_DISPATCH(void, narrow_pass,                                                      \
+                       (T * H, T * D, const T* X, int64_t ldx, const T* Vt, const T* coef,     \
+                        int64_t mb, int64_t r, int64_t n, bool add),                           \
+                       (H, D, X, ldx, Vt, coef, mb, r, n, add), narrow_pass_impl)              \
+  FASTCUR_CPU_DISPATCH(void, outer_square_acc,                                                 \
+                       (T * F, const T* coef, const T* X, int64_t ldx, int64_t mb, int64_t r,  \
+                        int64_t n, T s),                                                       \
+                       (F, coef, X, ldx, mb, r, n, s), outer_square_acc_impl)                  \
+  FASTCUR_CPU_DISPATCH(void, outer_strip_acc,                                                  \
+                       (T * F, const T* coef, const T* X, int64_t ldx, int64_t mb, int64_t r,  \
+                        int64_t n, bool add),                                                  \
+                       (F, coef, X, ldx, mb, r, n, add), outer_strip_acc_impl)
 
-FASTCUR_CPU_CLONES void rows_dot(float* out, const float* X, int64_t ldx, const float* V,
-                                 int64_t mb, int64_t r, int64_t n) {
-  rows_dot_impl(out, X, ldx, V, mb, r, n);
-}
-FASTCUR_CPU_CLONES void rows_dot(double* out, const double* X, int64_t ldx, const double* V,
-                                 int64_t mb, int64_t r, int64_t n) {
-  rows_dot_impl(out, X, ldx, V, mb, r, n);
-}
-
-FASTCUR_CPU_CLONES void small_k_rows(float* out, int64_t ldo, const float* lhs, const float* rhs,
-                                     int64_t mb, int64_t K, int64_t n) {
-  small_k_rows_impl(out, ldo, lhs, rhs, mb, K, n);
-}
-FASTCUR_CPU_CLONES void small_k_rows(double* out, int64_t ldo, const double* lhs,
-                                     const double* rhs, int64_t mb, int64_t K, int64_t n) {
-  small_k_rows_impl(out, ldo, lhs, rhs, mb, K, n);
-}
-
-FASTCUR_CPU_CLONES void narrow_rows(float* out, const float* X, int64_t ldx, const float* Vt,
-                                    int64_t mb, int64_t r, int64_t n) {
-  narrow_rows_impl(out, X, ldx, Vt, mb, r, n);
-}
-FASTCUR_CPU_CLONES void narrow_rows(double* out, const double* X, int64_t ldx, const double* Vt,
-                                    int64_t mb, int64_t r, int64_t n) {
-  narrow_rows_impl(out, X, ldx, Vt, mb, r, n);
-}
-
-FASTCUR_CPU_CLONES void narrow_pass(float* H, float* D, const float* X, int64_t ldx,
-                                    const float* Vt, const float* coef, int64_t mb, int64_t r,
-                                    int64_t n, bool add) {
-  narrow_pass_impl(H, D, X, ldx, Vt, coef, mb, r, n, add);
-}
-FASTCUR_CPU_CLONES void narrow_pass(double* H, double* D, const double* X, int64_t ldx,
-                                    const double* Vt, const double* coef, int64_t mb, int64_t r,
-                                    int64_t n, bool add) {
-  narrow_pass_impl(H, D, X, ldx, Vt, coef, mb, r, n, add);
-}
-
-FASTCUR_CPU_CLONES void outer_square_acc(float* F, const float* coef, const float* X, int64_t ldx,
-                                         int64_t mb, int64_t r, int64_t n, float s) {
-  strips_impl<true>(F, coef, X, ldx, mb, r, n, s, true);
-}
-FASTCUR_CPU_CLONES void outer_square_acc(double* F, const double* coef, const double* X,
-                                         int64_t ldx, int64_t mb, int64_t r, int64_t n, double s) {
-  strips_impl<true>(F, coef, X, ldx, mb, r, n, s, true);
-}
-
-FASTCUR_CPU_CLONES void outer_strip_acc(float* F, const float* coef, const float* X, int64_t ldx,
-                                        int64_t mb, int64_t r, int64_t n, bool add) {
-  strips_impl<false>(F, coef, X, ldx, mb, r, n, 0.0f, add);
-}
-FASTCUR_CPU_CLONES void outer_strip_acc(double* F, const double* coef, const double* X,
-                                        int64_t ldx, int64_t mb, int64_t r, int64_t n, bool add) {
-  strips_impl<false>(F, coef, X, ldx, mb, r, n, 0.0, add);
-}
+FASTCUR_ROW_KERNEL(float)
+FASTCUR_ROW_KERNEL(double)
+#undef FASTCUR_ROW_KERNEL
 
 }  // namespace cpu
 }  // namespace fastcur

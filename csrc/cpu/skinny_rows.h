@@ -4,7 +4,8 @@
 //   outer_acc   (acc [r, n], coef [mb, r], X):   acc[j, :] += Σ_m coef[m, j] X[m, :] (coef^T X)
 //   small_k_rows(out, lhs [mb, K], rhs [K, n]):  out[m, :] = Σ_j lhs[m, j] rhs[j, :]  (lhs rhs)
 //   narrow_rows (out [mb, r], X, Vt [n, r]):     out[m, :] = Σ_c X[m, c] Vt[c, :]     (X Vt)
-//                r a multiple of cpu::vector_lanes<T> (cpu/simd.h: 16 floats, 8 doubles)
+//                r a multiple of cpu::vector_lanes<T> (cpu/simd.h: 16 floats, 8 doubles;
+//                a level with narrower vectors takes the group in two or four passes)
 //   narrow_pass (H [mb, r], D [n, r], X, Vt [n, r], coef [mb, r], add):   one pass over X
 //                for H = X Vt and D = X^T coef (added to D when `add`); r as for narrow_rows
 //   outer_square_acc (F [r, n], coef [mb, r], X, s):
@@ -26,10 +27,12 @@
 // keep a row's r channels in vectors and broadcast X's elements (no lane sums, unlike
 // rows_dot), and the strip kernels keep a strip of the product in registers over all rows;
 // on the Fisher's 128 x 1024 examples at r = 16 they run at about 150 GFLOP/s per thread,
-// near MKL's big GEMMs (cpu/lalora.cpp). The loops are
-// cloned for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2 + FMA) with a run-time pick
-// (cpu/simd.h), although the extension is built for the baseline; every level's build is
-// checked by tests/test_cpu_row_kernels_isa.py.
+// near MKL's big GEMMs (cpu/lalora.cpp). Each kernel is built for x86-64-v4 (AVX-512, 64-byte
+// vectors), x86-64-v3 (AVX2 + FMA, 32-byte) and the baseline (SSE2, 16-byte), with register
+// tiles sized for each level's register file, and the level is picked at run time
+// (cpu/simd.h: the CPU's highest, or FASTCUR_CPU_ISA), although the extension is built for
+// the baseline; every level is checked by tests/test_cpu_row_kernels_isa.py. The ops on these
+// kernels choose per shape between them and their ATen formulation (cpu/cpu_choice.h).
 #pragma once
 
 #include <cstdint>

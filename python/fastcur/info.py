@@ -44,7 +44,55 @@ def info() -> dict:
         "triton_interpreter": backend.triton_interpreting(),
         "backend_requested": backend.get_backend(),
         "backend_active": active,
+        "cpu_isa": cpu_isa(),
+        "cpu_schedule": cpu_schedule(),
     }
+
+
+# -- CPU row kernels: x86-64 level and per-shape schedule choice -----------------------------------
+def cpu_isa() -> dict | None:
+    """The x86-64 level the C++ CPU row kernels run at: {"active", "cpu_max", "clones", "env"}.
+
+    Each row kernel is built for AVX-512, AVX2 and the baseline (SSE2); the highest level the
+    CPU runs is active unless the environment variable FASTCUR_CPU_ISA (avx512, avx2 or
+    baseline, read at the kernels' first use) or `set_cpu_isa` asks for a lower one. None
+    without the extension.
+    """
+    if not _extension.available():
+        return None
+    return dict(_extension._C.cpu_isa())
+
+
+def set_cpu_isa(level: str) -> bool:
+    """Run the CPU row kernels at `level` ("avx512", "avx2", "baseline") from now on.
+
+    False (nothing changed) when this CPU does not run that level. Measured schedule choices
+    are cached per level, so switching levels measures again on first use.
+    """
+    if not _extension.available():
+        return False
+    return bool(_extension._C.set_cpu_isa(level))
+
+
+def cpu_schedule() -> dict | None:
+    """The per-shape choices between the row-kernel schedule and the ATen formulation.
+
+    {"mode": "auto" | "kernel" | "aten", "choices": [{"op", "key", "isa", "threads", "choice",
+    "kernel_ms", "aten_ms", "how"}, ...]}. In "auto" (the default; FASTCUR_CPU_SCHEDULE sets
+    another at first use) the first call of an op at a new (shape, dtype, level, threads) times
+    both a few times and keeps the faster; the key lists the shape and dtype.
+    """
+    if not _extension.available():
+        return None
+    out = dict(_extension._C.cpu_schedule())
+    out["choices"] = [dict(c) for c in out["choices"]]
+    return out
+
+
+def set_cpu_schedule(mode: str) -> None:
+    """"auto" (measure per shape), "kernel" or "aten" (force one side); forgets past choices."""
+    if _extension.available():
+        _extension._C.set_cpu_schedule(mode)
 
 
 def format_info(facts: dict | None = None) -> str:
@@ -68,6 +116,20 @@ def format_info(facts: dict | None = None) -> str:
                  + (" (interpreter on)" if f["triton_interpreter"] else ""))
     lines.append(f"  backend        : {f['backend_requested']} -> "
                  + ", ".join(f"{dev}: {name}" for dev, name in f["backend_active"].items()))
+    isa, sched = f.get("cpu_isa"), f.get("cpu_schedule")
+    if isa:
+        how = (f"FASTCUR_CPU_ISA={isa['env']}" if isa["env"] else "the CPU's highest") \
+            if isa["clones"] else "one build"
+        lines.append(f"  CPU row kernels: {isa['active']} clone (CPU runs up to {isa['cpu_max']}; "
+                     f"chosen by {how})")
+    if sched:
+        lines.append(f"  CPU schedules  : {sched['mode']} (kernel vs ATen, "
+                     + ("timed on first use per shape" if sched["mode"] == "auto" else "forced")
+                     + ")")
+        for c in sched["choices"]:
+            lines.append(f"    {c['op']:<22} [{c['key']}] {c['isa']}, {c['threads']} threads: "
+                         f"{c['choice']} ({c['how']}: kernel {c['kernel_ms']:.3g} ms, "
+                         f"ATen {c['aten_ms']:.3g} ms)")
     return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
 // The CPU row kernels (csrc/cpu/skinny_rows.cpp) against a float64 loop, on sizes that reach
 // every register tile and every tail. tests/test_cpu_row_kernels_isa.py compiles this file for
 // each x86-64 level the machine runs (baseline SSE2, AVX2, AVX-512) with the run-time clone
-// pick switched off, so each level's code is checked, not only the one this CPU would pick.
+// pick switched off, so each level's code is checked, not only the one this CPU would pick;
+// and once as the extension builds it (all levels, picked at run time), forcing each level
+// the CPU runs in turn (cpu/simd.h: set_active_isa).
 // Exit status 0 when every result is within tolerance; the worst errors are printed.
 #include "cpu/skinny_rows.cpp"
 
@@ -121,11 +123,12 @@ double worst_error(int64_t mb, int64_t r, int64_t n, unsigned seed) {
 
 }  // namespace
 
-int main() {
+// Every level's kernels over the grid; returns 0 when all are within tolerance.
+int check_all(const char* level) {
   double worst_f = 0.0, worst_d = 0.0;
   unsigned seed = 1;
-  // rows: tiles of 16, 8, 6, 4, 2 and single rows, and none; channels: tiles of 16, 8, 4, 1
-  // and groups of one vector (r = 8 for double, 16 and 32 for both); columns: vector steps
+  // rows: tiles of 16, 12, 8, 4, 2 and single rows, and none; channels: tiles of 16, 8, 4, 2,
+  // 1 and groups of one vector (r = 8 for double, 16 and 32 for both); columns: vector steps
   // and tails.
   for (int64_t mb : {0, 1, 2, 3, 5, 8, 11, 17, 35})
     for (int64_t r : {1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 17, 21, 32})
@@ -133,6 +136,23 @@ int main() {
         worst_f = std::max(worst_f, worst_error<float>(mb, r, n, seed++));
         worst_d = std::max(worst_d, worst_error<double>(mb, r, n, seed++));
       }
-  std::printf("worst relative error: float %.3g, double %.3g\n", worst_f, worst_d);
+  std::printf("%s: worst relative error: float %.3g, double %.3g\n", level, worst_f, worst_d);
   return worst_f < 1e-4 && worst_d < 1e-12 ? 0 : 1;
+}
+
+int main() {
+#if FASTCUR_HAS_CPU_CLONES
+  // Built with the run-time pick: each level's build the CPU runs, forced in turn.
+  using fastcur::cpu::Isa;
+  int rc = 0, ran = 0;
+  for (Isa isa : {Isa::baseline, Isa::avx2, Isa::avx512}) {
+    if (!fastcur::cpu::set_active_isa(isa)) continue;
+    if (fastcur::cpu::active_isa() != isa) return 2;
+    rc |= check_all(fastcur::cpu::isa_name(isa));
+    ++ran;
+  }
+  return ran == 0 ? 3 : rc;
+#else
+  return check_all("this build's -march");
+#endif
 }
