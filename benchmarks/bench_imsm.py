@@ -137,7 +137,8 @@ def imsm_step(case: Case) -> Prepared:
     import fastcur
     from fastcur.backend import resolve
 
-    imsm = fastcur.IMSM(_adapted_llama(case), gate_rank=GATE_RANK, gate_dropout=GATE_DROPOUT).train()
+    imsm = fastcur.IMSM(_adapted_llama(case), gate_rank=GATE_RANK, gate_dropout=GATE_DROPOUT,
+                        train_streams="batched").train()   # the default is sequential on the CPU
     ids, pl, labels = _batch(case)
     return Prepared(lambda: imsm(ids, prompt_lengths=pl, labels=labels).loss, leaves=trainable_parameters(imsm),
                     note=f"weights={_mbytes(imsm):.1f} MiB, gate backend={resolve('imsm_gate', case.device)}")
