@@ -140,3 +140,26 @@ def test_export_errors(tmp_path):
         fastcur.export_peft_adapter(merged, tmp_path)
     with pytest.raises(ValueError, match="no fastcur adapter layer"):
         fastcur.export_peft_adapter(tiny_lm(), tmp_path)
+
+
+def test_a_peft_adapter_loads_as_a_named_adapter_beside_others(tmp_path):
+    base = tiny_lm()
+    peft_model = _peft_dir(tmp_path, base, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    model = fastcur.inject(copy.deepcopy(base), fastcur.CURLoRAConfig(rank=3, target_modules=["q_proj"]),
+                           adapter_name="cur")
+    perturb_adapters(model, seed=8)
+    x = ids()
+    cur_out = model(x)
+    other = fastcur.inject(tiny_lm(n=1), fastcur.LoRAConfig(rank=2), adapter_name="a")
+    with pytest.raises(ValueError, match="module 'layers.1.q_proj' does not exist"):
+        fastcur.load_peft_adapter(other, tmp_path, adapter_name="peft")
+    assert fastcur.adapter_names(other) == ["a"] and type(other.layers[0].q_proj) is fastcur.LoRALinear
+    fastcur.load_peft_adapter(model, tmp_path, adapter_name="peft")
+    assert fastcur.adapter_names(model) == ["cur", "peft"] and fastcur.active_adapter(model) == "peft"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), peft_model(x))
+    fastcur.set_adapter(model, "cur")
+    torch.testing.assert_close(model(x), cur_out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="already holds an adapter named 'peft'"):
+        fastcur.load_peft_adapter(model, tmp_path, adapter_name="peft")
+    assert fastcur.active_adapter(model) == "cur"

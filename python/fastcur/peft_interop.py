@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .inject import CONFIG_ATTR, _set_module, adapter_modules, freeze_base, unwrap
+from .inject import adapter_modules, unwrap
 from .modules.lora_linear import LoRALinear
+from .named_adapters import DEFAULT_ADAPTER, add, check_adapter_name, check_unmerged, show, store_of
 from ._atomic import atomic_folder
 from .adapter_files import ADAPTER_FILES, load_json
 
@@ -85,21 +86,42 @@ def _read_peft_tensors(directory: str) -> tuple[str, dict[str, torch.Tensor]]:
                             f"{' nor '.join(WEIGHTS_NAMES)}")
 
 
-def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
+                      adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Put `LoRALinear` layers holding a PEFT LoRA adapter into `model` (its base model: the
     module PEFT wrapped, not a PeftModel) and return it; outputs equal PEFT's on the same base.
     Freezes everything but the LoRA tensors, as `fastcur.inject` does, and records a
-    `LoRAConfig` (r, lora_alpha, lora_dropout, use_rslora; target_modules = the modules)."""
+    `LoRAConfig` (r, lora_alpha, lora_dropout, use_rslora; target_modules = the modules).
+    `adapter_name` (default "default"): the name it gets beside the model's other fastcur
+    adapters (`fastcur.named_adapters`); it becomes the active one. On error the model is left
+    as it was."""
+    caller = "fastcur.load_peft_adapter"
     if not isinstance(model, nn.Module):
-        raise TypeError(f"fastcur.load_peft_adapter: model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{caller}: model must be an nn.Module, got {type(model).__name__}")
     if type(model).__name__.startswith("PeftModel") or hasattr(model, "peft_config"):
-        raise TypeError("fastcur.load_peft_adapter: model is a PEFT model; pass the base model "
+        raise TypeError(f"{caller}: model is a PEFT model; pass the base model "
                         "(peft_model.get_base_model() after unloading, or a fresh one)")
-    present = adapter_modules(model)
-    if present:
-        raise ValueError(f"fastcur.load_peft_adapter: the model already holds {len(present)} fastcur adapter "
-                         f"layer(s) ({', '.join(list(present)[:4])}); load into a model without adapters")
-    directory = os.fspath(directory)
+    adapter_name = check_adapter_name(adapter_name, caller)
+    store = store_of(model)
+    previous = store.active if store is not None else None
+    if store is not None:
+        if adapter_name in store.adapters:
+            raise ValueError(f"{caller}: the model already holds an adapter named {adapter_name!r}; pass another "
+                             f"adapter_name, or fastcur.delete_adapter(model, {adapter_name!r}) first")
+        check_unmerged(store, caller)
+        show(model, store, None)          # the PEFT adapter goes onto the base modules
+    try:
+        config, built = _peft_layers(model, os.fspath(directory))
+    except BaseException:
+        if store is not None:
+            show(model, store, previous)
+        raise
+    add(model, adapter_name, config, built, {})
+    return model
+
+
+def _peft_layers(model: nn.Module, directory: str) -> tuple[LoRAConfig, dict[str, LoRALinear]]:
+    """The LoRAConfig and LoRALinear layers (built off the model) of a PEFT LoRA directory."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"fastcur.load_peft_adapter: no adapter directory at {directory!r}")
     config = _read_peft_config(directory)
@@ -165,14 +187,9 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
         for p, flag in grad_state:
             p.requires_grad_(flag)
         raise
-    for name, layer in built.items():
-        _set_module(model, name, layer)
-    freeze_base(model)
-    setattr(model, CONFIG_ATTR, LoRAConfig(rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
-                                           dropout=float(config.get("lora_dropout", 0.0) or 0.0),
-                                           use_rslora=bool(config.get("use_rslora", False)),
-                                           target_modules=list(built)))
-    return model
+    return LoRAConfig(rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
+                      dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+                      use_rslora=bool(config.get("use_rslora", False)), target_modules=list(built)), built
 
 
 def _exact_pattern(name: str) -> str:
