@@ -8,7 +8,7 @@ CUDA_VENV   ?= .venv-cuda
 TORCH_CUDA  ?= torch==2.14.1
 export MAX_JOBS ?= 2
 
-.PHONY: all setup install test test-fast demo bench bench-pytest cuda-check clean
+.PHONY: all setup install test test-fast demo bench bench-pytest cuda-check gpu-check clean
 
 all: test
 
@@ -45,6 +45,12 @@ bench-pytest: setup
 # build), then assert every fastcur op has a CUDA kernel registered. See .ci/cuda-check.sh.
 cuda-check:
 	PYTHON=$(PYTHON) CUDA_VENV=$(CUDA_VENV) TORCH_CUDA="$(TORCH_CUDA)" bash .ci/cuda-check.sh
+
+# On a GPU machine: CUDA build, the `cuda` tests, every benchmark at GPU shapes, the model step,
+# gpu-report/summary.md. Without a GPU it checks what it can and exits 2 (.ci/gpu-check.sh).
+gpu-check:
+	MAX_JOBS=$${GPU_CHECK_JOBS:-$$(nproc)} PYTHON=$(PYTHON) CUDA_VENV=$(CUDA_VENV) TORCH_CUDA="$(TORCH_CUDA)" \
+	  bash .ci/gpu-check.sh
 
 clean:
 	rm -rf build *.egg-info python/fastcur/*.so

@@ -34,7 +34,11 @@ A workload is a zero-argument `forward()` returning the output. Mode "fwd" runs 
 autograd recording (the input requires grad, as in training) and drops the result; "fwd+bwd"
 runs it and `y.backward(grad_out)` with a fixed random `grad_out`, after setting `.grad = None`
 on every leaf it declares (input and trainable parameters), so gradients never accumulate;
-"infer" runs it under `torch.no_grad()` with an input that does not require grad.
+"infer" runs it under `torch.no_grad()` with an input that does not require grad; "train" calls it
+as it is: the workload is one whole training step (its own forward, backward and optimizer step).
+A benchmark may declare a throughput unit (`Benchmark.throughput`, e.g. tokens per call): the
+table and JSON then carry `<unit>/s`. Named presets (`Benchmark.sizes`, picked with `--size`) set
+the default shapes, dtypes and device at once (e.g. `fastcur bench model --size gpu`).
 
 Output: a table on stdout, `<out>/<name>.json`, and `<out>/<name>.png` (time ratio against the
 floor, per provider per case; matplotlib, Agg backend).
@@ -61,7 +65,7 @@ import torch
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-MODES = ("fwd", "fwd+bwd", "infer")
+MODES = ("fwd", "fwd+bwd", "infer", "train")
 MIN_REPS = 5
 DEFAULT_REPS = 10
 WARMUP_CALLS = 3
@@ -80,7 +84,7 @@ class Case:
     shape: dict                 # e.g. {"M": 2048, "n": 2048, "k": 2048, "r": 16}
     dtype: torch.dtype
     device: torch.device
-    mode: str                   # "fwd", "fwd+bwd" or "infer"
+    mode: str                   # "fwd", "fwd+bwd", "infer" or "train"
     seed: int = 0
 
     @property
@@ -120,6 +124,8 @@ class Benchmark:
     modes: tuple = ("fwd", "fwd+bwd")
     flops: Callable[[Case], float] | None = None  # useful work of one call (of the floor), for TFLOP/s
     details: dict = field(default_factory=dict)   # free-form facts written into the JSON
+    throughput: tuple[str, Callable[[Case], float]] | None = None  # (unit, units per call), e.g. tokens
+    sizes: dict = field(default_factory=dict)     # --size presets: name -> {"shapes", "dtypes", "device"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +222,7 @@ def make_step(prepared: Prepared, case: Case) -> Callable[[], None]:
             with torch.no_grad():
                 forward()
         return step
-    if case.mode == "fwd":
+    if case.mode in ("fwd", "train"):
         def step():
             forward()
         return step
@@ -520,6 +526,8 @@ def run_case(bench: Benchmark, case: Case, providers: list[str], reps: int, meas
             r["calls_per_sample"] = inner
             if flops:
                 r["tflops"] = flops / median / 1e12
+            if bench.throughput:
+                r["throughput_per_s"] = bench.throughput[1](case) / median
         if measure_memory:
             for name, step in steps.items():
                 for t in keep[name].leaves:
@@ -572,8 +580,10 @@ def parse_shapes(bench: Benchmark, specs: Sequence[str]) -> list[tuple]:
 
 
 def make_cases(bench: Benchmark, args, device: torch.device) -> list[Case]:
-    shapes = parse_shapes(bench, args.shapes) if args.shapes else (bench.quick_shapes if args.quick else bench.shapes)
-    dtypes = args.dtype or (bench.quick_dtypes if args.quick else bench.dtypes)
+    size = bench.sizes.get(getattr(args, "size", None) or "", {})
+    shapes = (parse_shapes(bench, args.shapes) if args.shapes else size.get("shapes")
+              or (bench.quick_shapes if args.quick else bench.shapes))
+    dtypes = args.dtype or size.get("dtypes") or (bench.quick_dtypes if args.quick else bench.dtypes)
     modes = args.modes or bench.modes
     return [Case(dict(zip(bench.shape_fields, shape)), DTYPES[d], device, mode, args.seed)
             for mode in modes for d in dtypes for shape in shapes]
@@ -583,6 +593,10 @@ def _fmt_ratio(x) -> str:
     return "-" if x is None else f"{x:.3f}x"
 
 
+def _fmt_rate(x) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
 def _short(name: str) -> str:
     return name if len(name) <= 18 else name[:17] + "…"
 
@@ -590,16 +604,19 @@ def _short(name: str) -> str:
 def format_table(bench: Benchmark, report: dict) -> str:
     """A plain-text table: one block per case, one row per provider."""
     ratio_cols = [f"vs {_short(b)}" for b in bench.baselines]
-    head = ["provider", "time ms", "vs floor", *ratio_cols, "peak MiB", "note"]
+    unit = [f"{bench.throughput[0]}/s"] if bench.throughput else []
+    head = ["provider", "time ms", *unit, "vs floor", *ratio_cols, "peak MiB", "note"]
     lines = []
     for res in report["results"]:
         rows = []
         for name, r in res["providers"].items():
             if r["status"] != "ok":
-                rows.append([name, r["status"], "", *["" for _ in ratio_cols], "", r.get("reason", "")])
+                rows.append([name, r["status"], *["" for _ in unit], "", *["" for _ in ratio_cols], "",
+                             r.get("reason", "")])
                 continue
             mem = r.get("peak_mem_bytes")
-            rows.append([name, f"{r['time_ms']:.3f}", _fmt_ratio(r.get("ratio_vs_floor")),
+            rows.append([name, f"{r['time_ms']:.3f}", *[_fmt_rate(r.get("throughput_per_s")) for _ in unit],
+                         _fmt_ratio(r.get("ratio_vs_floor")),
                          *[_fmt_ratio(r["ratios"].get(b)) for b in bench.baselines],
                          "-" if mem is None else f"{mem / 2**20:.1f}", r.get("note", "")])
         widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
@@ -617,7 +634,8 @@ def format_table(bench: Benchmark, report: dict) -> str:
 def format_markdown(report: dict, cases: Sequence[dict] | None = None) -> str:
     """One markdown table for a report (or the chosen results): a row per case and provider."""
     baselines = report["baselines"]
-    head = ["case", "provider", "time ms", "x floor", *[f"x {b}" for b in baselines], "peak MiB"]
+    unit = [f"{report['throughput_unit']}/s"] if report.get("throughput_unit") else []
+    head = ["case", "provider", "time ms", *unit, "x floor", *[f"x {b}" for b in baselines], "peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in cases if cases is not None else report["results"]:
         for name, r in res["providers"].items():
@@ -626,7 +644,8 @@ def format_markdown(report: dict, cases: Sequence[dict] | None = None) -> str:
                              + " |" * (len(head) - 3))
                 continue
             mem = r.get("peak_mem_bytes")
-            cells = [res["label"], name, f"{r['time_ms']:.2f}", _fmt_ratio(r.get("ratio_vs_floor")),
+            cells = [res["label"], name, f"{r['time_ms']:.2f}", *[_fmt_rate(r.get("throughput_per_s")) for _ in unit],
+                     _fmt_ratio(r.get("ratio_vs_floor")),
                      *[_fmt_ratio(r["ratios"].get(b)) for b in baselines],
                      "-" if mem is None else f"{mem / 2**20:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
@@ -714,12 +733,13 @@ def run_benchmark(bench: Benchmark, args, device: torch.device, partial_path: Pa
         "focus": bench.focus,
         "shape_fields": list(bench.shape_fields),
         "baselines": list(bench.baselines),
+        "throughput_unit": bench.throughput[0] if bench.throughput else None,
         "providers": providers,
         "details": bench.details,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "fastcur bench " + " ".join(args.argv),
         "settings": {"device": str(device), "threads": torch.get_num_threads(), "reps": args.reps,
-                     "quick": args.quick, "warmup": f">= {WARMUP_CALLS} calls and {args.warmup} s",
+                     "quick": args.quick, "size": getattr(args, "size", None), "warmup": f">= {WARMUP_CALLS} calls and {args.warmup} s",
                      "timer": "triton.testing.do_bench (median)" if device.type == "cuda"
                      else "time.perf_counter, median, round-robin over providers",
                      "min_sample_s": MIN_SAMPLE_SECONDS},
@@ -766,8 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtypes (default: the benchmark's; --quick: float32)")
     p.add_argument("--shapes", nargs="+", default=None, metavar="M,n,k,r",
                    help="shapes as comma-separated integers in the benchmark's order (default: its grid)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=None, help="modes (default: fwd fwd+bwd)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None, help="modes (default: the benchmark's, e.g. fwd fwd+bwd)")
     p.add_argument("--quick", action="store_true", help="the small grid (about a minute on 2 cores)")
+    p.add_argument("--size", default=None, metavar="NAME",
+                   help="a benchmark's named preset of shapes, dtypes and device (e.g. `model --size cpu|gpu`)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--reps", type=int, default=DEFAULT_REPS, help=f"timed samples per provider (>= {MIN_REPS})")
     p.add_argument("--warmup", type=float, default=WARMUP_SECONDS, metavar="SECONDS",
@@ -809,6 +831,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads < 1:
         print(f"fastcur bench: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
+    if args.size:
+        try:
+            sized = [load_benchmark(n) for n in (args.names or available_benchmarks())]
+        except LookupError as exc:
+            print(f"fastcur bench: error: {exc.args[0]}", file=sys.stderr)
+            return 2
+        lacking = [b.name for b in sized if args.size not in b.sizes]
+        if lacking:
+            print(f"fastcur bench: error: --size {args.size}: benchmark(s) {', '.join(lacking)} have no such "
+                  f"preset" + "".join(f"; {b.name}: {', '.join(b.sizes) or 'none'}" for b in sized), file=sys.stderr)
+            return 2
+        devices = {b.sizes[args.size].get("device") for b in sized} - {None}
+        if args.device == "auto" and len(devices) == 1:
+            args.device = devices.pop()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
