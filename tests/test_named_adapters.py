@@ -180,3 +180,17 @@ def test_switching_a_sharded_model_is_refused():
     del weight.full_tensor
     assert fastcur.active_adapter(model) == "b"
     torch.testing.assert_close(model(ids()), out_b, rtol=0, atol=0)
+
+
+def test_modules_swapped_outside_the_api_are_described_afresh(tmp_path):
+    # IncLoRA swaps its task layers itself: the adapters then are what the model holds
+    model, _, _, _ = two_adapters()
+    layer = fastcur.LoRALinear.from_linear(torch.nn.Linear(24, 24), rank=2)
+    model.layers[0].q_proj = layer
+    for name in ("layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj"):
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, torch.nn.Linear(24, 24).requires_grad_(False))
+    assert fastcur.adapter_names(model) == ["default"]
+    assert fastcur.named_adapters.store_of(model).adapters["default"].layers == {"layers.0.q_proj": layer}
+    fastcur.save_adapter(model, tmp_path)
+    assert list(fastcur.read_adapter_config(tmp_path)["layers"]) == ["layers.0.q_proj"]

@@ -73,19 +73,27 @@ def store_of(model: nn.Module) -> AdapterStore | None:
     `load_peft_adapter`, an older fastcur) are adopted as the adapter "default"."""
     from .inject import CONFIG_ATTR, _plain_linear, adapter_modules
     store = vars(model).get(STORE_ATTR)
-    if store is not None:
-        return store
     layers = adapter_modules(model)
+    if store is not None and (store.active is None or _current(store, layers)):
+        return store
+    # no store, or one that code outside fastcur's API (IncLoRA's task switch) made stale by
+    # swapping modules itself: describe what the model holds now
+    vars(model).pop(STORE_ATTR, None)
     if not layers:
         return None
     store = AdapterStore()
     for name, layer in layers.items():
-        store.bases[name] = layer.to_base_layer() if callable(getattr(layer, "to_base_layer", None)) \
-            else _plain_linear(layer)
+        store.bases[name] = _plain_linear(layer)
     store.adapters[DEFAULT_ADAPTER] = NamedAdapter(getattr(model, CONFIG_ATTR, None), dict(layers))
     store.active = DEFAULT_ADAPTER
     vars(model)[STORE_ATTR] = store
     return store
+
+
+def _current(store: AdapterStore, layers: dict[str, AdapterLinear]) -> bool:
+    """Whether the model's adapter layers `layers` are exactly the active adapter's."""
+    held = store.adapters[store.active].layers
+    return held.keys() == layers.keys() and all(held[n] is layers[n] for n in held)
 
 
 def show(model: nn.Module, store: AdapterStore, adapter: str | None) -> None:
