@@ -85,11 +85,11 @@ TORCH_LIBRARY(fastcur, m) {
   // before the one contraction with A and B. grad_ella [].
   m.def(
       "jump_linear_ella(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor log_theta, "
-      "float scale, Tensor W_past, float f, float bandwidth, bool mean) -> (Tensor, Tensor)");
+      "float scale, Tensor W_past, float f, float bandwidth, bool mean, float ella_f) -> (Tensor, Tensor)");
   m.def(
       "jump_linear_ella_bwd(Tensor grad_y, Tensor grad_ella, Tensor x, Tensor weight, Tensor A, "
       "Tensor B, Tensor log_theta, float scale, Tensor W_past, float f, float bandwidth, bool mean, "
-      "bool need_dx, bool need_adapter) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool need_dx, bool need_adapter, float ella_f) -> (Tensor, Tensor, Tensor, Tensor)");
   // Rank-gated: y = x W^T + b + scale g B^T, g = h 1[h > θ_j], h = x A^T; log_theta [r].
   // Returns (y, h) (h saved for the backward).
   m.def(
@@ -100,11 +100,12 @@ TORCH_LIBRARY(fastcur, m) {
       "jump_rank_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor A, Tensor B, "
       "Tensor log_theta, Tensor h, float scale, float bandwidth, bool need_dx) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-  // ELLA: ‖scale J(B A) ⊙ W_past‖², W_past [n, k], hard mask; bwd returns (dA, dB) times grad.
-  m.def("ella_penalty(Tensor A, Tensor B, Tensor log_theta, Tensor W_past, float scale) -> Tensor");
+  // ELLA: ‖scale (f J(Z) + (1 - f) Z) ⊙ W_past‖², Z = B A, W_past [n, k], hard mask (f = 1:
+  // the masked delta); bwd returns (dA, dB) times grad.
+  m.def("ella_penalty(Tensor A, Tensor B, Tensor log_theta, Tensor W_past, float scale, float f) -> Tensor");
   m.def(
       "ella_penalty_bwd(Tensor grad, Tensor A, Tensor B, Tensor log_theta, Tensor W_past, "
-      "float scale) -> (Tensor, Tensor)");
+      "float scale, float f) -> (Tensor, Tensor)");
   // IMSM (docs/methods.md, IMSM). h, h_tuned [B, T, d], q, q_tuned [B, d], W_A [4d, r], W_B [r, d],
   // hidden_mask [B, T, r]? (gate dropout on the r-wide hidden, pre-scaled). Returns
   // (h' + g (h - h') [B, T, d], z [B, T, r]: the masked hidden, float32/float64, for the backward).

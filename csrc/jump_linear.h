@@ -8,15 +8,18 @@
 // float32 for half inputs). The dense parts go through ATen GEMMs (MKL/oneDNN, cuBLAS); each
 // device supplies the elementwise tile primitives:
 //
-//   build_weff(out [b, k], W [b, k], Z [b, k], log_theta, s, f, Wp [b, k]?, ella [] acc?)
+//   build_weff(out [b, k], W [b, k], Z [b, k], log_theta, s, f, Wp [b, k]?, ella [] acc?, fe)
 //       out = W + s (f J(Z) + (1 - f) Z), J(Z) = Z 1[|Z| > θ];
-//       with ELLA's W_past tile Wp (else undefined): ella += Σ (s Z m Wp)², m = 1[|Z| > θ]
+//       with ELLA's W_past tile Wp (else undefined): ella += Σ (s Z e Wp)²
 //   grad_tile(dZ [b, k] acc, T [b, k], Z [b, k], log_theta, s, f, eps, th_acc [] acc,
-//             Wp [b, k]?, c [] acc?)
-//       G = s T (T = the dy^T x tile), dZ = G (f 1[|Z| > θ] + 1 - f) (+ c 2 s² m Z Wp²),
+//             Wp [b, k]?, c [] acc?, fe)
+//       G = s T (T = the dy^T x tile), dZ = G (f 1[|Z| > θ] + 1 - f) (+ c 2 s² e² Z Wp²),
 //       th_acc += f (θ/ε) Σ G (−K((Z−θ)/ε) + K((−Z−θ)/ε))
-//   ella_tile(Z [b, k], Wp [b, k], log_theta, s, val_acc [] acc, dZ [b, k] acc or undefined)
-//       val_acc += Σ (s Z m Wp)², dZ = 2 s² m Z Wp² (m = 1[|Z| > θ], hard)
+//   ella_tile(Z [b, k], Wp [b, k], log_theta, s, fe, val_acc [] acc, dZ [b, k] acc or undefined)
+//       val_acc += Σ (s Z e Wp)², dZ = 2 s² e² Z Wp²
+// ELLA's delta is s (fe J(Z) + (1 - fe) Z) = s Z e with e = fe 1[|Z| > θ] + 1 - fe (the mask
+// is hard: nothing reaches θ): fe = f is the released "interpolated" delta, fe = 1 the hard-masked
+// s J(Z) ("masked").
 //   finish_theta(th_acc [], log_theta, denom) -> dlog_theta shaped like log_theta:
 //       θ th_acc / denom
 #pragma once
@@ -80,7 +83,8 @@ at::Tensor jump_linear_forward(const at::Tensor& x, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const at::Tensor& A,
                                const at::Tensor& B, const at::Tensor& log_theta, double scale,
                                double f, int64_t tile_elems, BuildWeff build_weff,
-                               const at::Tensor& Wp = {}, at::Tensor* ella = nullptr) {
+                               const at::Tensor& Wp = {}, at::Tensor* ella = nullptr,
+                               double ella_f = 1.0) {
   check_jump_linear_args(x, weight, bias, A, B, log_theta);
   const int64_t n = weight.size(0), k = weight.size(1);
   const auto acc = jump_acc_type(weight.scalar_type());
@@ -96,7 +100,7 @@ at::Tensor jump_linear_forward(const at::Tensor& x, const at::Tensor& weight,
     at::mm_out(z, B_acc.narrow(0, i0, b), A_acc);
     at::Tensor out = weff.narrow(0, i0, b);
     build_weff(out, W.narrow(0, i0, b), z, log_theta, scale, f,
-               Wp.defined() ? Wp.narrow(0, i0, b) : at::Tensor(), val);
+               Wp.defined() ? Wp.narrow(0, i0, b) : at::Tensor(), val, ella_f);
   }
   if (ella != nullptr) *ella = val;
   if (bias.has_value()) return at::addmm(*bias, x, weff.t());
@@ -114,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_backward(
     const at::Tensor& B, const at::Tensor& log_theta, double scale, double f, double bandwidth,
     bool mean, bool need_dx, bool need_adapter, int64_t tile_elems, BuildWeff build_weff,
     GradTile grad_tile, FinishTheta finish_theta, const at::Tensor& Wp = {},
-    const at::Tensor& ella_coef = {}) {
+    const at::Tensor& ella_coef = {}, double ella_f = 1.0) {
   check_jump_linear_args(x, weight, c10::nullopt, A, B, log_theta);
   const int64_t M = x.size(0), n = weight.size(0), k = weight.size(1), r = A.size(0);
   check_matrix(grad_y, "grad_y", M, n);
@@ -141,12 +145,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_backward(
     at::mm_out(z, B_blk, A_acc);                            // Z tile      [b, k]
     if (need_dx) {
       at::Tensor out = weff.narrow(0, i0, b), no_val;
-      build_weff(out, W.narrow(0, i0, b), z, log_theta, scale, f, at::Tensor(), no_val);
+      build_weff(out, W.narrow(0, i0, b), z, log_theta, scale, f, at::Tensor(), no_val, ella_f);
     }
     if (!need_adapter) continue;
     at::mm_out(t, dy.narrow(1, i0, b).t(), xc);             // dy^T x tile [b, k]
     grad_tile(dz, t, z, log_theta, scale, f, bandwidth, th_acc,   // dL/dZ tile (may alias t)
-              Wp.defined() ? Wp.narrow(0, i0, b) : at::Tensor(), ella_coef);
+              Wp.defined() ? Wp.narrow(0, i0, b) : at::Tensor(), ella_coef, ella_f);
     at::Tensor dB_blk = dB.narrow(0, i0, b);
     at::mm_out(dB_blk, dz, A_acc.t());                      // dB[blk] = dZ A^T
     dA.addmm_(B_blk.t(), dz);                               // dA += B[blk]^T dZ
@@ -164,12 +168,12 @@ inline void check_ella_args(const at::Tensor& A, const at::Tensor& B, const at::
   check_jump_factors(W_past, W_past.size(0), W_past.size(1), A, B, log_theta, -1);
 }
 
-// ‖s J(B A) ⊙ W_past‖², and (when want_grad) its gradients w.r.t. A and B scaled by `grad`,
-// block by block like the backward above.
+// ‖s Z e ⊙ W_past‖² (e of ELLA's delta above, fe = ella_f), and (when want_grad) its gradients
+// w.r.t. A and B, block by block like the backward above.
 template <typename EllaTile>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ella_schedule(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& log_theta,
-    const at::Tensor& W_past, double scale, bool want_grad, int64_t tile_elems,
+    const at::Tensor& W_past, double scale, double ella_f, bool want_grad, int64_t tile_elems,
     EllaTile ella_tile) {
   check_ella_args(A, B, log_theta, W_past);
   const int64_t n = W_past.size(0), k = W_past.size(1), r = A.size(0);
@@ -188,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ella_schedule(
     const at::Tensor B_blk = B_acc.narrow(0, i0, b);
     at::mm_out(z, B_blk, A_acc);
     at::Tensor dz = want_grad ? dz_buf.narrow(0, 0, b) : at::Tensor();
-    ella_tile(z, Wp.narrow(0, i0, b), log_theta, scale, val, dz);
+    ella_tile(z, Wp.narrow(0, i0, b), log_theta, scale, ella_f, val, dz);
     if (want_grad) {
       at::Tensor dB_blk = dB.narrow(0, i0, b);
       at::mm_out(dB_blk, dz, A_acc.t());

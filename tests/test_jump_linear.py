@@ -211,17 +211,19 @@ def _w_past(n, k, seed):
             .to(torch.bfloat16).double())
 
 
-def run_ella(backend, scale, f, bw, W_past):
+def run_ella(backend, scale, f, bw, W_past, ella_delta="interpolated"):
     def fn(x, W, b, A, B, lt):
         with fastcur.use_backend(backend):
-            y, p = fastcur.ops.jump_linear_ella(x, W, b, A, B, lt, scale, W_past.to(W.dtype), f, bw)
+            y, p = fastcur.ops.jump_linear_ella(x, W, b, A, B, lt, scale, W_past.to(W.dtype), f, bw,
+                                                ella_delta=ella_delta)
         return torch.cat([y.flatten(), 3.0 * p.reshape(1)])   # one output: grads through both
     return fn
 
 
-def ref_ella(scale, f, bw, W_past):
+def ref_ella(scale, f, bw, W_past, ella_delta="interpolated"):
     def fn(x, W, b, A, B, lt):
-        y, p = reference.jump_linear_ella(x, W, b, A, B, lt, scale, W_past.to(W.dtype), f, bw)
+        y, p = reference.jump_linear_ella(x, W, b, A, B, lt, scale, W_past.to(W.dtype), f, bw,
+                                          ella_delta=ella_delta)
         return torch.cat([y.flatten(), 3.0 * p.reshape(1)])
     return fn
 
@@ -229,25 +231,27 @@ def ref_ella(scale, f, bw, W_past):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
-def test_ella_fused_matches_reference_all_grads(backend, dtype, shape):
+@pytest.mark.parametrize("ella_delta", ["interpolated", "masked"])
+def test_ella_fused_matches_reference_all_grads(backend, dtype, shape, ella_delta):
     lowp = dtype in (torch.bfloat16, torch.float16)
     inputs, bw, _ = jump_inputs(*shape, gap=lowp, seed=sum(shape[1:]) + 1)
     Wp = _w_past(shape[2], shape[1], seed=len(shape[0]))
-    check_against_reference(run_ella(backend, 1.5, 0.6, bw, Wp), ref_ella(1.5, 0.6, bw, Wp), inputs,
-                            dtype, names=NAMES)
+    check_against_reference(run_ella(backend, 1.5, 0.6, bw, Wp, ella_delta),
+                            ref_ella(1.5, 0.6, bw, Wp, ella_delta), inputs, dtype, names=NAMES)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ella_fused_equals_the_two_separate_ops(backend):
+@pytest.mark.parametrize("ella_delta", ["interpolated", "masked"])
+def test_ella_fused_equals_the_two_separate_ops(backend, ella_delta):
     """(y, p) and the gradients of y·dy + c p equal jump_linear and ella_penalty run apart."""
     (x, W, b, A, B, lt), bw, _ = jump_inputs((13,), 30, 26, 4, gap=False, seed=7)
     Wp = _w_past(26, 30, seed=2)
     dy = torch.randn(13, 26, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with fastcur.use_backend(backend):
-        y, p = fastcur.ops.jump_linear_ella(x, W, b, A, B, lt, 2.0, Wp, 0.7, bw)
+        y, p = fastcur.ops.jump_linear_ella(x, W, b, A, B, lt, 2.0, Wp, 0.7, bw, ella_delta=ella_delta)
         fused = torch.autograd.grad((y * dy).sum() + 0.37 * p, [x, A, B, lt])
         y2 = fastcur.ops.jump_linear(x, W, b, A, B, lt, 2.0, 0.7, bw)
-        p2 = fastcur.ops.ella_penalty(A, B, lt, Wp, 2.0)
+        p2 = fastcur.ops.ella_penalty(A, B, lt, Wp, 2.0, 0.7, ella_delta)
         apart = torch.autograd.grad((y2 * dy).sum() + 0.37 * p2, [x, A, B, lt])
     assert p.item() > 0
     torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
@@ -261,7 +265,7 @@ def test_ella_fused_opcheck_and_gradcheck():
     (x, W, b, A, B, lt), bw, _ = jump_inputs((5,), 9, 8, 2, gap=True, seed=4)
     Wp = _w_past(8, 9, seed=1)
     args = (x.float().requires_grad_(), W.float(), b.float(), A.float().requires_grad_(),
-            B.float().requires_grad_(), lt.float().requires_grad_(), 1.5, Wp.float(), 0.5, bw, True)
+            B.float().requires_grad_(), lt.float().requires_grad_(), 1.5, Wp.float(), 0.5, bw, True, 0.5)
     torch.library.opcheck(torch.ops.fastcur.jump_linear_ella.default, args)
     lt.requires_grad_(False)   # straight-through, not a derivative (checked against the formula above)
     assert torch.autograd.gradcheck(run_ella("cpp", 0.5, 0.7, bw, Wp), (x, W, b, A, B, lt))
@@ -273,7 +277,7 @@ def test_ella_fused_opcheck_triton():
     (x, W, b, A, B, lt), bw, _ = jump_inputs((5,), 9, 8, 2, gap=True, seed=4)
     args = (x.float().requires_grad_(), W.float(), b.float(), A.float().requires_grad_(),
             B.float().requires_grad_(), lt.float().requires_grad_(), 1.5, _w_past(8, 9, 1).float(),
-            0.5, bw, True)
+            0.5, bw, True, 0.5)
     torch.library.opcheck(_triton_ella_op(), args)
 
 

@@ -49,7 +49,7 @@ def test_from_linear_shares_storage_names_and_starts_at_base():
     lin = nn.Linear(40, 30)
     m = fastcur.JumpLoRALinear.from_linear(lin)
     assert m.weight is lin.weight and m.bias is lin.bias
-    assert m.rank == 8 and m.scaling == 4.0 and m.f == 1.0
+    assert m.rank == 8 and m.scaling == 4.0 and m.f == 0.0
     assert m.threshold.log_theta.item() == pytest.approx(-4.7)
     assert sorted(n for n, p in m.named_parameters() if p.requires_grad) == [
         "lora_A.weight", "lora_B.weight", "threshold.log_theta"]
@@ -147,7 +147,7 @@ def test_inclora_scopes(scope, count):
     assert len(mgr.parameters()) == 2 * 3 + count
 
 
-def test_inclora_target_modules_and_reset_at_first_f_step():
+def test_inclora_target_modules_and_reset_at_the_released_step():
     model = MLP()
     mgr = fastcur.IncLoRA(model, target_modules=["fc"])
     mgr.start_task(total_steps=10)
@@ -156,10 +156,11 @@ def test_inclora_target_modules_and_reset_at_first_f_step():
     for m in mgr.layers().values():
         assert m.f == 0.0
         trained(m)
-    fs = [mgr.step() for _ in range(3)]
-    assert fs[:2] == [0.0, 0.0] and fs[2] > 0
-    lt = next(iter(mgr.layers().values())).threshold.log_theta.item()
-    assert lt != pytest.approx(-4.7)  # reset happened at the step where f became > 0
+    threshold = next(iter(mgr.layers().values())).threshold
+    assert mgr.step() == 0.0 and threshold.log_theta.item() == pytest.approx(-4.7)
+    assert mgr.step() == 0.0                # step int(0.2 * 10) = 2: the released reset, f still 0
+    assert threshold.log_theta.item() != pytest.approx(-4.7)
+    assert mgr.step() == pytest.approx(1 / 6)
 
 
 def test_end_task_merges_exactly_and_removes_adapters():
@@ -203,8 +204,10 @@ def test_ella_value_and_gradients():
         with torch.no_grad():
             m.threshold.log_theta.fill_(-2.5)
     P = fastcur.ella_penalty(model)
+    assert all(m.f == 0.0 for m in layers.values())     # before the ramp: the interpolated delta is s Z
     want = sum(reference.ella_penalty(m.lora_A.weight, m.lora_B.weight, m.threshold.log_theta,
-                                      mgr.W_past[n], m.scaling) for n, m in layers.items()) / len(layers)
+                                      mgr.W_past[n], m.scaling, m.f, "interpolated")
+               for n, m in layers.items()) / len(layers)
     torch.testing.assert_close(P, want)
     assert P.item() > 0
     torch.testing.assert_close(mgr.penalty(), 2.0 * want)
@@ -384,7 +387,7 @@ def test_inclora_checkpoint_errors(tmp_path):
     mgr.save(path)
     with pytest.raises(ValueError, match=r"saved with options=.*'rank': 4.*this manager has options=.*'rank': 8"):
         fastcur.IncLoRA(MLP(), ella_lambda=0.5).load(path)
-    with pytest.raises(ValueError, match="saved with ella_lambda=0.5, this manager has ella_lambda=0.0"):
+    with pytest.raises(ValueError, match="saved with ella_lambda=0.5, this manager has ella_lambda=30000.0"):
         fastcur.IncLoRA(MLP(), rank=4).load(path)
     with pytest.raises(ValueError, match="saved with names="):
         fastcur.IncLoRA(MLP(), target_modules=["fc"], rank=4, ella_lambda=0.5).load(path)

@@ -11,7 +11,8 @@ Forward `jump_linear_fwd`:
                                            never stored
     y = x Weff^T + b                       one GEMM (torch)
 Fused ELLA `jump_linear_ella_fwd` / `jump_linear_bwd(..., W_past, grad_ella)`: the same kernels
-    with ELLA=True also sum the tile's ‖s J(Z) ⊙ W_past‖² (forward) and add grad_ella times its
+    with ELLA=True also sum the tile's ‖D ⊙ W_past‖² (forward; ELLA's delta
+    D = s (fe J(Z) + (1 - fe) Z), fe = f "interpolated" or 1 "masked") and add grad_ella times its
     dL/dZ into dZ before the contractions (backward): one pass for both terms.
 Backward `jump_linear_bwd`:
     `_jump_grad_kernel`, one program per [BN, BK] tile of W:
@@ -23,7 +24,8 @@ Backward `jump_linear_bwd`:
     (partials per tile column / row / program, summed by torch: deterministic, no atomics);
     dx = dy Weff (Weff rebuilt by `_jump_weff_kernel`). No n x k gradient is ever stored.
 ELLA `ella_penalty_fwd` / `ella_penalty_bwd`: `_ella_kernel`, the same tiling with the hard
-mask, value partials and (backward) dZ = 2 s² m Z W_past² contracted with A and B.
+mask, value partials and (backward) dZ = 2 s² e² Z W_past² (e = fe 1[|Z| > θ] + 1 - fe)
+contracted with A and B.
 
 Numerics: tiles accumulate in float32 (float64 for float64 inputs). Under the interpreter,
 bfloat16 dots are wrong and bfloat16 stores truncate, so everything is upcast there and
@@ -80,8 +82,9 @@ def _jump_weff_kernel(w_ptr, b_ptr, a_ptr, lt_ptr, out_ptr, prm_ptr, wp_ptr, val
                       ELLA: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = W + scale (f J(Z) + (1 - f) Z), one [BLOCK_N, BLOCK_K] tile per program.
-    prm_ptr: [scale, f] in the acc dtype (Python float arguments would arrive as float32).
-    ELLA: also val_ptr[pid] = the tile's Σ (scale J(Z) W_past)² (W_past at wp_ptr)."""
+    prm_ptr: [scale, f, fe] in the acc dtype (Python float arguments would arrive as float32).
+    ELLA: also val_ptr[pid] = the tile's Σ (scale e Z W_past)² (W_past at wp_ptr), ELLA's
+    delta weight e = fe 1[|Z| > θ] + 1 - fe."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     scale = tl.load(prm_ptr)
     f = tl.load(prm_ptr + 1)
@@ -101,7 +104,9 @@ def _jump_weff_kernel(w_ptr, b_ptr, a_ptr, lt_ptr, out_ptr, prm_ptr, wp_ptr, val
     if ELLA:
         wp = tl.load(wp_ptr + offs_n[:, None] * stride_pn + offs_k[None, :] * stride_pk, mask=mask,
                      other=0.0).to(acc_dtype)
-        v = tl.where((tl.abs(z) > theta) & mask, scale * z * wp, 0.0)
+        fe = tl.load(prm_ptr + 2)
+        e = tl.where(tl.abs(z) > theta, 1.0, 1.0 - fe).to(acc_dtype)
+        v = tl.where(mask, scale * e * z * wp, 0.0)
         tl.store(val_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
                  tl.sum(tl.sum(v * v, axis=1), axis=0))
 
@@ -118,9 +123,9 @@ def _jump_grad_kernel(dy_ptr, x_ptr, b_ptr, a_ptr, lt_ptr, da_ptr, db_ptr, th_pt
 
     Writes da_ptr[pid_n, :, cols] ([num_n_tiles, BLOCK_R, K], acc dtype), db_ptr[pid_k, rows, :]
     ([num_k_tiles, N, BLOCK_R]) and th_ptr[pid] (the tile's Σ G (−K(..) + K(..))).
-    prm_ptr: [scale, f, 1/ε] in the acc dtype.
-    ELLA: dZ += c 2 scale² m Z W_past² (W_past at wp_ptr, c = coef_ptr[0], the gradient of the
-    ELLA output) before the contractions; nothing joins the θ sum (hard mask).
+    prm_ptr: [scale, f, 1/ε, fe] in the acc dtype.
+    ELLA: dZ += c 2 scale² e² Z W_past² (W_past at wp_ptr, c = coef_ptr[0], the gradient of the
+    ELLA output, e = fe m + 1 - fe) before the contractions; nothing joins the θ sum (hard mask).
     """
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     scale = tl.load(prm_ptr)
@@ -161,7 +166,9 @@ def _jump_grad_kernel(dy_ptr, x_ptr, b_ptr, a_ptr, lt_ptr, da_ptr, db_ptr, th_pt
         wp = tl.load(wp_ptr + offs_n[:, None] * stride_pn + offs_k[None, :] * stride_pk, mask=valid,
                      other=0.0).to(acc_dtype)
         c = tl.load(coef_ptr).to(acc_dtype)
-        dz += tl.where(tl.abs(z) > theta, 2.0 * scale * scale * c * z * wp * wp, 0.0)
+        fe = tl.load(prm_ptr + 3)
+        e = tl.where(tl.abs(z) > theta, 1.0, 1.0 - fe).to(acc_dtype)
+        dz += 2.0 * scale * scale * c * e * e * z * wp * wp
 
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     dz = tl.where(valid, dz, 0.0)
@@ -178,10 +185,11 @@ def _ella_kernel(b_ptr, a_ptr, lt_ptr, wp_ptr, val_ptr, da_ptr, db_ptr, prm_ptr,
                  stride_bn, stride_br, stride_ar, stride_ak, stride_wn, stride_wk,
                  GRAD: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per tile: Σ (s J(Z) W_past)², and when GRAD the contractions of 2 s² m Z W_past².
-    prm_ptr: [scale] in the acc dtype."""
+    """Per tile: Σ (s e Z W_past)², and when GRAD the contractions of 2 s² e² Z W_past², ELLA's
+    delta weight e = fe 1[|Z| > θ] + 1 - fe. prm_ptr: [scale, fe] in the acc dtype."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     scale = tl.load(prm_ptr)
+    fe = tl.load(prm_ptr + 1)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -192,13 +200,13 @@ def _ella_kernel(b_ptr, a_ptr, lt_ptr, wp_ptr, val_ptr, da_ptr, db_ptr, prm_ptr,
     z, b, a = _z_tile(b_ptr, a_ptr, offs_n, offs_k, mask_n, mask_k, RANK, stride_bn, stride_br,
                       stride_ar, stride_ak, acc_dtype, PRECISION, BLOCK_R)
     theta = tl.exp(tl.load(lt_ptr).to(acc_dtype))
-    on = (tl.abs(z) > theta) & valid
+    e = tl.where(valid, tl.where(tl.abs(z) > theta, 1.0, 1.0 - fe), 0.0).to(acc_dtype)
     w = tl.load(wp_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=valid,
                 other=0.0).to(acc_dtype)
-    v = tl.where(on, scale * z * w, 0.0)
+    v = scale * e * z * w
     tl.store(val_ptr + pid_n * tl.num_programs(1) + pid_k, tl.sum(tl.sum(v * v, axis=1), axis=0))
     if GRAD:
-        dz = tl.where(on, 2.0 * scale * scale * z * w * w, 0.0)
+        dz = 2.0 * scale * scale * e * e * z * w * w
         offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
         db = tl.dot(dz, tl.trans(a), input_precision=PRECISION)
         tl.store(db_ptr + pid_k * N * BLOCK_R + offs_n[:, None] * BLOCK_R + offs_r[None, :], db,
@@ -218,7 +226,7 @@ def _params(like: Tensor, *values: float) -> Tensor:
 
 
 def _weff(weight: Tensor, A: Tensor, B: Tensor, log_theta: Tensor, scale: float, f: float,
-          W_past: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+          W_past: Optional[Tensor] = None, fe: float = 1.0) -> tuple[Tensor, Optional[Tensor]]:
     """(W + ΔW [n, k], and with W_past the ELLA value [] in the acc dtype, else None)."""
     n, k = weight.shape
     r = A.shape[0]
@@ -231,7 +239,7 @@ def _weff(weight: Tensor, A: Tensor, B: Tensor, log_theta: Tensor, scale: float,
     wp = W_past if ella else weight
     if out.numel():
         _jump_weff_kernel[grid](
-            weight, B, A, log_theta, out, _params(weight, scale, f), wp, val, n, k, r,
+            weight, B, A, log_theta, out, _params(weight, scale, f, fe), wp, val, n, k, r,
             weight.stride(0), weight.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1),
             out.stride(0), out.stride(1), wp.stride(0), wp.stride(1),
             ELLA=ella, ACC_FP64=dtype == torch.float64, PRECISION=_precision(dtype),
@@ -249,9 +257,11 @@ def jump_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor
 
 
 def jump_linear_ella_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
-                         log_theta: Tensor, scale: float, W_past: Tensor, f: float) -> tuple[Tensor, Tensor]:
-    """(y [M, n], ‖scale J(B A) ⊙ W_past‖² [] in weight's dtype) from the same Z tiles."""
-    weff, ella = _weff(weight, A, B, log_theta, scale, f, W_past)
+                         log_theta: Tensor, scale: float, W_past: Tensor, f: float,
+                         fe: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(y [M, n], ‖scale (fe J(Z) + (1 - fe) Z) ⊙ W_past‖² [] in weight's dtype), Z = B A, from
+    the same Z tiles."""
+    weff, ella = _weff(weight, A, B, log_theta, scale, f, W_past, fe)
     y = torch.addmm(bias, x, weff.t()) if bias is not None else x @ weff.t()
     return y, ella.to(weight.dtype)
 
@@ -259,7 +269,7 @@ def jump_linear_ella_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: T
 def jump_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
                     log_theta: Tensor, scale: float, f: float, bandwidth: float, mean: bool,
                     need_dx: bool, need_adapter: bool, W_past: Optional[Tensor] = None,
-                    grad_ella: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    grad_ella: Optional[Tensor] = None, fe: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx [M, k] or empty, dA [r, k], dB [n, r], dlog_theta like log_theta), docs/methods.md, JumpLoRA.
     With W_past [n, k] and grad_ella [] the ELLA gradient joins each tile's dL/dZ."""
     M, k = x.shape
@@ -279,7 +289,7 @@ def jump_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Ten
     coef = grad_ella.reshape(()).to(acc) if ella else th
     if n and k:
         _jump_grad_kernel[(tn, tk)](
-            grad_y, x, B, A, log_theta, da, db, th, _params(x, scale, f, 1.0 / float(bandwidth)),
+            grad_y, x, B, A, log_theta, da, db, th, _params(x, scale, f, 1.0 / float(bandwidth), fe),
             wp, coef, M, n, k, r,
             grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), B.stride(0), B.stride(1),
             A.stride(0), A.stride(1), wp.stride(0), wp.stride(1),
@@ -293,7 +303,7 @@ def jump_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Ten
     return dx, dA, dB, dlog
 
 
-def _ella(A: Tensor, B: Tensor, log_theta: Tensor, W_past: Tensor, scale: float, grad: bool):
+def _ella(A: Tensor, B: Tensor, log_theta: Tensor, W_past: Tensor, scale: float, fe: float, grad: bool):
     n, k = W_past.shape
     r = A.shape[0]
     dtype = W_past.dtype
@@ -305,23 +315,24 @@ def _ella(A: Tensor, B: Tensor, log_theta: Tensor, W_past: Tensor, scale: float,
     db = torch.zeros((tk, n, br), device=W_past.device, dtype=acc) if grad else val
     if n and k:
         _ella_kernel[(tn, tk)](
-            B, A, log_theta, W_past, val, da, db, _params(W_past, scale), n, k, r,
+            B, A, log_theta, W_past, val, da, db, _params(W_past, scale, fe), n, k, r,
             B.stride(0), B.stride(1), A.stride(0), A.stride(1), W_past.stride(0), W_past.stride(1),
             GRAD=grad, ACC_FP64=dtype == torch.float64, PRECISION=_precision(dtype), BLOCK_R=br,
             BLOCK_N=_BN, BLOCK_K=_BK)
     return val, da, db
 
 
-def ella_penalty_fwd(A: Tensor, B: Tensor, log_theta: Tensor, W_past: Tensor, scale: float) -> Tensor:
-    """‖scale J(B A) ⊙ W_past‖² -> [] in W_past's dtype."""
-    val, _, _ = _ella(A, B, log_theta, W_past, scale, False)
+def ella_penalty_fwd(A: Tensor, B: Tensor, log_theta: Tensor, W_past: Tensor, scale: float,
+                     fe: float = 1.0) -> Tensor:
+    """‖scale (fe J(Z) + (1 - fe) Z) ⊙ W_past‖², Z = B A -> [] in W_past's dtype."""
+    val, _, _ = _ella(A, B, log_theta, W_past, scale, fe, False)
     return val.sum().to(W_past.dtype)
 
 
 def ella_penalty_bwd(grad: Tensor, A: Tensor, B: Tensor, log_theta: Tensor, W_past: Tensor,
-                     scale: float) -> tuple[Tensor, Tensor]:
+                     scale: float, fe: float = 1.0) -> tuple[Tensor, Tensor]:
     """(dA [r, k], dB [n, r]) of the penalty, times grad ([])."""
     r = A.shape[0]
-    _, da, db = _ella(A, B, log_theta, W_past, scale, True)
+    _, da, db = _ella(A, B, log_theta, W_past, scale, fe, True)
     g = grad.to(da.dtype)
     return (da.sum(0)[:r] * g).to(A.dtype), (db.sum(0)[:, :r] * g).to(B.dtype)

@@ -1,5 +1,6 @@
-// ella_penalty on the CPU (SPEC §4): ‖s J(B A) ⊙ W_past‖², hard mask, and its gradients
-// w.r.t. A and B, Z tiles recomputed block by block (csrc/jump_linear.h).
+// ella_penalty on the CPU (docs/methods.md, JumpLoRA): ‖s (fe J(Z) + (1 - fe) Z) ⊙ W_past‖²,
+// Z = B A, hard mask, and its gradients w.r.t. A and B, Z tiles recomputed block by block
+// (csrc/jump_linear.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,7 +17,7 @@ constexpr int64_t kTileElems = int64_t{1} << 16;
 constexpr int64_t kGrain = 4096;
 
 void ella_tile_cpu(const at::Tensor& Z, const at::Tensor& Wp, const at::Tensor& log_theta,
-                   double s, at::Tensor& val, at::Tensor& dZ) {
+                   double s, double fe, at::Tensor& val, at::Tensor& dZ) {
   const double th = std::exp(log_theta.item<double>());
   const int64_t N = Z.numel();
   const bool want_grad = dZ.defined();
@@ -27,15 +28,15 @@ void ella_tile_cpu(const at::Tensor& Z, const at::Tensor& Wp, const at::Tensor& 
     const scalar_t* wp = Wp.data_ptr<scalar_t>();
     acc_t* dp = want_grad ? dZ.data_ptr<acc_t>() : nullptr;
     const acc_t ths = static_cast<acc_t>(th), sa = static_cast<acc_t>(s);
-    const acc_t two_s2 = static_cast<acc_t>(2.0 * s * s);
+    const acc_t two_s2 = static_cast<acc_t>(2.0 * s * s), soft = static_cast<acc_t>(1.0 - fe);
     total = at::parallel_reduce(0, N, kGrain, 0.0, [&](int64_t b, int64_t e, double part) {
       acc_t local = 0;
       for (int64_t i = b; i < e; ++i) {
         const acc_t z = zp[i], w = static_cast<acc_t>(wp[i]);
-        const bool on = std::abs(z) > ths;
-        const acc_t v = on ? sa * z * w : acc_t(0);
+        const acc_t e = std::abs(z) > ths ? acc_t(1) : soft;   // fe 1[|Z| > θ] + 1 - fe
+        const acc_t v = sa * e * z * w;
         local += v * v;
-        if (want_grad) dp[i] = on ? two_s2 * z * w * w : acc_t(0);
+        if (want_grad) dp[i] = two_s2 * e * e * z * w * w;
       }
       return part + static_cast<double>(local);
     }, std::plus<double>());
@@ -44,16 +45,17 @@ void ella_tile_cpu(const at::Tensor& Z, const at::Tensor& Wp, const at::Tensor& 
 }
 
 at::Tensor ella_penalty_cpu(const at::Tensor& A, const at::Tensor& B, const at::Tensor& log_theta,
-                            const at::Tensor& W_past, double scale) {
-  auto res = ella_schedule(A, B, log_theta, W_past, scale, false, kTileElems, ella_tile_cpu);
+                            const at::Tensor& W_past, double scale, double f) {
+  auto res = ella_schedule(A, B, log_theta, W_past, scale, f, false, kTileElems, ella_tile_cpu);
   return std::get<0>(res).to(W_past.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> ella_penalty_bwd_cpu(const at::Tensor& grad,
                                                         const at::Tensor& A, const at::Tensor& B,
                                                         const at::Tensor& log_theta,
-                                                        const at::Tensor& W_past, double scale) {
-  auto res = ella_schedule(A, B, log_theta, W_past, scale, true, kTileElems, ella_tile_cpu);
+                                                        const at::Tensor& W_past, double scale,
+                                                        double f) {
+  auto res = ella_schedule(A, B, log_theta, W_past, scale, f, true, kTileElems, ella_tile_cpu);
   const at::Tensor g = grad.to(std::get<1>(res).scalar_type());
   return {std::get<1>(res).mul_(g).to(A.scalar_type()), std::get<2>(res).mul_(g).to(B.scalar_type())};
 }

@@ -35,9 +35,10 @@ int64_t tile_elems() {
 double theta_of(const at::Tensor& log_theta) { return std::exp(log_theta.item<double>()); }
 
 // out = W + s (f J(Z) + (1 - f) Z); with ELLA's W_past tile `Wp` (else undefined) the same
-// pass returns the tile's Σ (s Z m Wp)², m = 1[|Z| > θ] (0 without it).
+// pass returns the tile's Σ (s Z e Wp)², e = fe 1[|Z| > θ] + 1 - fe (0 without it).
 double build_weff_cpu(at::Tensor& out, const at::Tensor& W, const at::Tensor& Z,
-                      const at::Tensor& log_theta, double s, double f, const at::Tensor& Wp = {}) {
+                      const at::Tensor& log_theta, double s, double f, const at::Tensor& Wp = {},
+                      double fe = 1.0) {
   const double th = theta_of(log_theta);
   const int64_t N = out.numel();
   const bool ella = Wp.defined();
@@ -50,14 +51,15 @@ double build_weff_cpu(at::Tensor& out, const at::Tensor& W, const at::Tensor& Z,
     const acc_t* zp = Z.data_ptr<acc_t>();
     const acc_t ths = static_cast<acc_t>(th), sa = static_cast<acc_t>(s);
     const acc_t keep = sa, soft = static_cast<acc_t>(s * (1.0 - f));
+    const acc_t ella_soft = static_cast<acc_t>(s * (1.0 - fe));
     total = at::parallel_reduce(0, N, kGrain, 0.0, [&](int64_t b, int64_t e, double part) {
       acc_t local = 0;
       for (int64_t i = b; i < e; ++i) {
         const acc_t z = zp[i];
         const bool on = std::abs(z) > ths;
         op[i] = static_cast<scalar_t>(static_cast<acc_t>(wp[i]) + (on ? keep : soft) * z);
-        if (ella && on) {
-          const acc_t v = sa * z * static_cast<acc_t>(pp[i]);
+        if (ella) {
+          const acc_t v = (on ? sa : ella_soft) * z * static_cast<acc_t>(pp[i]);
           local += v * v;
         }
       }
@@ -67,11 +69,12 @@ double build_weff_cpu(at::Tensor& out, const at::Tensor& W, const at::Tensor& Z,
   return total;
 }
 
-// dZ = s T (f m + 1 - f) (+ c 2 s² m Z Wp² with ELLA's W_past tile `Wp`, c = the gradient of
-// the ELLA output), and the tile's straight-through θ sum into th_acc.
+// dZ = s T (f m + 1 - f) (+ c 2 s² e² Z Wp² with ELLA's W_past tile `Wp`, c = the gradient of
+// the ELLA output, e = fe m + 1 - fe), and the tile's straight-through θ sum into th_acc.
 void grad_tile_cpu(at::Tensor& dZ, const at::Tensor& T, const at::Tensor& Z,
                    const at::Tensor& log_theta, double s, double f, double eps,
-                   at::Tensor& th_acc, const at::Tensor& Wp = {}, double ella_coef = 0.0) {
+                   at::Tensor& th_acc, const at::Tensor& Wp = {}, double ella_coef = 0.0,
+                   double fe = 1.0) {
   const double th = theta_of(log_theta);
   const bool ella = Wp.defined() && ella_coef != 0.0;
   const int64_t N = Z.numel();
@@ -85,6 +88,7 @@ void grad_tile_cpu(at::Tensor& dZ, const at::Tensor& T, const at::Tensor& Z,
     const acc_t ths = static_cast<acc_t>(th), sa = static_cast<acc_t>(s);
     const acc_t soft = static_cast<acc_t>(1.0 - f), inv_eps = static_cast<acc_t>(1.0 / eps);
     const acc_t ella_c = static_cast<acc_t>(2.0 * s * s * ella_coef);
+    const acc_t ella_soft2 = static_cast<acc_t>((1.0 - fe) * (1.0 - fe));
     const bool want_theta = f != 0.0;
     total = at::parallel_reduce(0, N, kGrain, 0.0, [&](int64_t b, int64_t e, double part) {
       acc_t local = 0;
@@ -93,9 +97,9 @@ void grad_tile_cpu(at::Tensor& dZ, const at::Tensor& T, const at::Tensor& Z,
         const acc_t g = sa * static_cast<acc_t>(tp[i]);
         const bool on = std::abs(z) > ths;
         acc_t d = on ? g : g * soft;                 // G (f 1[|Z|>θ] + 1 - f)
-        if (ella && on) {
+        if (ella) {
           const acc_t w = static_cast<acc_t>(pp[i]);
-          d += ella_c * z * w * w;
+          d += (on ? ella_c : ella_c * ella_soft2) * z * w * w;
         }
         dp[i] = d;
         if (want_theta) {
@@ -138,7 +142,8 @@ BlockPlan plan(int64_t n, int64_t k) {
 // (a [] tensor in the acc dtype), from the same Z tiles.
 at::Tensor build_weff_blocks(const at::Tensor& W, const at::Tensor& A_acc, const at::Tensor& B_acc,
                              const at::Tensor& log_theta, double scale, double f,
-                             const at::Tensor& Wp = {}, at::Tensor* ella = nullptr) {
+                             const at::Tensor& Wp = {}, at::Tensor* ella = nullptr,
+                             double fe = 1.0) {
   const int64_t n = W.size(0), k = W.size(1);
   at::Tensor weff = at::empty_like(W);
   const BlockPlan p = plan(n, k);
@@ -152,7 +157,7 @@ at::Tensor build_weff_blocks(const at::Tensor& W, const at::Tensor& A_acc, const
       at::Tensor z = z_buf.narrow(0, 0, b), out = weff.narrow(0, i0, b);
       at::mm_out(z, B_acc.narrow(0, i0, b), A_acc);
       ella_parts[blk] = build_weff_cpu(out, W.narrow(0, i0, b), z, log_theta, scale, f,
-                                       Wp.defined() ? Wp.narrow(0, i0, b) : at::Tensor());
+                                       Wp.defined() ? Wp.narrow(0, i0, b) : at::Tensor(), fe);
     }
   });
   if (ella != nullptr) {
@@ -178,14 +183,14 @@ at::Tensor jump_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor> jump_linear_ella_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& log_theta, double scale,
-    const at::Tensor& W_past, double f, double /*bandwidth*/, bool /*mean*/) {
+    const at::Tensor& W_past, double f, double /*bandwidth*/, bool /*mean*/, double ella_f) {
   check_jump_linear_args(x, weight, bias, A, B, log_theta);
   check_w_past(W_past, weight);
   const auto acc = jump_acc_type(weight.scalar_type());
   at::Tensor ella;
   const at::Tensor weff = build_weff_blocks(weight.contiguous(), A.to(acc).contiguous(),
                                             B.to(acc).contiguous(), log_theta, scale, f,
-                                            W_past.contiguous(), &ella);
+                                            W_past.contiguous(), &ella, ella_f);
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weff.t()) : at::mm(x, weff.t());
   return {y, ella.to(weight.scalar_type())};
 }
@@ -195,7 +200,8 @@ std::tuple<at::Tensor, at::Tensor> jump_linear_ella_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_impl(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& log_theta, double scale, double f, double bandwidth,
-    bool mean, bool need_dx, bool need_adapter, const at::Tensor& Wp, double ella_coef) {
+    bool mean, bool need_dx, bool need_adapter, const at::Tensor& Wp, double ella_coef,
+    double ella_f) {
   check_jump_linear_args(x, weight, c10::nullopt, A, B, log_theta);
   const int64_t M = x.size(0), n = weight.size(0), k = weight.size(1), r = A.size(0);
   check_matrix(grad_y, "grad_y", M, n);
@@ -234,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_impl(
         at::Tensor t = t_buf.narrow(0, 0, b), dz = dz_buf.narrow(0, 0, b);
         at::mm_out(t, dy.narrow(1, i0, b).t(), xc);                  // dy^T x tile [b, k]
         grad_tile_cpu(dz, t, z, log_theta, scale, f, bandwidth, th_local,
-                      Wp.defined() ? Wp.narrow(0, i0, b) : at::Tensor(), ella_coef);
+                      Wp.defined() ? Wp.narrow(0, i0, b) : at::Tensor(), ella_coef, ella_f);
         at::Tensor dB_blk = dB.narrow(0, i0, b);
         at::mm_out(dB_blk, dz, A_t);                                 // dB[blk] = dZ A^T
         dA_local.addmm_(B_blk.t(), dz);                              // dA += B[blk]^T dZ
@@ -252,18 +258,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_cpu(
     const at::Tensor& B, const at::Tensor& log_theta, double scale, double f, double bandwidth,
     bool mean, bool need_dx, bool need_adapter) {
   return jump_linear_bwd_impl(grad_y, x, weight, A, B, log_theta, scale, f, bandwidth, mean, need_dx,
-                              need_adapter, at::Tensor(), 0.0);
+                              need_adapter, at::Tensor(), 0.0, 1.0);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_ella_bwd_cpu(
     const at::Tensor& grad_y, const at::Tensor& grad_ella, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B, const at::Tensor& log_theta,
     double scale, const at::Tensor& W_past, double f, double bandwidth, bool mean, bool need_dx,
-    bool need_adapter) {
+    bool need_adapter, double ella_f) {
   check_w_past(W_past, weight);
   check_vector(grad_ella.reshape({-1}), "grad_ella", 1);
   return jump_linear_bwd_impl(grad_y, x, weight, A, B, log_theta, scale, f, bandwidth, mean, need_dx,
-                              need_adapter, W_past.contiguous(), grad_ella.item<double>());
+                              need_adapter, W_past.contiguous(), grad_ella.item<double>(), ella_f);
 }
 
 }  // namespace

@@ -26,17 +26,18 @@ template <typename scalar_t, typename acc_t>
 __global__ void build_weff_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ W,
                                   const acc_t* __restrict__ Z, const scalar_t* __restrict__ lt,
                                   acc_t s, acc_t f, const scalar_t* __restrict__ Wp,
-                                  acc_t* __restrict__ val, int64_t N) {
+                                  acc_t* __restrict__ val, acc_t fe, int64_t N) {
   const acc_t th = exp(static_cast<acc_t>(lt[0]));
   const acc_t soft = s * (acc_t(1) - f);
+  const acc_t ella_soft = s * (acc_t(1) - fe);   // ELLA's delta s Z (fe m + 1 - fe)
   acc_t local = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
     const acc_t z = Z[i];
     const bool on = fabs(z) > th;
     out[i] = static_cast<scalar_t>(static_cast<acc_t>(W[i]) + (on ? s : soft) * z);
-    if (Wp != nullptr && on) {
-      const acc_t v = s * z * static_cast<acc_t>(Wp[i]);
+    if (Wp != nullptr) {
+      const acc_t v = (on ? s : ella_soft) * z * static_cast<acc_t>(Wp[i]);
       local += v * v;
     }
   }
@@ -50,11 +51,13 @@ __global__ void grad_tile_kernel(acc_t* __restrict__ dZ, const scalar_t* __restr
                                  const acc_t* __restrict__ Z, const scalar_t* __restrict__ lt,
                                  acc_t s, acc_t f, acc_t inv_eps, acc_t* __restrict__ th_acc,
                                  const scalar_t* __restrict__ Wp, const acc_t* __restrict__ coef,
-                                 int64_t N) {
+                                 acc_t fe, int64_t N) {
   const acc_t th = exp(static_cast<acc_t>(lt[0]));
   const acc_t soft = acc_t(1) - f;
-  // ELLA (Wp, coef non-null): dZ += c 2 s² m Z Wp², c read on the device (no host sync).
+  // ELLA (Wp, coef non-null): dZ += c 2 s² e² Z Wp², e = fe m + 1 - fe, c read on the device
+  // (no host sync).
   const acc_t ella_c = Wp != nullptr ? acc_t(2) * s * s * coef[0] : acc_t(0);
+  const acc_t ella_soft2 = (acc_t(1) - fe) * (acc_t(1) - fe);
   acc_t local = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
@@ -62,9 +65,9 @@ __global__ void grad_tile_kernel(acc_t* __restrict__ dZ, const scalar_t* __restr
     const acc_t g = s * static_cast<acc_t>(T[i]);
     const bool on = fabs(z) > th;
     acc_t d = on ? g : g * soft;
-    if (Wp != nullptr && on) {
+    if (Wp != nullptr) {
       const acc_t w = static_cast<acc_t>(Wp[i]);
-      d += ella_c * z * w * w;
+      d += (on ? ella_c : ella_c * ella_soft2) * z * w * w;
     }
     dZ[i] = d;
     const acc_t u1 = fabs((z - th) * inv_eps), u2 = fabs((-z - th) * inv_eps);
@@ -77,7 +80,7 @@ __global__ void grad_tile_kernel(acc_t* __restrict__ dZ, const scalar_t* __restr
 
 void build_weff_cuda(at::Tensor& out, const at::Tensor& W, const at::Tensor& Z,
                      const at::Tensor& log_theta, double s, double f, const at::Tensor& Wp,
-                     at::Tensor& val) {
+                     at::Tensor& val, double fe) {
   const c10::cuda::CUDAGuard guard(out.device());
   const int64_t N = out.numel();
   if (N == 0) return;
@@ -89,14 +92,14 @@ void build_weff_cuda(at::Tensor& out, const at::Tensor& W, const at::Tensor& Z,
         out.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), Z.data_ptr<acc_t>(),
         lt.data_ptr<scalar_t>(), static_cast<acc_t>(s), static_cast<acc_t>(f),
         Wp.defined() ? Wp.data_ptr<scalar_t>() : nullptr,
-        (Wp.defined() && val.defined()) ? val.data_ptr<acc_t>() : nullptr, N);
+        (Wp.defined() && val.defined()) ? val.data_ptr<acc_t>() : nullptr, static_cast<acc_t>(fe), N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void grad_tile_cuda(at::Tensor& dZ, const at::Tensor& T, const at::Tensor& Z,
                     const at::Tensor& log_theta, double s, double f, double eps,
-                    at::Tensor& th_acc, const at::Tensor& Wp, const at::Tensor& coef) {
+                    at::Tensor& th_acc, const at::Tensor& Wp, const at::Tensor& coef, double fe) {
   const c10::cuda::CUDAGuard guard(T.device());
   const int64_t N = T.numel();
   if (N == 0) return;
@@ -108,7 +111,7 @@ void grad_tile_cuda(at::Tensor& dZ, const at::Tensor& T, const at::Tensor& Z,
         dZ.data_ptr<acc_t>(), T.data_ptr<scalar_t>(), Z.data_ptr<acc_t>(), lt.data_ptr<scalar_t>(),
         static_cast<acc_t>(s), static_cast<acc_t>(f), static_cast<acc_t>(1.0 / eps),
         th_acc.data_ptr<acc_t>(), Wp.defined() ? Wp.data_ptr<scalar_t>() : nullptr,
-        Wp.defined() ? coef.data_ptr<acc_t>() : nullptr, N);
+        Wp.defined() ? coef.data_ptr<acc_t>() : nullptr, static_cast<acc_t>(fe), N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -139,11 +142,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_cuda(
 std::tuple<at::Tensor, at::Tensor> jump_linear_ella_cuda(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& log_theta, double scale,
-    const at::Tensor& W_past, double f, double /*bandwidth*/, bool /*mean*/) {
+    const at::Tensor& W_past, double f, double /*bandwidth*/, bool /*mean*/, double ella_f) {
   check_w_past(W_past, weight);
   at::Tensor ella;
   at::Tensor y = jump_linear_forward(x, weight, bias, A, B, log_theta, scale, f, kTileElems,
-                                     build_weff_cuda, W_past.contiguous(), &ella);
+                                     build_weff_cuda, W_past.contiguous(), &ella, ella_f);
   return {y, ella.to(weight.scalar_type())};
 }
 
@@ -151,13 +154,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_ella_bwd_
     const at::Tensor& grad_y, const at::Tensor& grad_ella, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B, const at::Tensor& log_theta,
     double scale, const at::Tensor& W_past, double f, double bandwidth, bool mean, bool need_dx,
-    bool need_adapter) {
+    bool need_adapter, double ella_f) {
   check_w_past(W_past, weight);
   TORCH_CHECK(grad_ella.numel() == 1, "fastcur: grad_ella must have one element, got ", shape_str(grad_ella));
   const at::Tensor coef = grad_ella.reshape({}).to(jump_acc_type(weight.scalar_type())).contiguous();
   return jump_linear_backward(grad_y, x, weight, A, B, log_theta, scale, f, bandwidth, mean,
                               need_dx, need_adapter, kTileElems, build_weff_cuda, grad_tile_cuda,
-                              finish_theta, W_past.contiguous(), coef);
+                              finish_theta, W_past.contiguous(), coef, ella_f);
 }
 
 }  // namespace

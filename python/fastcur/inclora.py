@@ -1,14 +1,18 @@
-"""IncLoRA with JumpLoRA adapters and the ELLA penalty (docs/methods.md, JumpLoRA): the continual-learning
-manager that gives every task fresh adapters and folds each task's sparse update into W.
+"""IncLoRA with JumpLoRA adapters and the ELLA penalty (docs/methods.md, "JumpLoRA, IncLoRA and
+ELLA"): the continual-learning manager that gives every task fresh adapters and folds each
+task's sparse update into W. Defaults as the released code: ELLA with λ = 3e4 (`ella_lambda=0`
+is plain IncLoRA), the interpolated ELLA delta, the f ramp from 20 % to 80 % of the task's
+steps with the threshold reset at its start, per-block θ grouped by the released name rule,
+and never the LM head.
 
-    manager = fastcur.IncLoRA(model, target_modules=["q_proj", "v_proj"], ella_lambda=0.1)
+    manager = fastcur.IncLoRA(model, target_modules=["q_proj", "v_proj"])
     for task in tasks:
         params = manager.start_task(total_steps=len(task))
         opt = torch.optim.AdamW(params, lr=1e-3)
         for batch in task:
             loss = task_loss(model, batch) + manager.penalty()
             loss.backward(); opt.step(); opt.zero_grad()
-            manager.step()              # advances f; resets θ at the first step with f > 0
+            manager.step()              # advances f; resets θ at int(0.2 * total_steps)
         manager.end_task()              # W += sparse ΔW (f = 1), W_past += ΔW, adapters removed
 
 A checkpoint is the model's state_dict (merged base weights and, during a task, the adapter's
@@ -28,12 +32,17 @@ from torch import nn
 from ._atomic import atomic_write
 
 from .modules.jump_lora_linear import (DEFAULT_LOG_THETA, SCOPES, JumpLoRALinear, JumpThreshold,
-                                       f_schedule, reset_thresholds)
+                                       f_schedule, reset_thresholds, schedule_boundaries,
+                                       threshold_group_key)
+from .ops.reference import ELLA_DELTAS
+
+DEFAULT_ELLA_LAMBDA = 3e4     # the released training script's --ella-lambda
 
 
 def ella_penalty(model: nn.Module) -> torch.Tensor:
     """ELLA's P = Σ_layers ‖ΔW_t ⊙ W_past‖_F² / num_layers over the weight-gated JumpLoRALinear
-    layers of `model` that hold a W_past (hard mask; no gradient to θ). 0 when there are none."""
+    layers of `model` that hold a W_past, ΔW_t each layer's ELLA delta (`ella_delta`: by default
+    the interpolated update it applies; hard mask, no gradient to θ). 0 when there are none."""
     layers = [m for m in model.modules()
               if isinstance(m, JumpLoRALinear) and m.gate == "weight" and m.W_past is not None]
     if not layers:
@@ -46,14 +55,8 @@ _FORMAT = "fastcur.inclora/1"
 _META_KEY = "fastcur_inclora"
 
 
-def _block_of(name: str) -> str:
-    """The block a layer belongs to: its path up to the last integer component
-    (`model.layers.3.self_attn.q_proj` -> `model.layers.3`), else its parent's path."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i].isdigit():
-            return ".".join(parts[:i + 1])
-    return ".".join(parts[:-1])
+# The per-block threshold group (the released name rule; `fastcur.inject` uses it too).
+_block_of = threshold_group_key
 
 
 class IncLoRA:
@@ -61,23 +64,27 @@ class IncLoRA:
 
     Args:
         model: any nn.Module; its nn.Linear layers named by `target_modules` get adapters.
-        target_modules: None (every nn.Linear), a list of names (a layer matches when its
-            full name equals one or ends with "." + one, as PEFT), or a regex string
-            (full match).
-        rank, alpha: of every adapter (s = alpha / r; SPEC: 8 and 32).
-        scope: "global" (one θ for all layers, default), "per_block" or "per_layer".
-        ella_lambda: weight of the ELLA penalty (0 = plain IncLoRA; then no W_past is kept).
+        target_modules: None (every nn.Linear except the output head: `get_output_embeddings()`
+            or a module named `lm_head`), a list of names (a layer matches when its full name
+            equals one or ends with "." + one, as PEFT), or a regex string (full match).
+        rank, alpha: of every adapter (s = alpha / r; released: 8 and 32).
+        scope: "global" (one θ for all layers, default), "per_block" (the released name rule:
+            `threshold_group_key`) or "per_layer".
+        ella_lambda: weight of the ELLA penalty (3e4 as released; 0 = plain IncLoRA, and then
+            no W_past is kept).
+        ella_delta: what ELLA penalizes: "interpolated" (released default), "masked", "sparse".
         bandwidth, reduction: of the straight-through θ gradient.
-        f_start, f_end: the f schedule (0 before f_start of the steps, 1 after f_end).
+        f_start, f_end: the f schedule's boundaries as fractions of the task's steps, truncated
+            to steps as released (`f_schedule`); θ is reset at step int(f_start * total_steps).
         init_log_theta: θ's log at the start of each task (-4.7).
 
     Only the weight gate is supported: a rank-gated adapter has no weight-space ΔW to merge.
     """
 
     def __init__(self, model: nn.Module, target_modules=None, *, rank: int = 8, alpha: float = 32.0,
-                 scope: str = "global", ella_lambda: float = 0.0, bandwidth: float = 1e-3,
+                 scope: str = "global", ella_lambda: float = DEFAULT_ELLA_LAMBDA, bandwidth: float = 1e-3,
                  reduction: str = "mean", f_start: float = 0.2, f_end: float = 0.8,
-                 init_log_theta: float = DEFAULT_LOG_THETA):
+                 init_log_theta: float = DEFAULT_LOG_THETA, ella_delta: str = "interpolated"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastcur.IncLoRA: model must be an nn.Module, got {type(model).__name__}")
         if scope not in SCOPES:
@@ -86,8 +93,12 @@ class IncLoRA:
             raise ValueError(f"fastcur.IncLoRA: ella_lambda must be a float >= 0, got {ella_lambda!r}")
         if not 0.0 <= f_start <= f_end <= 1.0:
             raise ValueError(f"fastcur.IncLoRA: need 0 <= f_start <= f_end <= 1, got {f_start}, {f_end}")
+        if ella_delta not in ELLA_DELTAS:
+            raise ValueError(f"fastcur.IncLoRA: ella_delta must be one of {', '.join(map(repr, ELLA_DELTAS))}, "
+                             f"got {ella_delta!r}")
         self.model, self.scope, self.ella_lambda = model, scope, float(ella_lambda)
-        self.options = dict(rank=rank, alpha=alpha, bandwidth=bandwidth, reduction=reduction)
+        self.options = dict(rank=rank, alpha=alpha, bandwidth=bandwidth, reduction=reduction,
+                            ella_delta=ella_delta)
         self.f_start, self.f_end, self.init_log_theta = f_start, f_end, init_log_theta
         self.names = self._targets(target_modules)
         if not self.names:
@@ -99,12 +110,15 @@ class IncLoRA:
         self._step, self._total, self._reset_done = 0, 0, False
 
     def _targets(self, target_modules) -> list[str]:
+        from .inject import output_head   # (inject imports this module)
+
+        head = output_head(self.model) if target_modules is None else None
         names = []
         for name, module in self.model.named_modules():
             if not isinstance(module, nn.Linear) or not name:
                 continue
             if target_modules is None:
-                ok = True
+                ok = module is not head
             elif isinstance(target_modules, str):
                 ok = re.fullmatch(target_modules, name) is not None
             else:
@@ -125,8 +139,9 @@ class IncLoRA:
     # -- a task ----------------------------------------------------------------------------------
     def start_task(self, total_steps: int | None = None) -> list[nn.Parameter]:
         """Wrap every target layer with a fresh JumpLoRALinear (new A, B and θ) and return the
-        trainable parameters. `total_steps` drives the f schedule through `step()`; None keeps
-        f = 1 for the whole task (and no reset)."""
+        trainable parameters. `total_steps` drives the f schedule through `step()` (f = 0 at the
+        start); None keeps f = 1 for the whole task (and no reset), where nothing passes the
+        gate while B = 0: the layers warn."""
         if self.active:
             raise RuntimeError("fastcur.IncLoRA.start_task: a task is active; call end_task() first")
         shared: dict[str, JumpThreshold] = {}
@@ -135,8 +150,8 @@ class IncLoRA:
             key = {"global": "", "per_block": _block_of(name), "per_layer": name}[self.scope]
             if key not in shared:
                 shared[key] = JumpThreshold(None, self.init_log_theta, device=lin.weight.device,
-                                            dtype=lin.weight.dtype)
-            layer = JumpLoRALinear.from_linear(lin, threshold=shared[key], **self.options)
+                                            dtype=lin.weight.dtype, scope=self.scope)
+            layer = JumpLoRALinear.from_linear(lin, threshold=shared[key], f=1.0, **self.options)
             self._originals[name] = lin   # the original module, put back at end_task
             if self.ella_lambda > 0 and name in self.W_past:
                 layer.set_w_past(self.W_past[name])
@@ -164,16 +179,18 @@ class IncLoRA:
         f = self.f
         for layer in self.layers().values():
             layer.f = f
-        if self._total and f > 0 and not self._reset_done:
-            reset_thresholds(list(self.layers().values()))
-            self._reset_done = True
 
     def step(self) -> float:
-        """Advance the schedule by one training step; returns the f the next forward uses.
-        At the first step with f > 0 the thresholds are reset exactly (docs/methods.md, JumpLoRA)."""
+        """Advance the schedule by one optimizer step; returns the f the next forward uses.
+        At the step count int(f_start * total_steps) the thresholds are reset exactly, as the
+        released code does (before f leaves 0)."""
         if not self.active:
             raise RuntimeError("fastcur.IncLoRA.step: no active task; call start_task() first")
         self._step += 1
+        first, _ = schedule_boundaries(self._total, self.f_start, self.f_end)
+        if self._total and self._step == first and not self._reset_done:
+            reset_thresholds(list(self.layers().values()), scope=self.scope)
+            self._reset_done = True
         self._apply_f()
         return self.f
 

@@ -6,8 +6,8 @@ Flow as cur_linear: checks, backend, then `torch.ops.fastcur.jump_linear` (C++ C
 backward calls the `_bwd` op, which contracts `dy^T x` with A and B one tile of W's rows at a
 time (no n x k gradient is ever held), with the straight-through θ gradient of docs/methods.md, JumpLoRA.
 
-jump_linear_ella: the same layer with ELLA's penalty `‖scale J(B A) ⊙ W_past‖²` (docs/methods.md, JumpLoRA)
-computed from the same Z tiles in the forward, and its gradient added into each tile's dL/dZ
+jump_linear_ella: the same layer with ELLA's penalty `‖D ⊙ W_past‖²` (docs/methods.md; D is
+ELLA's delta, `reference.ella_penalty`) computed from the same Z tiles in the forward, and its gradient added into each tile's dL/dZ
 before the one contraction with A and B in the backward (IncLoRA with `ella_lambda > 0`).
 """
 from __future__ import annotations
@@ -65,38 +65,38 @@ _register = functools.partial(register_with_backward, fwd_fake=_fwd_fake, bwd_fa
                                make_backward=_make_backward, setup_context=_setup_context)
 
 
-def _ella_fwd_fake(x, weight, bias, A, B, log_theta, scale, W_past, f, bandwidth, mean):
+def _ella_fwd_fake(x, weight, bias, A, B, log_theta, scale, W_past, f, bandwidth, mean, fe):
     return x.new_empty(x.shape[0], weight.shape[0]), weight.new_empty(())
 
 
 def _ella_bwd_fake(grad_y, grad_ella, x, weight, A, B, log_theta, scale, W_past, f, bandwidth, mean,
-                   need_dx, need_adapter):
+                   need_dx, need_adapter, fe):
     return _bwd_fake(grad_y, x, weight, A, B, log_theta, scale, f, bandwidth, mean, need_dx, need_adapter)
 
 
 def _ella_setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, log_theta, scale, W_past, f, bandwidth, mean = inputs
+    x, weight, bias, A, B, log_theta, scale, W_past, f, bandwidth, mean, fe = inputs
     ctx.save_for_backward(x, weight, A, B, log_theta, W_past)
-    ctx.args = (scale, f, bandwidth, mean)
+    ctx.args = (scale, f, bandwidth, mean, fe)
 
 
 def _make_ella_backward(bwd_op):
     def backward(ctx, grad_y, grad_ella):
         x, weight, A, B, log_theta, W_past = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb, need_th = ctx.needs_input_grad[:6]
-        scale, f, bandwidth, mean = ctx.args
+        scale, f, bandwidth, mean, fe = ctx.args
         dx = dA = dB = dth = None
         need_adapter = need_a or need_bb or need_th
         if need_x or need_adapter:
             dx, dA, dB, dth = bwd_op(grad_y, grad_ella, x, weight, A, B, log_theta, scale, W_past, f,
-                                     bandwidth, mean, need_x, need_adapter)
+                                     bandwidth, mean, need_x, need_adapter, fe)
         dW = grad_y.mT.mm(x) if need_w else None
         db = grad_y.sum(0) if need_b else None
         if ctx.needs_input_grad[7]:
             raise NotImplementedError("fastcur.ops.jump_linear_ella: no gradient for W_past (it is a "
                                       "record of past updates); detach it")
         return ((dx if need_x else None), dW, db, (dA if need_a else None), (dB if need_bb else None),
-                (dth if need_th else None), None, None, None, None, None)
+                (dth if need_th else None), None, None, None, None, None, None)
 
     return backward
 
@@ -141,16 +141,17 @@ def _triton_ella_op():
     @torch.library.custom_op("fastcur::jump_linear_ella_triton", mutates_args=())
     def jump_linear_ella_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                                 log_theta: Tensor, scale: float, W_past: Tensor, f: float,
-                                bandwidth: float, mean: bool) -> tuple[Tensor, Tensor]:
-        return kernels.jump_linear_ella_fwd(x, weight, bias, A, B, log_theta, scale, W_past, f)
+                                bandwidth: float, mean: bool, fe: float) -> tuple[Tensor, Tensor]:
+        return kernels.jump_linear_ella_fwd(x, weight, bias, A, B, log_theta, scale, W_past, f, fe)
 
     @torch.library.custom_op("fastcur::jump_linear_ella_triton_bwd", mutates_args=())
     def jump_linear_ella_triton_bwd(grad_y: Tensor, grad_ella: Tensor, x: Tensor, weight: Tensor,
                                     A: Tensor, B: Tensor, log_theta: Tensor, scale: float,
                                     W_past: Tensor, f: float, bandwidth: float, mean: bool,
-                                    need_dx: bool, need_adapter: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                                    need_dx: bool, need_adapter: bool,
+                                    fe: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return kernels.jump_linear_bwd(grad_y, x, weight, A, B, log_theta, scale, f, bandwidth, mean,
-                                       need_dx, need_adapter, W_past, grad_ella)
+                                       need_dx, need_adapter, W_past, grad_ella, fe)
 
     _register_ella("fastcur::jump_linear_ella_triton", "fastcur::jump_linear_ella_triton_bwd")
     return torch.ops.fastcur.jump_linear_ella_triton.default
@@ -169,7 +170,7 @@ def check_factors(c: ArgChecker, A, B, n: int, k: int) -> int:
     return r
 
 
-def check_options(fn: str, scale, f=None, bandwidth=None, reduction=None) -> None:
+def check_options(fn: str, scale, f=None, bandwidth=None, reduction=None, ella_delta=None) -> None:
     c = ArgChecker(fn)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         c.fail(f"argument 'scale' must be a float, got {type(scale).__name__}", TypeError)
@@ -181,6 +182,9 @@ def check_options(fn: str, scale, f=None, bandwidth=None, reduction=None) -> Non
         c.fail(f"argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
 
 
+    if ella_delta is not None and ella_delta not in reference.ELLA_DELTAS:
+        c.fail(f"argument 'ella_delta' must be one of {', '.join(map(repr, reference.ELLA_DELTAS))}, "
+               f"got {ella_delta!r}")
 def _check(x, weight, bias, A, B, log_theta) -> None:
     c = ArgChecker("jump_linear")
     c.tensor("weight", weight, (None, None), dims="(n, k)", anchor=True)
@@ -226,27 +230,30 @@ def jump_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
 
 def jump_linear_ella(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
                      log_theta: Tensor, scale: float, W_past: Tensor, f: float = 1.0,
-                     bandwidth: float = 1e-3, reduction: str = "mean") -> tuple[Tensor, Tensor]:
-    """`jump_linear` and ELLA's penalty of the same adapter in one pass (docs/methods.md, JumpLoRA).
+                     bandwidth: float = 1e-3, reduction: str = "mean",
+                     ella_delta: str = "interpolated") -> tuple[Tensor, Tensor]:
+    """`jump_linear` and ELLA's penalty of the same adapter in one pass (docs/methods.md).
 
-    Args: as `jump_linear`, plus W_past [n, k] (the sum of past tasks' ΔW, no gradient).
+    Args: as `jump_linear`, plus W_past [n, k] (the sum of past tasks' ΔW, no gradient) and
+        ella_delta: "interpolated" (default, as released), "masked" or "sparse" (see
+        `fastcur.ops.ella_penalty`).
     Returns:
-        (y [..., n] = jump_linear(x, ...), p [] = ‖scale J(B A) ⊙ W_past‖², hard mask: no
-        gradient reaches log_theta through p). Both differentiable; the backward adds p's
+        (y [..., n] = jump_linear(x, ...), p [] = ella_penalty(A, B, log_theta, W_past, scale, f,
+        ella_delta), hard mask: no gradient reaches log_theta through p). Both differentiable; the backward adds p's
         gradient into each tile's dL/dZ before the one contraction with A and B, so ELLA costs
         one extra read of W_past per pass instead of a second walk over Z.
     """
     x, weight, bias, A, B, log_theta, W_past = autocast_inputs(x, weight, bias, A, B, log_theta, W_past)
     _check(x, weight, bias, A, B, log_theta)
-    check_options("jump_linear_ella", scale, f, bandwidth, reduction)
+    check_options("jump_linear_ella", scale, f, bandwidth, reduction, ella_delta)
     c = ArgChecker("jump_linear_ella")
     c.tensor("weight", weight, anchor=True)
     c.tensor("W_past", W_past, tuple(weight.shape), dims="(n, k)")
     backend = resolve("jump_linear", x.device)
     if backend == "reference":
         return reference.jump_linear_ella(x, weight, bias, A, B, log_theta, scale, W_past, f, bandwidth,
-                                          reduction)
+                                          reduction, ella_delta)
     op = torch.ops.fastcur.jump_linear_ella.default if backend == "cpp" else _triton_ella_op()
     y, p = op(x.reshape(-1, x.shape[-1]), weight, bias, A, B, log_theta, float(scale), W_past, float(f),
-              float(bandwidth), reduction == "mean")
+              float(bandwidth), reduction == "mean", reference.ella_interpolation(f, ella_delta))
     return y.reshape(*x.shape[:-1], weight.shape[0]), p

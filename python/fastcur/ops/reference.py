@@ -210,14 +210,14 @@ def jump_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def jump_linear_ella(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                      B: torch.Tensor, log_theta: torch.Tensor, scale: float, W_past: torch.Tensor,
-                     f: float = 1.0, bandwidth: float = 1e-3,
-                     reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
-    """`(jump_linear(...), ella_penalty(A, B, log_theta, W_past, scale))`: both terms at once.
+                     f: float = 1.0, bandwidth: float = 1e-3, reduction: str = "mean",
+                     ella_delta: str = "interpolated") -> tuple[torch.Tensor, torch.Tensor]:
+    """`(jump_linear(...), ella_penalty(A, B, log_theta, W_past, scale, f, ella_delta))`.
 
     x [..., k], weight [n, k], W_past [n, k] -> ([..., n], [])
     """
     return (jump_linear(x, weight, bias, A, B, log_theta, scale, f, bandwidth, reduction),
-            ella_penalty(A, B, log_theta, W_past, scale))
+            ella_penalty(A, B, log_theta, W_past, scale, f, ella_delta))
 
 
 def jump_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -233,20 +233,38 @@ def jump_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def ella_penalty(A: torch.Tensor, B: torch.Tensor, log_theta: torch.Tensor, W_past: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    """`‖scale · J(B A) ⊙ W_past‖_F²` with the hard mask: no gradient reaches log_theta.
+                 scale: float, f: float = 1.0, ella_delta: str = "interpolated") -> torch.Tensor:
+    """`‖D ⊙ W_past‖_F²`, ELLA's delta `D = scale (f_e J(Z) + (1 − f_e) Z)`, `Z = B A`, with
+    f_e = `ella_interpolation(f, ella_delta)` and the hard mask: no gradient reaches log_theta.
 
     A [r, k], B [n, r], log_theta [], W_past [n, k] -> [] (a scalar)
     """
     Z = B @ A
     mask = (Z.abs() > log_theta.detach().exp().reshape(())).to(Z.dtype)
-    return (scale * Z * mask * W_past).square().sum()
+    return (scale * Z * (fe * mask + (1.0 - fe)) * W_past).square().sum()
+ELLA_DELTAS = ("interpolated", "masked", "sparse")
+
+
+def ella_interpolation(f: float, ella_delta: str) -> float:
+    """The weight f_e of J(Z) in ELLA's delta `scale (f_e J(Z) + (1 − f_e) Z)`:
+    "interpolated" (the released default: the layer's own blend) f_e = f; "masked" (the hard-masked
+    s J(Z)) f_e = 1; "sparse" (the released legacy mode) f_e = 1 if f > 0 else 0."""
+    if ella_delta == "interpolated":
+        return float(f)
+    if ella_delta == "masked":
+        return 1.0
+    if ella_delta == "sparse":
+        return 1.0 if f > 0 else 0.0
+    raise ValueError(f"fastcur: ella_delta must be one of {', '.join(map(repr, ELLA_DELTAS))}, got {ella_delta!r}")
+
+
 
 
 # -- IMSM (docs/methods.md, IMSM) -----------------------------------------------------------------------------
 def imsm_gate(h: torch.Tensor, h_tuned: torch.Tensor, q: torch.Tensor, q_tuned: torch.Tensor,
               W_A: torch.Tensor, W_B: torch.Tensor, hidden_mask: torch.Tensor | None = None,
               gate_mask: torch.Tensor | None = None) -> torch.Tensor:
+    fe = ella_interpolation(f, ella_delta)
     """IMSM's memory gate (docs/methods.md, IMSM), written as the paper writes it: the concatenation is formed.
 
     `g = σ(([q ⊕ h_t ⊕ h'_t ⊕ q'] W_A ⊙ hidden_mask) W_B)`, output `g ⊙ h + (1 - g) ⊙ h'`.
