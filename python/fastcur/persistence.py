@@ -54,7 +54,7 @@ from ._atomic import atomic_folder
 from .adapter_files import ADAPTER_FILES, FORMAT, FORMAT_VERSION, read_document, read_tensors, write_folder
 from .config import AdapterConfig, JumpLoRAConfig, config_class, config_class_of_layer
 from .inject import CONFIG_ATTR, adapter_modules, freeze_base, unwrap
-from .modules.adapter_linear import AdapterLinear
+from .modules.adapter_linear import AdapterLinear, is_conv1d
 from .modules.jump_lora_linear import JumpLoRALinear, JumpThreshold
 from .modules.secura_linear import MergeSchedule, SecuraLinear
 from .named_adapters import (DEFAULT_ADAPTER, NamedAdapter, add, check_adapter_name, check_unmerged, set_adapter,
@@ -232,7 +232,7 @@ def _check_base(model: nn.Module, document: dict) -> list[str]:
             got = (module.out_features, module.in_features)
         elif isinstance(module, nn.Linear):
             got = (module.out_features, module.in_features)
-        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        elif is_conv1d(module):
             got = tuple(module.weight.shape[::-1])          # transformers Conv1D keeps W as [in, out]
         else:
             problems.append(f"module {name!r} is a {type(module).__name__}, expected an nn.Linear")
