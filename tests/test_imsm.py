@@ -466,9 +466,15 @@ def test_gate_stays_float32_under_autocast(at):
     h, h_tuned, _ = imsm.streams(ids, am)
     pm = ((torch.arange(9)[None, :] < pl[:, None]) & am.bool())[..., None]
     q, q_tuned = (h * pm).sum(1) / pm.sum(1), (h_tuned * pm).sum(1) / pm.sum(1)
+    h_tuned, q_tuned = h_tuned.detach().requires_grad_(), q_tuned.detach().requires_grad_()
     gm = torch.ones(*h.shape) if at == "both" else None  # the unfused path, as dropout "both" takes
     plain = fastcur.ops.imsm_gate(h, h_tuned, q, q_tuned, imsm.W_A, imsm.W_B, None, gm)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast = fastcur.ops.imsm_gate(h, h_tuned, q, q_tuned, imsm.W_A, imsm.W_B, None, gm)
     assert cast.dtype == torch.float32
     torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-6)
+    weights = torch.randn(plain.shape, generator=torch.Generator().manual_seed(3))
+    leaves = [imsm.W_A, imsm.W_B, h_tuned, q_tuned]
+    for g, rg in zip(torch.autograd.grad((cast * weights).sum(), leaves),
+                     torch.autograd.grad((plain * weights).sum(), leaves)):
+        torch.testing.assert_close(g, rg, rtol=1e-6, atol=1e-6)

@@ -146,13 +146,14 @@ def imsm_gate(h: Tensor, h_tuned: Tensor, q: Tensor, q_tuned: Tensor, W_A: Tenso
         t if t is None or t.dtype == dtype else t.to(dtype)
         for t in (h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask))
     backend = resolve("imsm_gate", h.device)
-    if backend == "reference" or gate_mask is not None:
-        # in the gate's dtype under autocast too, as the fused kernels compute
-        with contextlib.ExitStack() as stack:
-            if torch.amp.is_autocast_available(h.device.type):
-                stack.enter_context(torch.autocast(h.device.type, enabled=False))
+    # The gate's dtype under autocast too: autocast would otherwise recast the GEMMs inside
+    # the composite and the C++ kernel (which then fails on the dtypes it was given).
+    with contextlib.ExitStack() as stack:
+        if torch.amp.is_autocast_available(h.device.type):
+            stack.enter_context(torch.autocast(h.device.type, enabled=False))
+        if backend == "reference" or gate_mask is not None:
             out = reference.imsm_gate(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask)
-    else:
-        op = torch.ops.fastcur.imsm_gate.default if backend == "cpp" else _triton_op()
-        out, _ = op(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask)
+        else:
+            op = torch.ops.fastcur.imsm_gate.default if backend == "cpp" else _triton_op()
+            out, _ = op(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask)
     return out.to(out_dtype)
