@@ -29,6 +29,7 @@ BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
 
 
 def run_fresh(args: list[str], cwd) -> subprocess.CompletedProcess:
+    """`python *args` in a fresh interpreter, offline (a block that would download fails)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -39,7 +40,6 @@ def test_readme_has_the_examples():
     for needle in ('target_modules=["q_proj", "v_proj"]', "fastcur.IncLoRA(", "fastcur.LaplaceRegularizer(",
                    "fastcur.MergeSchedule(", "fastcur.IMSM(", "LlamaConfig("):
         assert needle in codes, f"no README python block uses {needle}"
-    assert "from_pretrained(" not in codes.replace("# or .from_pretrained(...)", ""), "blocks must not download"
 
 
 @pytest.mark.slow  # each block is a fresh interpreter importing torch and transformers
