@@ -61,6 +61,15 @@ def test_peft_loader_names_fastcur(tmp_path):
         fastcur.load_peft_adapter(tiny_lm(), tmp_path)
 
 
+def test_transformers_peft_integration_names_fastcur(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_llama
+    fastcur.save_adapter(fastcur.inject(tiny_llama(), fastcur.LoRAConfig(rank=2, target_modules=["q_proj"])), tmp_path)
+    with pytest.raises(KeyError, match=r"fastcur adapter, not a PEFT adapter.*fastcur.load_adapter"):
+        tiny_llama().load_adapter(str(tmp_path))            # transformers' own PEFT loader
+
+
 def test_a_folder_in_the_first_layout_still_loads(tmp_path):
     model = _saved(tmp_path)
     # the layout of format_version 1: adapter_config.json + adapter_model.safetensors
