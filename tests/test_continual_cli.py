@@ -70,3 +70,26 @@ def test_small_run_prints_the_table_and_writes_results(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["tasks"] == ["one", "two"] and list(results["methods"]) == ["lora"]
     assert (out / "report.md").exists()
+
+
+def test_bad_options_give_one_line_errors(tmp_path, capsys):
+    fail(capsys, ["--device", "banana"], "--device", "banana")
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    fail(capsys, ["--out", str(afile)], "--out", "not a folder")
+    fail(capsys, ["--seeds", "0"], "--seeds", "0")
+    fail(capsys, ["--resume"], "--resume needs --out")
+
+
+def test_resume_of_a_damaged_or_foreign_folder(tmp_path, capsys):
+    fail(capsys, ["--out", str(tmp_path / "none"), "--resume"], "--resume", "does not exist")
+    fail(capsys, ["--out", str(tmp_path), "--resume"], "--resume", "has no run.json")
+    (tmp_path / "run.json").write_text('{"format": "fastcur.continual.run/1", "options": {"bogus": 1}}')
+    fail(capsys, ["--out", str(tmp_path), "--resume"], "--resume", "not a fastcur continual run file")
+
+
+def test_demo_bad_options(capsys):
+    for argv, needle in ((["--steps", "0"], "--steps"), (["--device", "banana"], "--device")):
+        assert main(["demo", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fastcur demo: error:") and needle in err[0], err

@@ -21,8 +21,8 @@ from fastcur.continual.runner import train_task  # noqa: E402
 from fastcur.continual.tasks import Example, Task  # noqa: E402
 from tiny_models import byte_llama  # noqa: E402
 
-EXPECTED = ["seq", "lora", "lora-er", "lora-ewc", "curlora", "secura", "secura-merge", "jumplora-inclora",
-            "jumplora-ella", "lalora-diag", "lalora-kfac", "imsm-lora"]
+EXPECTED = ["seq", "lora", "lora-er", "lora-ewc", "curlora", "secura", "secura-released", "jumplora-inclora",
+            "jumplora-ella", "lalora-diag-1e2", "lalora-diag-1e3", "lalora-diag-1e4", "lalora-kfac-1e3", "imsm-lora"]
 
 
 tiny_llama = functools.partial(byte_llama, num_hidden_layers=1, num_key_value_heads=4)
@@ -82,12 +82,13 @@ def test_linear_targets_skip_the_lm_head_and_error_without_linears():
 
 def _run(method_name, model, method, tasks, ctx, start=0):
     for i in range(start, len(tasks)):
-        train_task(method, model, tasks[i], i, ctx, name=method_name, device=torch.device("cpu"))
+        train_task(method, model, tasks[i], i, ctx, device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("name", EXPECTED)
 def test_method_trains_and_its_state_resumes_exactly(name):
-    base, ctx = tiny_llama(), context()
+    # IncLoRA folds only what passes the JumpReLU gate at the task's end: a few more steps
+    base, ctx = tiny_llama(), context(steps=6 if name.startswith("jumplora") else 2)
     batch = make_batch(TASKS[0].train[:4] + TASKS[1].train[:4])
     probe = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
@@ -136,11 +137,11 @@ def test_inclora_methods_add_fresh_adapters_per_task_and_fold_them():
     method = build_method("jumplora-ella")
     method.setup(model, ctx)
     before = model.model.layers[0].self_attn.q_proj.weight.clone()
-    train_task(method, model, TASKS[0], 0, ctx, name="jumplora-ella", device=torch.device("cpu"))
+    train_task(method, model, TASKS[0], 0, ctx, device=torch.device("cpu"))
     q = model.model.layers[0].self_attn.q_proj
     assert type(q) is nn.Linear                               # adapters removed after the task
     assert not torch.equal(q.weight, before)                  # ... their update folded into W
-    assert set(method.state_dict()["W_past"]) == set(linear_targets(model))
+    assert set(method.state_dict()["inclora"]["tensors"]) == {f"W_past.{n}" for n in linear_targets(model)}
 
 
 def test_replay_buffer_keeps_examples_and_mixes_a_share():
@@ -189,3 +190,32 @@ def test_ewc_fisher_and_penalty_match_explicit_per_example_gradients():
     torch.testing.assert_close(ewc.penalty().double(), want, rtol=1e-5, atol=1e-7)
     ewc.consolidate(batches, loss_fn)                          # online: Fisher sums over tasks
     assert all(torch.all(ewc.fisher[n] >= expect[n] - 1e-12) for n in params)
+
+
+def test_imsm_perplexity_uses_a_causal_query():
+    model, ctx = tiny_llama(), context()
+    method = build_method("imsm-lora")
+    method.setup(model, ctx)
+    _run("imsm-lora", model, method, TASKS[:1], ctx)         # a trained gate, nonzero W_B
+    evaluated = method.evaluation_model().eval()
+    ids = make_batch(TASKS[0].train[:2])["input_ids"]
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 256
+    with torch.no_grad():
+        a, b = evaluated(input_ids=ids).logits, evaluated(input_ids=changed).logits
+        whole = method.imsm(ids).logits                      # IMSM's query over every token: not causal
+        whole_changed = method.imsm(changed).logits
+    torch.testing.assert_close(a[:, :-1], b[:, :-1], rtol=0, atol=0)  # the past never sees the future
+    assert (whole[:, :-1] - whole_changed[:, :-1]).abs().max() > 0
+
+
+def test_secura_released_is_the_released_codes_recipe():
+    model, ctx = tiny_llama(), context()
+    method = build_method("secura-released")
+    method.setup(model, ctx)
+    layers = list(fastcur.adapter_modules(model).values())
+    assert layers and all(m.norm == "raw" and m.scope == "tensor" and m.lora_bias is not None
+                          and m.merge_every == 1 and not m.reselect_on_merge for m in layers)
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    train_task(method, model, TASKS[0], 0, ctx, device=torch.device("cpu"))
+    assert method.schedule.merges >= 1 and not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)

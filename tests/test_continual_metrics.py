@@ -41,7 +41,7 @@ def test_average_accuracy_curve():
 def test_retention():
     assert retention(0.3, 0.6) == pytest.approx(0.5)
     assert retention(0.9, 0.6) == pytest.approx(1.5)
-    assert retention(0.0, 0.0) == 1.0 and retention(0.2, 0.0) == 1.0  # base knew nothing: nothing lost
+    assert retention(0.0, 0.0) is None and retention(0.2, 0.0) is None  # base knew nothing: n/a
     assert retention_curve([0.6, 0.3, 0.15], 0.6) == pytest.approx([1.0, 0.5, 0.25])
     with pytest.raises(ValueError, match="base_probe_acc must be an accuracy"):
         retention(0.5, 1.5)

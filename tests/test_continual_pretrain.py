@@ -58,13 +58,25 @@ def test_default_cache_dir_honours_xdg(monkeypatch, tmp_path):
     assert default_cache_dir() == P.Path(os.path.expanduser("~")) / ".cache" / "fastcur" / "continual"
 
 
-def test_cache_key_names_every_input():
-    from fastcur import __version__
+def test_cache_key_covers_every_setting_that_changes_the_weights(monkeypatch):
+    from fastcur.continual import tasks as T
 
     key = P.cache_key(3, "quick", 7)
+    assert key.startswith("quick-seed3-steps7-") and key == P.cache_key(3, "quick", 7)
     assert P.cache_key(3, "tiny", 7) != key and P.cache_key(4, "quick", 7) != key != P.cache_key(3, "quick", 8)
-    assert key == f"quick-seed3-steps7-world{P.WORLD_VERSION}-fastcur{__version__}"
-    assert P.cache_key(3, "quick") == f"quick-seed3-steps{P.SIZES['quick']['steps']}-world{P.WORLD_VERSION}-fastcur{__version__}"
+    assert P.cache_key(3, "quick").startswith(f"quick-seed3-steps{P.SIZES['quick']['steps']}-")
+    settings = P.pretrain_settings(3, "quick", 7)
+    assert settings["shape"]["lr"] == P.SIZES["quick"]["lr"] and settings["world"] == P.WORLD_VERSION
+    # the recipe, the learning rate, the batch, the primers' generators, the world: each changes the key
+    for target, name, value in ((P, "RECIPE", "other"), (P, "SEQ_LEN", 64), (P, "WORLD_VERSION", "x"),
+                                (T, "GENERATOR_VERSION", "x")):
+        monkeypatch.setattr(target, name, value)
+        assert P.cache_key(3, "quick", 7) != key, name
+        monkeypatch.undo()
+    for option, value in (("lr", 1.0), ("batch_size", 3), ("hidden_size", 64), ("n_entities", 5)):
+        monkeypatch.setitem(P.SIZES, "quick", {**P.SIZES["quick"], option: value})
+        assert P.cache_key(3, "quick", 7) != key, option
+        monkeypatch.undo()
 
 
 def test_pretrained_base_is_deterministic_cached_atomically_and_reused(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 from fastcur.continual import Example, Task, builtin_task_names, builtin_tasks, make_task
 from fastcur.continual import tasks as T
 
-NAMES = ["arithmetic", "translation", "summarization", "logic", "sentiment"]
+NAMES = ["largest", "translation", "summarization", "logic", "sentiment"]
 
 
 def test_five_families_in_order():
@@ -38,8 +38,8 @@ def test_default_sizes_distinct_prompts_train_test_disjoint(name):
 
 
 def test_names_select_and_order():
-    assert [t.name for t in builtin_tasks(0, 4, 2, names=["sentiment", "arithmetic"])] == ["sentiment", "arithmetic"]
-    with pytest.raises(ValueError, match="unknown task 'poetry'.*arithmetic"):
+    assert [t.name for t in builtin_tasks(0, 4, 2, names=["sentiment", "largest"])] == ["sentiment", "largest"]
+    with pytest.raises(ValueError, match="unknown task 'poetry'.*largest"):
         make_task("poetry")
     with pytest.raises(ValueError, match="n_train"):
         make_task("logic", n_train=-1)
@@ -47,12 +47,13 @@ def test_names_select_and_order():
         make_task("translation", n_train=100_000)
 
 
-def test_arithmetic_answers():
-    for e in make_task("arithmetic", 1).train:
+def test_largest_answers():
+    task = make_task("largest", 1, n_train=256, n_test=64)
+    assert len(task.test) == 64
+    for e in task.train + task.test:
         nums = [int(x) for x in re.findall(r"\d+", e.prompt)]
-        assert len(nums) == 2 and all(1 <= n <= 5 for n in nums)
-        plus = "more" in e.prompt or "in all" in e.prompt
-        assert int(e.answer) == (nums[0] + nums[1] if plus else nums[0] - nums[1])
+        assert len(nums) == 3 and len(set(nums)) == 3 and all(1 <= n <= 9 for n in nums)
+        assert e.prompt.endswith("\nLargest:") and e.answer == str(sorted(nums)[-1])
 
 
 def test_translation_answers_word_by_word():

@@ -17,7 +17,8 @@ def test_sizes_and_names():
     w = build_world(0, n_entities=10, n_towns=3, bios_per_person=2)
     names = [p.name for p in w.people]
     assert len(set(names)) == 10 and len(set(w.towns)) == 3 and not set(names) & set(w.towns)
-    assert len(w.pretraining_texts()) == 10 * (2 + 2 * len(W.ATTRIBUTES)) + len(W.general_knowledge())
+    primers = len(W._primers(w, __import__("random").Random(0)))
+    assert len(w.pretraining_texts()) == 10 * (2 + 2 * len(W.ATTRIBUTES)) + len(W.general_knowledge()) + primers
     bare = build_world(0, n_entities=10, n_towns=3, bios_per_person=2, general_knowledge=False)
     assert len(bare.pretraining_texts()) == 10 * (2 + 2 * len(W.ATTRIBUTES))
     assert len(w.heldout_texts()) == 10 and len(w.probe()) == 10 * len(W.ATTRIBUTES)
@@ -33,7 +34,7 @@ def test_probe_asks_facts_that_pretraining_states_in_other_words():
     attrs = {p.name: p.attributes for p in w.people}
     phrasings_used = set()
     for ex, (name, attr, value) in zip(w.probe(), w.facts()):
-        assert isinstance(ex, Example) and ex.choices is None
+        assert isinstance(ex, Example) and ex.choices == tuple(w.values(attr))
         assert ex.answer == value == attrs[name][attr]
         assert name in ex.prompt and ex.prompt.startswith("Q: ") and ex.prompt.endswith("\nA:")
         assert ex.prompt not in corpus  # this question is held out...
@@ -58,12 +59,34 @@ def test_general_knowledge_states_what_the_tasks_use():
 
     texts = W.general_knowledge()
     assert set(texts) <= set(build_world(0).pretraining_texts())
-    assert "3 plus 4 is 7." in texts and "5 minus 5 is 0." in texts
-    for sentence in (t for t in texts if " plus " in t or " minus " in t):
-        a, op, b, _, c = sentence.rstrip(".").split()
-        assert int(c) == (int(a) + int(b) if op == "plus" else int(a) - int(b)) >= 0
-    assert sum(" plus " in t for t in texts) == 25 and sum(" minus " in t for t in texts) == 15
+    assert "9 is larger than 1." in texts and "2 is larger than 1." in texts
+    for sentence in (t for t in texts if " larger than " in t):
+        a, *_, b = sentence.rstrip(".").split()
+        assert int(a) > int(b)
+    assert sum(" larger than " in t for t in texts) == 36
     for en, vel in {**T.VEL_NOUNS, **T.VEL_ADJECTIVES}.items():
         assert f"In Vel, {en} is {vel}." in texts
     assert all(f"{w.capitalize()} is a positive word." in texts for w in T.SENTIMENT_POSITIVE)
     assert all(f"{w.capitalize()} is a negative word." in texts for w in T.SENTIMENT_NEGATIVE)
+
+
+def test_primers_teach_the_task_formats_without_the_tasks_data():
+    from fastcur.continual import tasks as T
+
+    w = build_world(0)
+    corpus = w.pretraining_texts()
+    tasks = T.builtin_tasks(0, n_train=256, n_test=64)
+    for task in tasks:
+        marker = task.test[0].prompt.rsplit("\n", 1)[-1]       # "Largest:", "Vel:", "Sentiment:", ...
+        primed = [t for t in corpus if "\n" + marker + " " in t]
+        assert len(primed) >= 6, task.name
+        for ex in task.train + task.test:                     # no task example is in pretraining
+            assert ex.prompt + " " + ex.answer not in primed, (task.name, ex)
+            assert not any(t.startswith(ex.prompt) for t in primed), (task.name, ex)
+
+
+def test_ranked_probe_offers_the_attributes_values():
+    w = build_world(0, n_entities=10, n_towns=3)
+    for ex, (_, attr, value) in zip(w.probe(), w.facts()):
+        assert ex.choices == tuple(w.values(attr)) and ex.answer == value
+    assert all(ex.choices is None for ex in w.probe(ranked=False))

@@ -29,8 +29,13 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import check_options, run_demo
 
+    try:
+        check_options(args.steps, args.device, args.seed)
+    except ValueError as exc:
+        print(f"fastcur demo: error: {exc}", file=sys.stderr)
+        return 2
     run_demo(steps=args.steps, device=args.device, seed=args.seed)
     return 0
 

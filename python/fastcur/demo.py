@@ -61,8 +61,20 @@ def _train(model, x, y, steps, lr, desc, device):
     return losses, times
 
 
+def check_options(steps, device, seed) -> None:
+    """ValueError naming the option when one is unusable."""
+    from .continual.runner import check_device
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"--steps must be a positive int, got {steps!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed must be an int >= 0, got {seed!r}")
+    check_device(device)
+
+
 def run_demo(steps: int = 200, device: str = "cpu", seed: int = 0, width: int = 256, depth: int = 3,
              rank: int = 32) -> dict:
+    check_options(steps, device, seed)
     print(format_info())
     print()
     torch.manual_seed(seed)

@@ -6,7 +6,7 @@ acc[i, j] = accuracy on task j after training tasks 0..i in order).
   negative = forgetting.
 - forgetting (Chaudhry et al. 2018): mean over j < T-1 of max_{i < T-1} acc[i, j] - acc[T-1, j].
 - average_accuracy_curve: after task i, the mean accuracy on the tasks seen so far (acc[i, :i+1]).
-- retention: probe accuracy relative to the base model's.
+- retention: probe accuracy relative to the base model's (None when the base scores 0).
 For T = 1, backward transfer and forgetting are 0 (no earlier task to lose).
 """
 from __future__ import annotations
@@ -54,17 +54,17 @@ def average_accuracy_curve(acc) -> list[float]:
     return [float(a[i, :i + 1].mean()) for i in range(a.shape[0])]
 
 
-def retention(probe_acc: float, base_probe_acc: float) -> float:
-    """probe_acc / base_probe_acc (may exceed 1). A base accuracy of 0 leaves nothing to lose:
-    retention is then 1.0."""
+def retention(probe_acc: float, base_probe_acc: float) -> float | None:
+    """probe_acc / base_probe_acc (may exceed 1). A base accuracy of 0 leaves nothing to retain:
+    retention is then None (reported as n/a)."""
     for name, v in (("probe_acc", probe_acc), ("base_probe_acc", base_probe_acc)):
         if not isinstance(v, (int, float, np.floating)) or not 0.0 <= float(v) <= 1.0:
             raise ValueError(f"{name} must be an accuracy in [0, 1], got {v!r}")
     if base_probe_acc == 0:
-        return 1.0
+        return None
     return float(probe_acc) / float(base_probe_acc)
 
 
-def retention_curve(probe_accs: Sequence[float], base_probe_acc: float) -> list[float]:
+def retention_curve(probe_accs: Sequence[float], base_probe_acc: float) -> list[float | None]:
     """retention(p, base_probe_acc) for each probe accuracy p (one per task in the sequence)."""
     return [retention(p, base_probe_acc) for p in probe_accs]

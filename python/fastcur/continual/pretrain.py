@@ -3,7 +3,7 @@
 `pretrained_base(cache_dir)` builds the world, trains a `transformers.LlamaForCausalLM` from a
 config (no download) with AdamW on the world's pretraining texts, measures its probe accuracy and
 held-out perplexity, and saves model + `pretrain.json` under
-`cache_dir/<size>-seed<seed>-steps<steps>-world<version>-fastcur<version>/` atomically (written to
+`cache_dir/<size>-seed<seed>-steps<steps>-<hash of every weight-changing setting>/` atomically (written to
 a temporary folder beside it, then renamed). Later calls with the same key load it from there.
 """
 from __future__ import annotations
@@ -28,11 +28,13 @@ SIZES = {
     "tiny": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
              "steps": 50, "batch_size": 8, "lr": 5e-3, "n_entities": 8},
     "quick": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 384,
-              "steps": 600, "batch_size": 16, "lr": 3e-3, "n_entities": 48},
+              "steps": 2000, "batch_size": 16, "lr": 3e-3, "n_entities": 48},
     "full": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 768,
              "steps": 3000, "batch_size": 16, "lr": 2e-3, "n_entities": 96},
 }
 MAX_LEN = 256
+SEQ_LEN = 128           # tokens per packed pretraining row
+RECIPE = "adamw-wd0.01-b0.9,0.98-warmup5%-cosine-clip1"   # change when pretrain()'s recipe changes
 PRETRAIN_FILE = "pretrain.json"
 
 
@@ -87,7 +89,7 @@ def _packed_batch(texts: list[str], order: list[int], tokenizer, rows: int, seq_
 
 
 def pretrain(model, texts: list[str], tokenizer, steps: int, batch_size: int = 16, lr: float = 3e-3,
-             seed: int = 0, seq_len: int = 128, progress: bool = True, desc: str = "pretrain") -> dict:
+             seed: int = 0, seq_len: int = SEQ_LEN, progress: bool = True, desc: str = "pretrain") -> dict:
     """Train `model` (a causal LM taking input_ids/attention_mask/labels and returning .loss) for
     `steps` AdamW steps (weight decay 0.01, 5% linear warm-up, cosine decay, gradient norm clipped
     at 1) on batches of `batch_size` rows of `seq_len` tokens packed with whole texts, drawn in
@@ -131,13 +133,33 @@ def base_world(seed: int = 0, size: str = "quick"):
     return build_world(seed, n_entities=_check_size(size)["n_entities"])
 
 
-def cache_key(seed: int = 0, size: str = "quick", steps: int | None = None) -> str:
-    """The folder name of a cached base model: every input that changes the weights is in it."""
-    from .. import __version__
+def pretrain_settings(seed: int = 0, size: str = "quick", steps: int | None = None) -> dict:
+    """Every setting that changes the pretrained weights: the model's shape, the recipe (steps,
+    batch, learning rate, sequence length, schedule), the seed, the world's and the task
+    generators' versions (the format primers come from the tasks), and the versions of fastcur,
+    torch and transformers."""
+    import transformers
 
-    shape = _check_size(size)
-    steps = shape["steps"] if steps is None else steps
-    return f"{size}-seed{seed}-steps{steps}-world{WORLD_VERSION}-fastcur{__version__}"
+    from .. import __version__
+    from .tasks import GENERATOR_VERSION
+
+    shape = dict(_check_size(size))
+    steps = shape.pop("steps") if steps is None else steps
+    shape.pop("steps", None)
+    return {"size": size, "shape": shape, "steps": steps, "seed": seed, "seq_len": SEQ_LEN, "max_len": MAX_LEN,
+            "recipe": RECIPE, "world": WORLD_VERSION, "generators": GENERATOR_VERSION, "fastcur": __version__,
+            "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+
+
+def cache_key(seed: int = 0, size: str = "quick", steps: int | None = None) -> str:
+    """The folder name of a cached base model: readable parts, then a hash of every setting that
+    changes the weights (`pretrain_settings`)."""
+    import hashlib
+    import json as _json
+
+    settings = pretrain_settings(seed, size, steps)
+    digest = hashlib.sha256(_json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{size}-seed{seed}-steps{settings['steps']}-{digest}"
 
 
 def pretrained_base(cache_dir: str | os.PathLike | None = None, seed: int = 0, size: str = "quick",
@@ -167,11 +189,12 @@ def pretrained_base(cache_dir: str | os.PathLike | None = None, seed: int = 0, s
     log = pretrain(model, world.pretraining_texts(), tokenizer, steps, batch_size=shape["batch_size"],
                    lr=shape["lr"], seed=seed, progress=progress)
     tail = log["losses"][-max(1, steps // 10):]
-    info = {"seed": seed, "size": size, "steps": steps, "world_version": WORLD_VERSION,
+    info = {**pretrain_settings(seed, size, steps), "world_version": WORLD_VERSION,
             "parameters": sum(p.numel() for p in model.parameters()),
             "seconds": round(log["seconds"], 2), "first_loss": log["losses"][0],
             "final_loss": sum(tail) / len(tail),
             "probe_accuracy": accuracy(model, world.probe(), tokenizer, batch_size=64),
+            "probe_generation_accuracy": accuracy(model, world.probe(ranked=False), tokenizer, batch_size=64),
             "heldout_perplexity": perplexity(model, world.heldout_texts(), tokenizer, batch_size=64),
             "probe_chance": 1 / len(world.values("job"))}
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,17 @@
 `results` (what the runner fills; methods may be partial while a run is in progress):
 
     {"config": {...}, "tasks": [names],
-     "base": {"probe_accuracy": float, "perplexity": float},
-     "methods": {name: {"acc_matrix": [[...]] (rows: after task i; cols: task j),
-                        "probe_accuracy": [after task i], "perplexity": [after task i],
-                        "retention": [after task i], "average_accuracy": float,
-                        "backward_transfer": float, "trainable_params": int,
-                        "time_per_step_s": float, "peak_memory_mb": float}}}
+     "base": {"probe": float (likelihood ranking), "probe_generation": float (exact match),
+              "perplexity": float, "task_accuracy": [per task], "average_accuracy": float},
+     "methods": {name: {"retention": probe / base probe (None = n/a: the base scores 0),
+                        "format_retention": the same for the generation probe,
+                        "plasticity": mean accuracy on each task right after training it,
+                        "average_accuracy", "bwt", "gain_over_base", "perplexity" (after the last task),
+                        "acc_matrix": [[...]] (rows: after task i; cols: task j),
+                        "probe", "probe_generation", "perplexity_curve" lists and the retention curves
+                        (after each task), "trainable_params", "ms_per_step", "peak_memory_mb",
+                        and with several seeds "spread" {figure: standard deviation over the
+                        seeds} and "per_seed" {figure: [one value per seed]}}}}
 
 Every file is written atomically (a temporary file in the same folder, then os.replace).
 Plots use matplotlib's Agg backend (no display needed).
@@ -26,8 +31,16 @@ from .._atomic import atomic_write, atomic_write_text
 
 CURVES_PNG = "curves.png"
 MATRICES_PNG = "accuracy_matrices.png"
+TRADEOFF_PNG = "stability_plasticity.png"
 REPORT_MD = "report.md"
-COLUMNS = ("method", "avg acc", "BWT", "retention", "probe acc", "perplexity", "trainable", "ms/step", "peak MB")
+# (column, summary key, format)
+COLUMNS = (("method", None, None), ("retention", "retention", "ratio"), ("format ret.", "format_retention", "ratio"),
+           ("plasticity", "plasticity", "pct"), ("avg acc", "average_accuracy", "pct"), ("BWT", "bwt", "signed_pct"),
+           ("gain", "gain_over_base", "signed_pct"), ("perplexity", "perplexity", "ratio"),
+           ("trainable", "trainable_params", "count"), ("ms/step", "ms_per_step", "num"),
+           ("peak MB", "peak_memory_mb", "num"))
+SCALARS = ("retention", "format_retention", "plasticity", "average_accuracy", "bwt", "gain_over_base", "perplexity",
+           "trainable_params", "ms_per_step", "peak_memory_mb")
 
 
 # ------------------------------------------------------------------ atomic writes
@@ -61,10 +74,6 @@ def _check_results(results) -> dict:
     return results
 
 
-def _last(values):
-    return values[-1] if isinstance(values, (list, tuple)) and values else None
-
-
 def _acc_rows(method: dict, n_tasks: int) -> np.ndarray:
     """The accuracy matrix as a [rows, n_tasks] float array (rows < n_tasks while in progress)."""
     rows = method.get("acc_matrix") or []
@@ -78,27 +87,49 @@ def _seen_curve(a: np.ndarray) -> list[float]:
     return [float(np.nanmean(a[i, :i + 1])) for i in range(a.shape[0])]
 
 
-def method_summary(results: dict, name: str) -> dict:
-    """One method's row of the table as numbers (None where not measured yet)."""
-    m = results["methods"][name]
-    n_tasks = len(results.get("tasks") or m.get("acc_matrix") or [])
-    a = _acc_rows(m, n_tasks)
-    done = a.shape[0] == n_tasks and n_tasks > 0
-    avg, bwt = m.get("average_accuracy"), m.get("backward_transfer")
-    if done and avg is None:
-        avg = float(np.nanmean(a[-1]))
-    if done and bwt is None:
-        bwt = float(np.mean([a[-1, j] - a[j, j] for j in range(n_tasks - 1)])) if n_tasks > 1 else 0.0
-    return {"method": name, "average_accuracy": avg, "backward_transfer": bwt,
-            "retention": _last(m.get("retention")), "probe_accuracy": _last(m.get("probe_accuracy")),
-            "perplexity": _last(m.get("perplexity")), "trainable_params": m.get("trainable_params"),
-            "time_per_step_s": m.get("time_per_step_s"), "peak_memory_mb": m.get("peak_memory_mb"),
-            "tasks_done": a.shape[0], "tasks_total": n_tasks}
+def _mean(values):
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if len(vals) == len(values) and vals else None
+
+
+def _std(values):
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.std(vals, ddof=1)) if len(vals) == len(values) and len(vals) > 1 else None
+
+
+def _mean_lists(lists):
+    """Element-wise mean of equally long lists (of lists); None where any is None."""
+    if not lists or any(len(x) != len(lists[0]) for x in lists):
+        return lists[0] if lists else []
+    if lists[0] and isinstance(lists[0][0], list):
+        return [_mean_lists([x[i] for x in lists]) for i in range(len(lists[0]))]
+    return [_mean([x[i] for x in lists]) for i in range(len(lists[0]))]
+
+
+def aggregate_seeds(per_seed: list[dict], header: dict) -> dict:
+    """One results dict from several seeds' (same methods and tasks): every figure's mean, its
+    standard deviation over the seeds under "spread" and the seeds' values under "per_seed"."""
+    names = list(per_seed[0]["methods"])
+    out = {**header, "fine_tuning_seeds": [r.get("fine_tuning_seed") for r in per_seed], "methods": {}}
+    for name in names:
+        runs = [r["methods"][name] for r in per_seed]
+        m: dict = {}
+        for key in ("acc_matrix", "probe", "probe_generation", "perplexity_curve", "retention_curve",
+                    "format_retention_curve", "train_loss"):
+            m[key] = _mean_lists([r.get(key) or [] for r in runs])
+        for key in SCALARS:
+            m[key] = _mean([r.get(key) for r in runs])
+        m["spread"] = {key: _std([r.get(key) for r in runs]) for key in SCALARS}
+        m["per_seed"] = {key: [r.get(key) for r in runs] for key in SCALARS}
+        m["completed_tasks"] = min(r.get("completed_tasks", 0) for r in runs)
+        m["n_tasks"] = runs[0].get("n_tasks")
+        out["methods"][name] = m
+    return out
 
 
 def _fmt(value, kind: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
+        return "n/a"
     if kind == "pct":
         return f"{100 * value:.1f}%"
     if kind == "signed_pct":
@@ -107,36 +138,39 @@ def _fmt(value, kind: str) -> str:
         return f"{value:.2f}"
     if kind == "count":
         return f"{int(value):,}"
-    if kind == "ms":
-        return f"{1000 * value:.1f}"
     return f"{value:.1f}"
+
+
+def _cell(m: dict, key: str, kind: str) -> str:
+    text = _fmt(m.get(key), kind)
+    spread = (m.get("spread") or {}).get(key)
+    if spread is not None and kind in ("pct", "signed_pct", "ratio"):
+        text += " ± " + (f"{100 * spread:.1f}" if kind != "ratio" else f"{spread:.2f}")
+    return text
 
 
 def _rows(results: dict) -> list[list[str]]:
     rows = []
-    for name in results["methods"]:
-        s = method_summary(results, name)
-        label = name if s["tasks_done"] == s["tasks_total"] else f"{name} ({s['tasks_done']}/{s['tasks_total']})"
-        rows.append([label, _fmt(s["average_accuracy"], "pct"), _fmt(s["backward_transfer"], "signed_pct"),
-                     _fmt(s["retention"], "ratio"), _fmt(s["probe_accuracy"], "pct"),
-                     _fmt(s["perplexity"], "ratio"), _fmt(s["trainable_params"], "count"),
-                     _fmt(s["time_per_step_s"], "ms"), _fmt(s["peak_memory_mb"], "num")])
+    for name, m in results["methods"].items():
+        done, total = m.get("completed_tasks"), m.get("n_tasks")
+        label = name if done == total else f"{name} ({done}/{total})"
+        rows.append([label] + [_cell(m, key, kind) for _, key, kind in COLUMNS[1:]])
     return rows
 
 
 def _base_line(results: dict) -> str:
     base = results.get("base") or {}
     tasks = results.get("tasks") or []
-    return (f"base model: probe accuracy {_fmt(base.get('probe_accuracy'), 'pct')}, "
-            f"held-out perplexity {_fmt(base.get('perplexity'), 'ratio')}; tasks in order: "
-            f"{', '.join(tasks) if tasks else '-'}")
+    return (f"base model: probe {_fmt(base.get('probe'), 'pct')} (likelihood ranking), "
+            f"{_fmt(base.get('probe_generation'), 'pct')} (generation), held-out perplexity "
+            f"{_fmt(base.get('perplexity'), 'ratio')}, task accuracy {_fmt(base.get('average_accuracy'), 'pct')}; "
+            f"tasks in order: {', '.join(tasks) if tasks else '-'}")
 
 
 def format_table(results: dict) -> str:
-    """The final table for stdout: one row per method (BWT in accuracy points; retention =
-    probe accuracy / the base model's; perplexity on held-out pretraining text)."""
+    """The final table for stdout: one row per method (see the module doc for each figure)."""
     results = _check_results(results)
-    rows = [list(COLUMNS)] + _rows(results)
+    rows = [[c for c, _, _ in COLUMNS]] + _rows(results)
     widths = [max(len(r[c]) for r in rows) for c in range(len(COLUMNS))]
     lines = [_base_line(results)]
     for k, r in enumerate(rows):
@@ -148,7 +182,7 @@ def format_table(results: dict) -> str:
 
 def markdown_table(results: dict) -> str:
     results = _check_results(results)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join([":---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
+    lines = ["| " + " | ".join(c for c, _, _ in COLUMNS) + " |", "|" + "|".join([":---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(results)]
     return "\n".join(lines)
 
@@ -179,12 +213,12 @@ def plot_curves(results: dict, path: str | os.PathLike) -> Path:
     tasks = list(results.get("tasks") or [])
     fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, m in results["methods"].items():
-        ret = [v for v in (m.get("retention") or []) if v is not None]
+        ret = [np.nan if v is None else v for v in (m.get("retention_curve") or [])]
         ax_r.plot(range(len(ret) + 1), [1.0] + ret, marker="o", label=name)
         curve = _seen_curve(_acc_rows(m, len(tasks) or len(m.get("acc_matrix") or [])))
         ax_a.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
     ax_r.set_xticks(range(len(tasks) + 1), ["base"] + tasks, rotation=30, ha="right")
-    ax_r.set_title("basic-knowledge retention (probe acc / base)")
+    ax_r.set_title("knowledge retention (likelihood probe / base)")
     ax_r.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax_r.set_xlabel("after training on")
     ax_a.set_xticks(range(1, len(tasks) + 1), tasks, rotation=30, ha="right")
@@ -241,6 +275,34 @@ def plot_accuracy_matrices(results: dict, path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
+def plot_stability_plasticity(results: dict, path: str | os.PathLike) -> Path:
+    """Retention (y) against plasticity (x), one point per finished method (error bars: the
+    spread over seeds); LaLoRA's λ sweep joined by a line in the order of λ."""
+    results = _check_results(results)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    sweep = []
+    for name, m in results["methods"].items():
+        x, y = m.get("plasticity"), m.get("retention")
+        if x is None or y is None:
+            continue
+        spread = m.get("spread") or {}
+        ax.errorbar(x, y, xerr=spread.get("plasticity"), yerr=spread.get("retention"), fmt="o", capsize=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if name.startswith("lalora-diag-"):
+            sweep.append((x, y))
+    if len(sweep) > 1:
+        ax.plot(*zip(*sweep), color="grey", lw=0.8, ls="--", label="LaLoRA diag: λ sweep")
+        ax.legend(fontsize=8)
+    ax.axhline(1.0, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("plasticity: accuracy on each task right after training it")
+    ax.set_ylabel("retention: knowledge probe after the last task / base")
+    ax.set_title("stability against plasticity (up and right is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 # ------------------------------------------------------------------ report
 def write_markdown_report(results: dict, out_dir: str | os.PathLike) -> Path:
     """Write the two plots and report.md (config, base model, table, plots, accuracy matrices)
@@ -249,17 +311,25 @@ def write_markdown_report(results: dict, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     plot_curves(results, out / CURVES_PNG)
     plot_accuracy_matrices(results, out / MATRICES_PNG)
+    plot_stability_plasticity(results, out / TRADEOFF_PNG)
     tasks = list(results.get("tasks") or [])
     config = results.get("config") or {}
     lines = ["# fastcur continual: results", ""]
     if config:
         lines += ["Configuration: " + ", ".join(f"`{k}={v}`" for k, v in config.items()), ""]
     lines += [_base_line(results) + ".", "",
-              "Average accuracy: mean over all tasks after the last one. BWT (backward transfer): mean "
-              "change, in accuracy points, of each earlier task's accuracy from just after it was "
-              "trained to the end (negative = forgetting). Retention: basic-knowledge probe accuracy "
-              "relative to the base model's. Perplexity: on held-out pretraining-style text.", "",
+              "Retention: the knowledge probe (the true value ranked first by likelihood among the "
+              "attribute's values) after the last task, relative to the base model's (n/a when the "
+              "base scores 0). Format ret.: the same questions answered by greedy generation (exact "
+              "match), relative to the base. Plasticity: mean accuracy on each task right after "
+              "training it. Avg acc: mean over all tasks after the last one. BWT (backward transfer): "
+              "mean change, in accuracy points, of each earlier task's accuracy from just after it was "
+              "trained to the end (negative = forgetting). Gain: avg acc minus the base model's. "
+              "Perplexity: on held-out text, after the last task. ms/step: mean training step time over the "
+              "timed steps (the first steps of each task are left out). With several seeds: mean ± "
+              "standard deviation over the seeds.", "",
               markdown_table(results), "",
+              f"![retention against plasticity]({TRADEOFF_PNG})", "",
               f"![retention and average accuracy along the task sequence]({CURVES_PNG})", "",
               f"![accuracy matrices]({MATRICES_PNG})", ""]
     if tasks:

@@ -3,13 +3,13 @@ the continual-learning papers use, generated deterministically from a seed.
 
 | name          | family (paper's data set) | prompt -> answer                                          | scored by |
 |---------------|---------------------------|-----------------------------------------------------------|-----------|
-| arithmetic    | gsm8k-like                | one-step word problem, numbers 1..5 -> "7"                 | exact match |
+| largest       | gsm8k-like                | "Numbers: 4, 9, 2" -> "9" (the largest of three, 1..9)      | exact match |
 | translation   | newsde-like               | "the red cat" -> invented language "Vel": "mika zor"       | exact match |
 | summarization | cnndm-like                | 2-3 sentence article -> who did the newsworthy thing       | exact match |
 | logic         | logiqa-like               | syllogism (All/No/Some ...) -> yes / no / maybe            | likelihood of each choice |
 | sentiment     | sst2-like                 | one-sentence review -> positive / negative                 | likelihood of each choice |
 
-Prompts end in a marker ("Answer:", "Vel:", "Sentiment:", ...) with no trailing space; answers
+Prompts end in a marker ("Largest:", "Vel:", "Sentiment:", ...) with no trailing space; answers
 carry no leading space (`evaluate` joins them with one space). Every task has its own prompt
 format, distinct from the probe's "Q: ...\nA:", so forgetting shows as lost knowledge rather than
 a hijacked format. Answers are a few bytes and build on what the base model learnt in
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 # Bump when any generator's output changes (part of cache keys and results' config).
-GENERATOR_VERSION = "3"
+GENERATOR_VERSION = "4"
 
 
 @dataclass(frozen=True)
@@ -93,27 +93,17 @@ def _sample_distinct(name: str, seed: int, n_train: int, n_test: int,
     return examples[:n_train], examples[n_train:]
 
 
-# ---------------------------------------------------------------- arithmetic (GSM8K-like)
-_ITEMS = ("apple", "pen", "coin", "book", "egg", "card", "shell", "stamp", "cup", "toy")
-MAX_OPERAND = 5  # numbers 1..5: the sums and differences the base model saw in pretraining
+# ---------------------------------------------------------------- largest (GSM8K-like: numeric reasoning)
+# Replaces the arithmetic word problems of earlier versions: sums at this scale were memorized
+# (training loss 0.27, test 16 %), not learnt. Picking the largest of three numbers is a rule the
+# tiny base learns in tens of steps and applies to unseen triples.
+MAX_NUMBER = 9
+_LARGEST_WRAPPERS = ("Numbers: {}\nLargest:", "Which is largest: {}?\nLargest:", "Pick the largest of {}\nLargest:")
 
 
-def _arithmetic(rng: random.Random) -> Example:
-    a_name, b_name = rng.sample(NAMES, 2)
-    item = rng.choice(_ITEMS)
-    a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
-    kind = rng.randrange(4)
-    if kind == 0:
-        q, ans = f"{a_name} has {a} {item}s and gets {b} more. How many {item}s now?", a + b
-    elif kind == 1:
-        q, ans = f"{a_name} has {a} {item}s. {b_name} has {b}. How many in all?", a + b
-    else:
-        a, b = max(a, b), min(a, b)
-        if kind == 2:
-            q, ans = f"{a_name} has {a} {item}s and gives {b} to {b_name}. How many are left?", a - b
-        else:
-            q, ans = f"{a_name} had {a} {item}s and lost {b}. How many are left?", a - b
-    return Example(f"Problem: {q}\nAnswer:", str(ans))
+def _largest(rng: random.Random) -> Example:
+    values = rng.sample(range(1, MAX_NUMBER + 1), 3)
+    return Example(rng.choice(_LARGEST_WRAPPERS).format(", ".join(map(str, values))), str(max(values)))
 
 
 # ---------------------------------------------------------------- translation (NewsDE-like)
@@ -205,7 +195,7 @@ def _sentiment(rng: random.Random) -> Example:
 
 # name -> (family, generator)
 TASK_GENERATORS: dict[str, tuple[str, Callable[[random.Random], Example]]] = {
-    "arithmetic": ("gsm8k-like", _arithmetic),
+    "largest": ("gsm8k-like", _largest),
     "translation": ("newsde-like", _translation),
     "summarization": ("cnndm-like", _summarization),
     "logic": ("logiqa-like", _logic),

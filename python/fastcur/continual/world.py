@@ -13,21 +13,23 @@ memorized strings, and a model that forgets the facts (or the question/answer fo
 probe accuracy.
 
 Pretraining also states the general knowledge the built-in tasks build on (`general_knowledge`):
-sums and differences of 1..5, the Vel lexicon word by word, and the polarity of the review words.
+the order of the numbers 1..9, the Vel lexicon word by word, and the polarity of the review words;
+and "format primers": general facts written in each task's prompt format, disjoint from the tasks'
+data (see `_primers`).
 
     world = build_world(seed=0)
     world.pretraining_texts()[0]   # 'Zorvak lives in Plimt. Zorvak keeps a goat at home. ...'
-    world.probe()[0]               # Example(prompt='Q: In what town does Zorvak live?\\nA:', answer='Plimt')
+    world.probe()[0]               # Example(prompt='Q: In what town does Zorvak live?\\nA:', answer='Plimt', choices=(towns))
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
 
-from .tasks import MAX_OPERAND, SENTIMENT_NEGATIVE, SENTIMENT_POSITIVE, VEL_ADJECTIVES, VEL_NOUNS, Example
+from .tasks import MAX_NUMBER, SENTIMENT_NEGATIVE, SENTIMENT_POSITIVE, VEL_ADJECTIVES, VEL_NOUNS, Example
 
 # Bump when the world's texts or probe change (part of the pretraining cache key).
-WORLD_VERSION = "4"
+WORLD_VERSION = "5"
 
 JOBS = ("baker", "farmer", "miner", "sailor", "doctor", "painter", "tailor", "hunter")
 FOODS = ("bread", "rice", "plums", "soup", "cheese", "beans", "figs", "honey")
@@ -55,15 +57,50 @@ _CODAS = ("", "", "k", "n", "r", "l", "s", "m", "nt", "rk")
 
 
 def general_knowledge() -> list[str]:
-    """Sentences the built-in tasks rely on: "3 plus 4 is 7.", "5 minus 4 is 1." (numbers 1..5),
-    "In Vel, cat is
+    """Sentences the built-in tasks rely on: "8 is larger than 3." (numbers 1..9), "In Vel, cat is
     mika.", "In Vel, the is la.", "Lovely is a positive word." (fixed, not seeded)."""
-    n = range(1, MAX_OPERAND + 1)
-    texts = [f"{a} plus {b} is {a + b}." for a in n for b in n]
-    texts += [f"{a} minus {b} is {a - b}." for a in n for b in n if b <= a]
+    n = range(1, MAX_NUMBER + 1)
+    texts = [f"{a} is larger than {b}." for a in n for b in n if a > b]
     texts += [f"In Vel, {en} is {vel}." for en, vel in {**VEL_ADJECTIVES, **VEL_NOUNS, "the": "la"}.items()]
     texts += [f"{w.capitalize()} is a positive word." for w in SENTIMENT_POSITIVE]
     texts += [f"{w.capitalize()} is a negative word." for w in SENTIMENT_NEGATIVE]
+    return texts
+
+
+# Format primers: general facts written in each built-in task's prompt format, disjoint from
+# every task's examples (other words, other names, other shapes), so that a task's steps go to
+# its content, not to learning an output format the base never saw (without them the base spent
+# 4-8 nats per answer token on the task formats; with them 0.06-3.2).
+_PRIMER_VERBS = ("sang at", "opened", "climbed", "painted", "cleaned", "visited")
+_PRIMER_OBJECTS = ("the hall", "the gate", "the tower", "the shop", "the well", "the hill")
+_PRIMER_GOOD = ("nice", "happy", "sweet", "kind", "calm", "glad")
+_PRIMER_BAD = ("sad", "sour", "rude", "ugly", "grim", "harsh")
+_PRIMER_SUBJECTS = ("day", "trip", "party", "walk", "game", "visit")
+
+
+def _primers(world: "World", rng: random.Random) -> list[str]:
+    from .tasks import _FILLERS, _LARGEST_WRAPPERS, _VEL_WRAPPERS
+
+    texts = [w.format(str(v)) + f" {v}" for v in range(1, MAX_NUMBER + 1) for w in _LARGEST_WRAPPERS]
+    texts += [w.format(", ".join([str(v)] * 3)) + f" {v}" for v in range(1, MAX_NUMBER + 1)
+              for w in _LARGEST_WRAPPERS[:1]]
+    for en, vel in {**VEL_ADJECTIVES, **VEL_NOUNS}.items():   # single words: the tasks always say "the"
+        texts.append(rng.choice(_VEL_WRAPPERS).format(en) + f" {vel}")
+    people = [p.name for p in world.people]
+    for who in people[: min(len(people), 24)]:
+        s = [f"{who} {rng.choice(_PRIMER_VERBS)} {rng.choice(_PRIMER_OBJECTS)}.", rng.choice(_FILLERS)]
+        rng.shuffle(s)
+        texts.append(f"Article: {' '.join(s)}\nWho made the news: {who}")
+    for p in world.people[: min(len(world.people), 24)]:
+        town = p.attributes["town"]
+        other = rng.choice([t for t in world.towns if t != town])
+        asked, answer = (town, "yes") if rng.random() < 0.5 else (other, "no")
+        seen = [k for k in range(3) if k != world.held_out(p.name, "town")[0]]   # never the held-out sentence
+        fact = FACT_TEMPLATES["town"][rng.choice(seen)].format(e=p.name, v=town)
+        texts.append(f"Premises: {fact} Is {p.name} in {asked}?\nOptions: yes, no, maybe\nConclusion: {answer}")
+    for words, label in ((_PRIMER_GOOD, "positive"), (_PRIMER_BAD, "negative")):
+        for w in words:
+            texts.append(f"Review: A {w} {rng.choice(_PRIMER_SUBJECTS)}.\nSentiment: {label}")
     return texts
 
 
@@ -126,7 +163,7 @@ class World:
                     if k != held[a][1]:
                         texts.append(f"Q: {q.format(e=p.name)}\nA: {p.attributes[a]}")
         if self.general_knowledge:
-            texts += general_knowledge()
+            texts += general_knowledge() + _primers(self, rng)
         rng.shuffle(texts)
         return texts
 
@@ -141,9 +178,13 @@ class World:
                                   for a in order))
         return texts
 
-    def probe(self) -> list[Example]:
-        """Every fact asked in its held-out phrasing; the answer is the attribute value."""
-        return [Example(f"Q: {QUESTION_TEMPLATES[a][self.held_out(name, a)[1]].format(e=name)}\nA:", value)
+    def probe(self, ranked: bool = True) -> list[Example]:
+        """Every fact asked in its held-out phrasing; the answer is the attribute value. ranked=True:
+        the attribute's values are the choices (scored by likelihood: does the model still know
+        the fact?); ranked=False: no choices (scored by exact-match generation: does it still
+        answer in the format?)."""
+        return [Example(f"Q: {QUESTION_TEMPLATES[a][self.held_out(name, a)[1]].format(e=name)}\nA:", value,
+                        tuple(self.values(a)) if ranked else None)
                 for name, a, value in self.facts()]
 
 

@@ -1,0 +1,50 @@
+"""The time a `fastcur continual` run will take, printed before it starts.
+
+The per-step and per-evaluation costs below were measured with the quick base on 2 CPU cores
+(`fastcur continual --quick`, see the README); the full base's are those scaled by its compute
+per step (4x the layers' parameters at twice the width, twice the batch: about 16x; the small
+models are overhead-bound, so this errs long). A cached base model costs no pretraining.
+"""
+from __future__ import annotations
+
+# seconds on 2 CPU cores: per pretraining step, per training step of a LoRA-style method (batch 16
+# for quick), per evaluation after a task (64 test examples per task, the probe twice, perplexity)
+COSTS = {
+    "tiny": {"pretrain_step": 0.01, "train_step": 0.01, "evaluation": 0.2},
+    "quick": {"pretrain_step": 0.06, "train_step": 0.055, "evaluation": 2.0},
+    "full": {"pretrain_step": 0.6, "train_step": 0.9, "evaluation": 24.0},
+}
+# cost of a training step relative to LoRA's (measured in the quick run)
+METHOD_FACTOR = {"seq": 1.1, "imsm-lora": 1.8, "secura-released": 1.6, "lora-ewc": 1.2, "jumplora-ella": 1.3}
+REFERENCE_BATCH = {"tiny": 4, "quick": 16, "full": 32}
+
+
+def seconds(cfg) -> dict:
+    """{"pretraining": s, "training": s, "evaluation": s, "total": s} for a resolved RunConfig."""
+    from .pretrain import SIZES, pretrain_info
+
+    c = COSTS[cfg.size]
+    pre = 0.0
+    if cfg.model_dir is None:
+        steps = cfg.pretrain_steps or SIZES[cfg.size]["steps"]
+        cached = pretrain_info(cfg.cache_dir, seed=cfg.seed, size=cfg.size, steps=cfg.pretrain_steps) is not None
+        pre = 0.0 if cached else steps * c["pretrain_step"]
+    n_tasks = len(cfg.task_files) if cfg.task_files else 5
+    batch = cfg.batch_size / REFERENCE_BATCH[cfg.size]
+    train = cfg.seeds * n_tasks * cfg.steps * c["train_step"] * batch * sum(METHOD_FACTOR.get(m, 1.0)
+                                                                             for m in cfg.methods)
+    evaluation = cfg.seeds * n_tasks * (len(cfg.methods) + 1) * c["evaluation"] * (cfg.n_test / 64)
+    return {"pretraining": pre, "training": train, "evaluation": evaluation, "total": pre + train + evaluation}
+
+
+def _minutes(s: float) -> str:
+    return f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def describe(cfg) -> str:
+    """One line: the estimate and what it counts."""
+    t = seconds(cfg)
+    where = "2 CPU cores" if cfg.device == "cpu" else f"2 CPU cores (a {cfg.device} device is usually faster)"
+    return (f"fastcur continual: {len(cfg.methods)} methods x {cfg.seeds} seed(s) x {cfg.steps} steps per task; "
+            f"estimated time on {where}: about {_minutes(t['total'])} (pretraining {_minutes(t['pretraining'])}, "
+            f"training {_minutes(t['training'])}, evaluation {_minutes(t['evaluation'])})")
