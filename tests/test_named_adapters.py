@@ -135,6 +135,11 @@ def test_modules_to_save_train_a_copy_and_the_original_stays():
         torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
     assert model.lm_head is not head
     trained = model.lm_head
+    with pytest.raises(KeyError):
+        with fastcur.disable_adapters(model):
+            assert model.lm_head is head
+            raise KeyError("inside")
+    assert model.lm_head is trained
     fastcur.inject(model, CUR, adapter_name="b")           # b has no modules_to_save: the original is shown
     assert model.lm_head is head
     fastcur.set_adapter(model, "default")
