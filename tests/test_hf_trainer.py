@@ -55,3 +55,23 @@ def test_checkpoints_hold_the_adapter_and_a_resumed_run_continues(tmp_path):
         torch.testing.assert_close(again[k], want[k], rtol=1e-5, atol=1e-6)
     start = _adapter(fastcur.load_adapter(tiny_llama(), ckpt))
     assert any(not torch.equal(start[k], want[k]) for k in want)            # steps 4-6 did change it
+
+
+def test_load_best_model_at_end_reads_the_best_adapter(tmp_path):
+    torch.manual_seed(0)
+    model = fastcur.inject(tiny_llama(), CONFIG)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, save_steps=3, eval_steps=3, eval_strategy="steps",
+        save_strategy="steps", load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
+        per_device_train_batch_size=2, per_device_eval_batch_size=2, learning_rate=5e-2, report_to=[],
+        use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=_data(), eval_dataset=_data(4, 10))
+    trainer.train()
+    # "best" = the highest eval loss, the earlier checkpoint: the final adapter must be replaced by it
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and os.path.basename(best) == "checkpoint-3"
+    want = _adapter(fastcur.load_adapter(tiny_llama(), best))
+    got = _adapter(trainer.model)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    last = _adapter(fastcur.load_adapter(tiny_llama(), tmp_path / "checkpoint-6"))
+    assert any(not torch.equal(last[k], want[k]) for k in want)
