@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastcur
-from fastcur.modules.jump_lora_linear import JumpLoRALinear, schedule_boundaries
+from fastcur.modules.jump_lora_linear import JumpLoRALinear, reset_step
 from fastcur.ops import reference
 
 from fastcur.testing import assert_close_to_reference
@@ -39,7 +39,16 @@ def test_f_schedule_and_reset_step_match_the_released_callback(total):
     expected, reset = released_schedule(total)
     got = {g: fastcur.f_schedule(g, total) for g in range(total + 1)}
     assert got == pytest.approx(expected, abs=0)
-    assert schedule_boundaries(total)[0] == reset
+    assert reset_step(total) == reset
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 4])
+def test_short_runs_still_reset_after_the_first_step(total):
+    """A departure (docs/methods.md, Decisions): under 5 steps the released reset step is 0,
+    which its callback never sees; fastcur resets after step 1. The ramp is the released one."""
+    expected, reset = released_schedule(total) if total > 1 else ({0: 0.0, 1: 1.0}, None)
+    assert reset is None and reset_step(total) == 1
+    assert {g: fastcur.f_schedule(g, total) for g in range(total + 1)} == pytest.approx(expected, abs=0)
 
 
 def _llama_batch(seed=1, n=4, t=12):

@@ -32,7 +32,7 @@ from torch import nn
 from ._atomic import atomic_write
 
 from .modules.jump_lora_linear import (DEFAULT_LOG_THETA, SCOPES, JumpLoRALinear, JumpThreshold,
-                                       f_schedule, reset_thresholds, schedule_boundaries,
+                                       f_schedule, reset_step, reset_thresholds,
                                        threshold_group_key)
 from .ops.reference import ELLA_DELTAS
 
@@ -182,13 +182,12 @@ class IncLoRA:
 
     def step(self) -> float:
         """Advance the schedule by one optimizer step; returns the f the next forward uses.
-        At the step count int(f_start * total_steps) the thresholds are reset exactly, as the
-        released code does (before f leaves 0)."""
+        At the step count `reset_step(total_steps, f_start)` (int(f_start * total_steps), at
+        least 1) the thresholds are reset exactly, as the released code does (before f leaves 0)."""
         if not self.active:
             raise RuntimeError("fastcur.IncLoRA.step: no active task; call start_task() first")
         self._step += 1
-        first, _ = schedule_boundaries(self._total, self.f_start, self.f_end)
-        if self._total and self._step == first and not self._reset_done:
+        if self._total and self._step == reset_step(self._total, self.f_start) and not self._reset_done:
             reset_thresholds(list(self.layers().values()), scope=self.scope)
             self._reset_done = True
         self._apply_f()

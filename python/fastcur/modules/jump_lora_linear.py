@@ -35,13 +35,22 @@ def schedule_boundaries(total_steps: int, start: float = 0.2, end: float = 0.8) 
     return int(start * total_steps), int(end * total_steps)
 
 
+def reset_step(total_steps: int, start: float = 0.2) -> int:
+    """The optimizer-step count after which θ is reset: `int(start * total_steps)` as released,
+    but at least 1 (the released callback never sees step 0, so runs under 5 steps would never
+    reset there; docs/methods.md, Decisions)."""
+    return max(schedule_boundaries(total_steps, start, start)[0], 1)
+
+
 def f_schedule(step: int, total_steps: int, start: float = 0.2, end: float = 0.8) -> float:
     """The interpolation weight f after `step` optimizer steps of a task of `total_steps` steps,
     as released: with (first, final) = `schedule_boundaries(...)`,
     f = clamp((step - first) / (final - first), 0, 1) (a step from 0 to 1 at `final` when the
-    two coincide). `total_steps <= 0` (no schedule) gives 1."""
+    two coincide), and 0 before the first step. `total_steps <= 0` (no schedule) gives 1."""
     if total_steps <= 0:
         return 1.0
+    if step <= 0:
+        return 0.0          # the released code's start, whatever the boundaries
     first, final = schedule_boundaries(total_steps, start, end)
     if final <= first:
         return 1.0 if step >= final else 0.0
@@ -73,7 +82,8 @@ class JumpThreshold(nn.Module):
     Schedule (`set_schedule(total_steps, f_start, f_end)`, done by the layers built with
     `total_steps`): `steps` (a buffer, saved with the model's state_dict) counts the optimizer
     steps that updated this threshold or its layers' factors; `f` = `f_schedule(steps, ...)`;
-    at the step count `int(f_start * total_steps)` θ is reset (as released).
+    at the step count `reset_step(total_steps, f_start)` (`int(f_start * total_steps)`, as
+    released, at least 1) θ is reset.
     """
 
     def __init__(self, size: int | None = None, init: float = DEFAULT_LOG_THETA, device=None,
@@ -153,8 +163,7 @@ class JumpThreshold(nn.Module):
         layers. Returns the f the next forward uses."""
         self.steps += 1
         if self.total_steps is not None:
-            first, _ = schedule_boundaries(self.total_steps, self.f_start, self.f_end)
-            if int(self.steps) == first:
+            if int(self.steps) == reset_step(self.total_steps, self.f_start):
                 reset_thresholds(self.layers(), scope=self.scope)
         return self.f
 
