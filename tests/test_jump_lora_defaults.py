@@ -223,3 +223,16 @@ def test_schedule_survives_deepcopy_and_torch_save():
             opt.zero_grad()
         assert int(clone.threshold.steps) == 3 and clone.f == fastcur.f_schedule(3, 10)
     assert int(layer.threshold.steps) == 0 and layer.f == 0.0
+
+
+def test_schedule_position_loads_with_the_state_dict():
+    layer = fastcur.JumpLoRALinear(8, 6, rank=2, total_steps=10)
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(4):
+        layer(torch.randn(3, 8)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    fresh = fastcur.JumpLoRALinear(8, 6, rank=2, total_steps=10)
+    assert fresh.f == 0.0
+    fresh.load_state_dict(layer.state_dict())
+    assert int(fresh.threshold.steps) == 4 and fresh.f == layer.f == fastcur.f_schedule(4, 10) > 0

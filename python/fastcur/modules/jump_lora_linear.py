@@ -96,6 +96,7 @@ class JumpThreshold(nn.Module):
         shape = () if size is None else (size,)
         self.log_theta = nn.Parameter(torch.full(shape, float(init), device=device, dtype=dtype))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+        self._count = 0     # `steps` on the host: a forward reads f without a device sync
         self.scope = scope
         self.total_steps: int | None = None
         self.f_start, self.f_end = 0.2, 0.8
@@ -126,7 +127,7 @@ class JumpThreshold(nn.Module):
         """The schedule's f now (1 without a schedule)."""
         if self.total_steps is None:
             return 1.0
-        return f_schedule(int(self.steps), self.total_steps, self.f_start, self.f_end)
+        return f_schedule(self._count, self.total_steps, self.f_start, self.f_end)
 
     def attach(self, layer: "JumpLoRALinear") -> None:
         """Remember `layer` (weakly) as one of the layers holding this threshold, and keep a
@@ -146,6 +147,10 @@ class JumpThreshold(nn.Module):
         out = [r() for r in self._layers.values()]
         return [m for m in out if m is not None and m.threshold is self and not m.merged]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._count = int(self.steps)     # (one read at load time)
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_layers"] = {}          # weak references do not pickle; layers re-attach
@@ -161,9 +166,10 @@ class JumpThreshold(nn.Module):
     def step(self) -> float:
         """Count one optimizer step; at the released boundary reset θ over this threshold's
         layers. Returns the f the next forward uses."""
-        self.steps += 1
+        self._count += 1
+        self.steps.fill_(self._count)
         if self.total_steps is not None:
-            if int(self.steps) == reset_step(self.total_steps, self.f_start):
+            if self._count == reset_step(self.total_steps, self.f_start):
                 reset_thresholds(self.layers(), scope=self.scope)
         return self.f
 
