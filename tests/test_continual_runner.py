@@ -103,7 +103,7 @@ def test_resume_after_an_interruption_gives_the_same_results(setup, uninterrupte
         run(config(root, files, "b", resume=True, steps=6), stdout=False)
 
 
-def test_resume_reads_the_runs_own_options(setup):
+def test_resume_reads_the_runs_own_options(setup, uninterrupted):
     from fastcur.continual.runner import RUN_FILE, resume_config
 
     root, files = setup
