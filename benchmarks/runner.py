@@ -17,7 +17,8 @@ timing, so every benchmark is measured the same way:
   (at least 5). A CPU sample is one call, or the mean of several back-to-back calls when one
   call is shorter than 2 ms (timer noise); on CUDA `triton.testing.do_bench` (median) when
   Triton is there, else CUDA events around each call;
-- ratios: `time / time(floor)` and `time / time(baseline)` for each named baseline;
+- ratios: `time / time(floor)` and `time / time(baseline)` for each named baseline; the JSON
+  also has `paired_ratios`: the median over reps of the ratio of samples taken in the same rep;
 - CPU cases are timed under a machine-wide file lock (`<tmp>/fastcur-bench-cpu.lock`), so
   fastcur runners started from several checkouts take turns; `--wait-idle` / `--retry-busy`
   deal with everything else that runs on a shared machine;
@@ -550,6 +551,13 @@ def run_case(bench: Benchmark, case: Case, providers: list[str], reps: int, meas
             continue
         r["ratio_vs_floor"] = r["time_ms"] / floor_time if floor_time else None
         r["ratios"] = {}
+        # Paired: the median over reps of (this sample / the other provider's sample of the same
+        # rep), so a load change between reps cancels out (CPU: samples are interleaved per rep).
+        r["paired_ratios"] = {}
+        for base in (bench.floor, *bench.baselines):
+            other = results.get(base, {}).get("samples_ms")
+            if other and len(other) == len(r["samples_ms"]):
+                r["paired_ratios"][base] = statistics.median(a / b for a, b in zip(r["samples_ms"], other))
         for base in bench.baselines:
             bt = results.get(base, {}).get("time_ms")
             r["ratios"][base] = r["time_ms"] / bt if bt else None

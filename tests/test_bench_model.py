@@ -34,6 +34,8 @@ def test_every_method_trains_one_step(tmp_path, capsys):
         assert r["status"] == "ok", (name, r)
         assert r["throughput_per_s"] == pytest.approx(2 * 16 / (r["time_ms"] / 1e3))
         assert r["ratios"][PEFT_LORA] == pytest.approx(r["time_ms"] / res["providers"][PEFT_LORA]["time_ms"])
+        pairs = [a / b for a, b in zip(r["samples_ms"], res["providers"][PEFT_LORA]["samples_ms"])]
+        assert r["paired_ratios"][PEFT_LORA] == pytest.approx(sorted(pairs)[len(pairs) // 2])
     assert res["providers"][FLOOR]["ratio_vs_floor"] == pytest.approx(1.0)
 
 
