@@ -38,6 +38,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+#: Intra-op threads of every test. The C++ kernels split rows or tiles over at::parallel_for
+#: workers, which do not inherit the caller's autograd state: a test suite run on one thread
+#: would never see bugs of that kind, so every test runs with two (each op's test file has a
+#: case with sizes that split across them).
+TEST_THREADS = 2
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(TEST_THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_reset_backend():
     torch.manual_seed(0)

@@ -5,7 +5,8 @@ import torch
 
 import fastcur
 from fastcur.ops import reference
-from fastcur.testing import check_against_reference
+from fastcur.testing import (assert_close_to_reference, check_against_reference, check_as_given,
+                             check_double_backward_refused)
 
 from compile_check import assert_compiled_like_eager
 from conftest import available_backends
@@ -162,3 +163,89 @@ def test_unknown_backend_and_unavailable_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         with fastcur.use_backend("fast"):
             pass
+
+
+# -- hostile inputs (issue 19) ------------------------------------------------------------------
+def _f64(*shape, requires_grad=False):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+def test_bias_as_strided_or_expanded_view(backend, view):
+    """A 1-D argument is read by its strides: a strided view is not read as contiguous, an
+    expanded one (stride 0) never past its one-element storage."""
+    x, W, C, U, R = _f64(9, 12), _f64(10, 12), _f64(10, 3), _f64(3, 3), _f64(3, 12)
+    base = _f64(20 if view == "strided" else 1, requires_grad=True)
+    bias = base[::2] if view == "strided" else base.expand(10)
+    check_as_given(run_backend(backend, None, None, 0.5), ref_fn(0.5), [x, W, bias, C, U, R],
+                   wrt=[base], names=["bias"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k,n", [(0, 6), (5, 0)], ids=["k=0", "n=0"])
+def test_zero_size_k_or_n(backend, k, n):
+    """k = 0: y = b (and U's gradient 0); n = 0: an empty [M, 0] output."""
+    x, W, b = _f64(4, k, requires_grad=True), _f64(n, k), _f64(n, requires_grad=True)
+    C, U, R = _f64(n, 2), _f64(2, 2, requires_grad=True), _f64(2, k)
+    check_as_given(run_backend(backend, None, None, 0.5), ref_fn(0.5), [x, W, b, C, U, R],
+                   wrt=[x, b, U], names=["x", "b", "U"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_threads_tied_rows_split(backend):
+    """M = 600 rows: the C++ gather of the tied path (256 rows per task) and the GEMMs split
+    over the two test threads; C at rank 1 requires grad (C^T is then a view of C)."""
+    assert torch.get_num_threads() == 2
+    inputs, (rows, cols) = make_inputs((600,), 40, 48, 1, tied=True)
+    check_against_reference(run_backend(backend, rows, cols, 0.75), ref_fn(0.75), inputs,
+                            torch.float32, names="x W b C U R".split())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_cpu(backend):
+    """Under CPU autocast the op runs in bfloat16 (as F.linear would) on every backend; the
+    Triton launchers keep their float32 side products (they used to mix dtypes in tl.dot)."""
+    inputs, _ = make_inputs((5,), 16, 12, 3, tied=False, grads="U")
+    f32 = [t.detach().float().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    with fastcur.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastcur.ops.cur_linear(*f32, 0.75)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert f32[4].grad is not None and f32[4].grad.dtype == torch.float32
+    bf = [t.detach().bfloat16() for t in inputs]
+    truth = reference.cur_linear(*[t.detach() for t in inputs], 0.75)
+    assert_close_to_reference(y.detach(), reference.cur_linear(*bf, 0.75), truth)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_double_backward_is_refused_clearly(backend):
+    """The fused backward has no derivative of its own: create_graph=True still gives the right
+    first-order gradients, and differentiating them again raises (it was silently wrong on C++)."""
+    x, W, b, C, R = _f64(5, 12, requires_grad=True), _f64(10, 12), _f64(10), _f64(10, 3), _f64(3, 12)
+    U = _f64(3, 3, requires_grad=True)
+    check_double_backward_refused(run_backend(backend, None, None, 0.5), ref_fn(0.5), [x, W, b, C, U, R],
+                                  x, U, "cur_linear")
+
+
+def test_double_backward_reference_backend():
+    x, W, b, C, R = _f64(5, 12, requires_grad=True), _f64(10, 12), _f64(10), _f64(10, 3), _f64(3, 12)
+    U = _f64(3, 3, requires_grad=True)
+    with fastcur.use_backend("reference"):
+        y = fastcur.ops.cur_linear(x, W, b, C, U, R, 0.5)
+    gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    assert torch.autograd.grad(gx.square().sum(), U)[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_tensor(backend):
+    """A tensor scale that requires grad would get no gradient: refused, naming 'scale'. One
+    that does not is read as a number; a string is refused in one line."""
+    x, W, b, C, U, R = torch.randn(4, 12), torch.randn(10, 12), None, torch.randn(10, 3), torch.randn(3, 3), torch.randn(3, 12)
+    with fastcur.use_backend(backend):
+        with pytest.raises(TypeError, match="fastcur.cur_linear: argument 'scale' is a tensor that requires grad"):
+            fastcur.ops.cur_linear(x, W, b, C, U, R, torch.tensor(0.5, requires_grad=True))
+        with pytest.raises(TypeError, match="fastcur.cur_linear: argument 'scale' must be a real number, got str"):
+            fastcur.ops.cur_linear(x, W, b, C, U, R, "0.5")
+        y = fastcur.ops.cur_linear(x, W, b, C, U, R, torch.tensor(0.5))
+    torch.testing.assert_close(y, reference.cur_linear(x, W, b, C, U, R, 0.5), rtol=1e-5, atol=1e-5)

@@ -219,3 +219,21 @@ def test_gate_mask_after_both_projections(backend, dtype):
 
     check_against_reference(fn, released_gate_float64, tensors + [hidden_mask, gate_mask], dtype,
                             names=NAMES + ["hidden_mask", "gate_mask"])
+
+
+# -- hostile inputs (issue 19) ------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_gate_requires_grad(backend):
+    """Neither memory requires grad (a gate trained on fixed memories): the Triton backward
+    returned one empty tensor for both, which a custom op may not (outputs must not alias)."""
+    inputs = make_inputs(2, 3, 19, 8, seed=4, grads=(False, False, False, False, True, True))
+    check_against_reference(run(backend), reference.imsm_gate, inputs, torch.float32, names=NAMES + ["mask"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_threads_row_chunks_split(backend):
+    """B T = 4 x 80 rows: the C++ row chunks (64 rows) split over the two test threads, forward
+    and backward (per-chunk weight gradients summed)."""
+    assert torch.get_num_threads() == 2
+    inputs = make_inputs(4, 80, 24, 8, seed=6, mask=True)
+    check_against_reference(run(backend), reference.imsm_gate, inputs, torch.float32, names=NAMES + ["mask"])

@@ -179,6 +179,9 @@ BAD = [
     (dict(f=1.5), "argument 'f' must be a float in [0, 1]"),
     (dict(bandwidth=0.0), "argument 'bandwidth' must be a float > 0"),
     (dict(reduction="max"), "argument 'reduction' must be 'mean' or 'sum'"),
+    (dict(reduction=None), "argument 'reduction' must be 'mean' or 'sum', got None"),
+    (dict(f=None), "argument 'f' must be a float in [0, 1], got None"),
+    (dict(scale=torch.tensor(2.0, requires_grad=True)), "argument 'scale' is a tensor that requires grad"),
 ]
 
 
@@ -287,3 +290,51 @@ def test_ella_fused_bad_input():
         fastcur.ops.jump_linear_ella(x, W, b, A, B, lt, 1.0, torch.zeros(9, 8, dtype=torch.float64))
     with pytest.raises(TypeError, match="W_past' must have the dtype of 'weight'"):
         fastcur.ops.jump_linear_ella(x, W, b, A, B, lt, 1.0, torch.zeros(8, 9))
+
+
+# -- hostile inputs (issue 19) ------------------------------------------------------------------
+def _f64(*shape, requires_grad=False):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k,n", [(0, 6), (5, 0)], ids=["k=0", "n=0"])
+def test_zero_size_k_or_n(backend, k, n):
+    """k = 0: y = b; n = 0: an empty output; gradients as the reference's (zeros, empty)."""
+    from fastcur.testing import check_as_given
+    x, W, b = _f64(4, k, requires_grad=True), _f64(n, k), _f64(n, requires_grad=True)
+    A, B = _f64(2, k, requires_grad=True), _f64(n, 2, requires_grad=True)
+    lt = torch.tensor(-3.0, dtype=torch.float64)
+    check_as_given(run_backend(backend, 0.5, 0.5, 1e-3), ref_fn(0.5, 0.5, 1e-3), [x, W, b, A, B, lt],
+                   wrt=[x, b, B], names=["x", "b", "B"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_threads_row_blocks_split(backend):
+    """n = 512 rows of W at k = 512: several blocks of W's rows, split over the two test threads
+    in the C++ forward and backward."""
+    assert torch.get_num_threads() == 2
+    inputs, bw, _ = jump_inputs((6,), 512, 512, 2, gap=False, grads="params")
+    check_against_reference(run_backend(backend, 1.5, 0.6, bw), ref_fn(1.5, 0.6, bw), inputs, torch.float64,
+                            names=NAMES)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_double_backward_is_refused_clearly(backend):
+    """First-order gradients under create_graph=True are right; a gradient of them raises (the
+    C++ backend returned a silently wrong second derivative: 5,223,236 against 2,758,464)."""
+    from fastcur.testing import check_double_backward_refused
+    x, W, b = _f64(5, 12, requires_grad=True), _f64(10, 12), _f64(10)
+    A, B = _f64(3, 12, requires_grad=True), _f64(10, 3, requires_grad=True)
+    lt = torch.tensor(-3.0, dtype=torch.float64)
+    check_double_backward_refused(run_backend(backend, 0.5, 1.0, 1e-3), ref_fn(0.5, 1.0, 1e-3), [x, W, b, A, B, lt],
+                                  x, A, "jump_linear")
+
+
+def test_double_backward_reference_backend():
+    x, W, b = _f64(5, 12, requires_grad=True), _f64(10, 12), _f64(10)
+    A, B = _f64(3, 12, requires_grad=True), _f64(10, 3, requires_grad=True)
+    with fastcur.use_backend("reference"):
+        y = fastcur.ops.jump_linear(x, W, b, A, B, torch.tensor(-3.0, dtype=torch.float64), 0.5)
+    gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    assert torch.autograd.grad(gx.square().sum(), A)[0].abs().sum() > 0

@@ -6,7 +6,7 @@ import torch
 
 import fastcur
 from fastcur.ops import reference
-from fastcur.testing import check_against_reference
+from fastcur.testing import check_against_reference, check_as_given, check_double_backward_refused
 
 from compile_check import assert_compiled_like_eager
 from conftest import available_backends
@@ -139,6 +139,8 @@ BAD = [
     (dict(log_theta=torch.zeros(3, dtype=torch.float16)), "argument 'log_theta' must have the dtype of 'weight'"),
     (dict(bias=torch.randn(11)), "argument 'bias' must have shape (10,)"),
     (dict(bandwidth=-1.0), "argument 'bandwidth' must be a float > 0"),
+    (dict(bandwidth=None), "argument 'bandwidth' must be a float > 0, got None"),
+    (dict(scale=torch.tensor(2.0, requires_grad=True)), "argument 'scale' is a tensor that requires grad"),
 ]
 
 
@@ -159,3 +161,53 @@ def test_cpp_kernel_checks_direct_calls():
     x, W, A, B = torch.randn(4, 12), torch.randn(10, 12), torch.randn(3, 12), torch.randn(10, 3)
     with pytest.raises(RuntimeError, match=r"log_theta must have shape \[3\]"):
         torch.ops.fastcur.jump_rank_linear(x, W, None, A, B, torch.zeros(2), 1.0, 1e-3)
+
+
+# -- hostile inputs (issue 19) ------------------------------------------------------------------
+def _f64(*shape, requires_grad=False):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+def test_log_theta_and_bias_as_views(backend, view):
+    """log_theta [r] and bias [n] read by their strides: a strided view (every second entry)
+    and an expanded one (stride 0, one stored value) give the reference's output and grads."""
+    x, W, A, B = _f64(9, 12), _f64(10, 12), _f64(4, 12), _f64(10, 4)
+    size_t, size_b = (8, 20) if view == "strided" else (1, 1)
+    lt0 = torch.full((size_t,), -1.5, dtype=torch.float64) + 0.1 * torch.arange(size_t, dtype=torch.float64)
+    lt0.requires_grad_(True)
+    b0 = _f64(size_b, requires_grad=True)
+    lt, b = (lt0[::2], b0[::2]) if view == "strided" else (lt0.expand(4), b0.expand(10))
+    check_as_given(run_backend(backend, 0.5, 0.5), ref_fn(0.5, 0.5), [x, W, b, A, B, lt],
+                   wrt=[lt0, b0], names=["log_theta", "bias"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k,n", [(0, 6), (5, 0)], ids=["k=0", "n=0"])
+def test_zero_size_k_or_n(backend, k, n):
+    x, W, b = _f64(4, k, requires_grad=True), _f64(n, k), _f64(n, requires_grad=True)
+    A, B = _f64(2, k, requires_grad=True), _f64(n, 2, requires_grad=True)
+    lt = torch.full((2,), -3.0, dtype=torch.float64, requires_grad=True)
+    check_as_given(run_backend(backend, 0.5, 1e-3), ref_fn(0.5, 1e-3), [x, W, b, A, B, lt],
+                   wrt=[x, b, B], names=["x", "b", "B"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_threads_rows_split(backend):
+    """M = 2100 rows: the C++ gate (1024 rows per task) and its backward's per-thread window
+    sums split over the two test threads."""
+    assert torch.get_num_threads() == 2
+    inputs, bw = rank_inputs((2100,), 24, 20, 3, gap=True, grads="all")
+    check_against_reference(run_backend(backend, 1.5, bw), ref_fn(1.5, bw), inputs, torch.float32, names=NAMES)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_double_backward_is_refused_clearly(backend):
+    """First-order gradients under create_graph=True are right; a gradient of them raises (the
+    C++ backend returned a silently wrong second derivative)."""
+    x, W, b = _f64(5, 12, requires_grad=True), _f64(10, 12), _f64(10)
+    A, B = _f64(3, 12, requires_grad=True), _f64(10, 3, requires_grad=True)
+    lt = torch.full((3,), -3.0, dtype=torch.float64)
+    check_double_backward_refused(run_backend(backend, 0.5, 1e-3), ref_fn(0.5, 1e-3), [x, W, b, A, B, lt],
+                                  x, A, "jump_rank_linear")

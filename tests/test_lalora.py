@@ -200,8 +200,11 @@ def test_penalty_bad_input():
         fastcur.ops.laplace_diag_penalty(p, [torch.zeros(3, 4)], [torch.ones(4, 3)], 1.0)
     with pytest.raises(TypeError, match=r"'anchors\[0\]' must have the dtype of 'params\[0\]'"):
         fastcur.ops.laplace_diag_penalty(p, [torch.zeros(3, 4, dtype=torch.float64)], [torch.ones(3, 4)], 1.0)
-    with pytest.raises(ValueError, match=r"'grads\[0\]' must be contiguous"):
-        fastcur.ops.laplace_diag_penalty_grad_([torch.zeros(4, 3).t()], p, [torch.zeros(3, 4)], [torch.ones(3, 4)], 1.0)
+    with pytest.raises(TypeError, match="'grads' must be a list of tensors, got NoneType"):
+        fastcur.ops.laplace_diag_penalty_grad_(None, p, [torch.zeros(3, 4)], [torch.ones(3, 4)], 1.0)
+    for lam in (torch.tensor(1.0, requires_grad=True), "1", None):
+        with pytest.raises(TypeError, match="fastcur.laplace_diag_penalty: argument 'lam'"):
+            fastcur.ops.laplace_diag_penalty(p, [torch.zeros(3, 4)], [torch.ones(3, 4)], lam)
     with pytest.raises(TypeError, match="'params' must be a list"):
         fastcur.ops.laplace_diag_penalty(p[0], p, p, 1.0)
 
@@ -337,3 +340,83 @@ def test_kfac_and_fisher_bad_input():
         fastcur.ops.lora_fisher_diag(x[..., :4], go, A, B)
     with pytest.raises(TypeError, match="'x' must have the dtype of 'A'"):
         fastcur.ops.lora_fisher_diag(x.double(), go, A, B)
+
+
+# -- hostile inputs (issue 19) ------------------------------------------------------------------
+def _transposed_penalty_inputs():
+    """A parameter stored transposed ([6, 4] viewed as [4, 6]) among contiguous ones."""
+    g = torch.Generator().manual_seed(5)
+    params = [rand(6, 4, gen=g).t().requires_grad_(True), rand(3, 5, gen=g).requires_grad_(True)]
+    anchors = [rand(4, 6, gen=g), rand(5, 3, gen=g).t()]
+    precisions = [rand(6, 4, gen=g).abs().t(), rand(3, 5, gen=g).abs()]
+    return params, anchors, precisions
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_penalty_transposed_parameters(backend):
+    """The gradient of a transposed parameter comes back in its own layout (Triton wrote it
+    flat into transposed strides; C++ refused a 'grads[0]' the user never passed)."""
+    params, anchors, precisions = _transposed_penalty_inputs()
+    with fastcur.use_backend(backend):
+        v = fastcur.ops.laplace_diag_penalty(params, anchors, precisions, 0.7)
+    got = torch.autograd.grad(v, params)
+    truth = reference.laplace_diag_penalty(params, anchors, precisions, 0.7)
+    want = torch.autograd.grad(truth, params)
+    assert_close_to_reference(v.detach(), truth.detach(), truth.detach(), "value")
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close_to_reference(g, w, w, f"grad of params[{i}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_penalty_grad_inplace_non_contiguous_grads(backend):
+    """`.grad` of a transposed parameter is transposed too: it is accumulated into in place."""
+    params, anchors, precisions = (list(t.detach() for t in ts) for ts in _transposed_penalty_inputs())
+    grads = [torch.ones(6, 4, dtype=torch.float64).t(), torch.ones(3, 5, dtype=torch.float64)]
+    with fastcur.use_backend(backend):
+        fastcur.ops.laplace_diag_penalty_grad_(grads, params, anchors, precisions, 0.7)
+    assert not grads[0].is_contiguous()
+    for i, (g, p, a, q) in enumerate(zip(grads, params, anchors, precisions)):
+        want = 1.0 + 0.7 * q * (p - a)
+        assert_close_to_reference(g, want, want, f"grads[{i}]")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_penalty_and_kfac_double_backward_refused_clearly(backend):
+    params, anchors, precisions = penalty_inputs([(3, 4)], seed=2)
+    with fastcur.use_backend(backend):
+        v = fastcur.ops.laplace_diag_penalty(params, anchors, precisions, 0.5)
+        g, = torch.autograd.grad(v, params[0], create_graph=True)
+        with pytest.raises(RuntimeError, match="fastcur.laplace_diag_penalty: double backward"):
+            torch.autograd.grad(g.sum(), params[0])
+        delta = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        p = fastcur.ops.kfac_penalty(delta, torch.eye(4, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+        g, = torch.autograd.grad(p, delta, create_graph=True)
+        with pytest.raises(RuntimeError, match="fastcur.kfac_penalty: double backward"):
+            torch.autograd.grad(g.sum(), delta)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_threads_penalty_and_fisher_split(backend):
+    """Sizes that split over the two test threads: the penalty's flattened work list (16K
+    elements per item, 4 items per task) and the Fisher's examples (one per task)."""
+    assert torch.get_num_threads() == 2
+    params, anchors, precisions = penalty_inputs([(300, 500), (7,)], seed=6, grads=False)
+    grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    f32 = lambda ts: [t.float() for t in ts]  # noqa: E731
+    with fastcur.use_backend(backend):
+        v = fastcur.ops.laplace_diag_penalty_grad_(grads, f32(params), f32(anchors), f32(precisions), 0.3)
+    ref_grads = [torch.zeros_like(g) for g in grads]
+    ref_v = reference.laplace_diag_penalty_grad_(ref_grads, f32(params), f32(anchors), f32(precisions), 0.3)
+    truth_v = reference.laplace_diag_penalty(params, anchors, precisions, 0.3)
+    assert_close_to_reference(v, ref_v, truth_v, "value")
+    for i, (g, rg, p, a, q) in enumerate(zip(grads, ref_grads, params, anchors, precisions)):
+        assert_close_to_reference(g, rg, 0.3 * q * (p - a), f"grads[{i}]")
+    x, grad_out, A, B = fisher_inputs(6, 5, 13, 11, 3, seed=2)
+    check_against_reference(flat_fisher(backend, 0.5), flat_fisher_ref(0.5), [x, grad_out, A, B], torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kfac_factor_zero_width(backend):
+    with fastcur.use_backend(backend):
+        assert fastcur.ops.kfac_factor(torch.randn(3, 0)).shape == (0, 0)
+        assert fastcur.ops.kfac_factor(torch.randn(2, 3, 0), diagonal=True).shape == (0,)

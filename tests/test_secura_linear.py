@@ -7,7 +7,7 @@ import torch
 
 import fastcur
 from fastcur.ops import reference
-from fastcur.testing import check_against_reference
+from fastcur.testing import check_against_reference, check_as_given, check_double_backward_refused
 
 from compile_check import assert_compiled_like_eager
 from conftest import available_backends
@@ -179,6 +179,10 @@ BAD = [
     (dict(x=torch.randn(4, 12, device="meta")), "argument 'x' must be on the device of 'weight'"),
     (dict(norm="l2"), "argument 'norm' must be 'max' or 'raw'"),
     (dict(scope="row"), "argument 'scope' must be 'token' or 'tensor'"),
+    (dict(scope=None), "argument 'scope' must be 'token' or 'tensor', got None"),
+    (dict(norm=None), "argument 'norm' must be 'max' or 'raw', got None"),
+    (dict(scale=torch.tensor(2.0, requires_grad=True)), "argument 'scale' is a tensor that requires grad"),
+    (dict(scale="2"), "argument 'scale' must be a real number, got str"),
     (dict(rows=torch.tensor([0, 1, 2], dtype=torch.int32)), "argument 'rows' must be an int64 tensor"),
     (dict(cols=torch.tensor([0, 1])), "argument 'cols' must have shape (3,)"),
 ]
@@ -205,3 +209,62 @@ def test_cpp_kernel_checks_direct_calls():
     with pytest.raises(RuntimeError, match="out of range|out of DATA bounds"):
         torch.ops.fastcur.secura_linear(x, W, None, C, A, B, R, None, 1.0, 6.0, 1e-10, "max", "token",
                                         torch.tensor([0, 1, 10]), None)
+
+
+# -- hostile inputs (issue 19) ------------------------------------------------------------------
+def _f64(*shape, requires_grad=False):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+def test_bias_and_lora_bias_as_views(backend, view):
+    """bias and lora_bias read by their strides (a strided view), never past their storage
+    (an expanded one)."""
+    x, W, C, A_c, B_c, R = _f64(9, 12), _f64(10, 12), _f64(10, 3), _f64(5, 3), _f64(3, 5), _f64(3, 12)
+    size = 20 if view == "strided" else 1
+    b0, lb0 = _f64(size, requires_grad=True), _f64(size, requires_grad=True)
+    b, lb = (b0[::2], lb0[::2]) if view == "strided" else (b0.expand(10), lb0.expand(10))
+    check_as_given(run_backend(backend, None, None, 0.5), ref_fn(0.5), [x, W, b, C, A_c, B_c, R, lb],
+                   wrt=[b0, lb0], names=["bias", "lora_bias"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k,n", [(0, 6), (5, 0)], ids=["k=0", "n=0"])
+def test_zero_size_k_or_n(backend, k, n):
+    x, W, b = _f64(4, k, requires_grad=True), _f64(n, k), _f64(n, requires_grad=True)
+    C, A_c, B_c, R = _f64(n, 2), _f64(3, 2), _f64(2, 3, requires_grad=True), _f64(2, k)
+    check_as_given(run_backend(backend, None, None, 0.5), ref_fn(0.5), [x, W, b, C, A_c, B_c, R, None],
+                   wrt=[x, b, B_c], names=["x", "b", "B_c"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_base_output_above_half_range_at_init(backend):
+    """At init (B_c = 0) the layer returns the base output exactly, also in float16 where 2 y0
+    is past the format's range (65504): y0 = 40000 used to come back inf on the reference."""
+    x = torch.ones(2, 4, dtype=torch.float16)
+    W = torch.full((3, 4), 10000.0, dtype=torch.float16)
+    C, A_c, R = torch.ones(3, 2, dtype=torch.float16), torch.ones(4, 2, dtype=torch.float16), torch.ones(2, 4, dtype=torch.float16)
+    B_c = torch.zeros(2, 4, dtype=torch.float16)
+    with fastcur.use_backend(backend):
+        y = fastcur.ops.secura_linear(x, W, None, C, A_c, B_c, R)
+    assert torch.equal(y, torch.full((2, 3), 40000.0, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["token", "tensor"])
+def test_two_threads_rank_one(backend, scope):
+    """M = 512 rows at rank 1 with C requiring grad: the C++ SigNorm epilogue splits its row
+    blocks (64 rows) over the two test threads, and C^T, a view of C, reached the workers' ATen
+    calls with autograd on (`mm(): functions with out=...`)."""
+    assert torch.get_num_threads() == 2
+    inputs, _ = make_inputs((512,), 40, 48, 1, 4, tied=False)
+    check_against_reference(run_backend(backend, None, None, 0.75, "max", scope), ref_fn(0.75, "max", scope),
+                            inputs, torch.float32, names=NAMES)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_double_backward_is_refused_clearly(backend):
+    inputs, _ = make_inputs((5,), 12, 10, 3, 4, tied=False, grads="adapter")
+    check_double_backward_refused(run_backend(backend, None, None, 0.5), ref_fn(0.5), inputs, inputs[0],
+                                  inputs[5], "secura_linear")

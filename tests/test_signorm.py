@@ -5,7 +5,7 @@ import torch
 
 import fastcur
 from fastcur.ops import reference
-from fastcur.testing import check_against_reference
+from fastcur.testing import check_against_reference, check_as_given
 
 from compile_check import assert_compiled_like_eager
 from conftest import available_backends
@@ -153,6 +153,8 @@ BAD = [
     (dict(scope="row"), "argument 'scope' must be 'token' or 'tensor'"),
     (dict(eps=-1.0), "argument 'eps' must be a finite number >= 0"),
     (dict(k="6"), "argument 'k' must be a finite number"),
+    (dict(scope=None), "argument 'scope' must be 'token' or 'tensor', got None"),
+    (dict(norm=None), "argument 'norm' must be 'max' or 'raw', got None"),
 ]
 
 
@@ -171,3 +173,35 @@ def test_cpp_kernel_checks_direct_calls():
         torch.ops.fastcur.signorm(torch.randn(4, 12), torch.randn(4, 11), 6.0, 1e-10, "max", "token")
     with pytest.raises(RuntimeError, match="norm must be 'max' or 'raw'"):
         torch.ops.fastcur.signorm(torch.randn(4, 12), torch.randn(4, 12), 6.0, 1e-10, "x", "token")
+
+
+# -- hostile inputs (issue 19) ------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["token", "tensor"])
+def test_float16_past_half_range(backend, scope):
+    """2 y0 + Δ is formed in float32: y0 = 40000 in float16 with Δ = 0 returns 40000 (it was inf
+    on the reference backend), and with a small Δ a finite value close to y0 (2 y0 / S)."""
+    y0 = torch.tensor([[40000.0, -30000.0, 1.0]], dtype=torch.float16)
+    with fastcur.use_backend(backend):
+        assert torch.equal(fastcur.ops.signorm(y0, torch.zeros_like(y0), scope=scope), y0)
+        y = fastcur.ops.signorm(y0, torch.tensor([[100.0, 0.0, 0.5]], dtype=torch.float16), scope=scope)
+    want = reference.signorm(y0.double(), torch.tensor([[100.0, 0.0, 0.5]], dtype=torch.float64), scope=scope)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), want, rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_size_n(backend):
+    y0 = torch.randn(4, 0, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(4, 0, dtype=torch.float64, requires_grad=True)
+    check_as_given(run(backend, "max", "token"), lambda a, b: reference.signorm(a, b), [y0, delta],
+                   wrt=[y0, delta], names=["y0", "delta"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm,scope", OPTIONS)
+def test_two_threads_row_blocks_split(backend, norm, scope):
+    """M = 512 rows of n = 48: the C++ row blocks (64 rows) split over the two test threads."""
+    assert torch.get_num_threads() == 2
+    check_against_reference(run(backend, norm, scope), lambda y0, d: reference.signorm(y0, d, 6.0, 1e-10, norm, scope),
+                            make_inputs((512, 48)), torch.float32, names=["y0", "delta"])

@@ -120,6 +120,9 @@ BAD = [
     (dict(weight=torch.randn(10, 12, dtype=torch.float64)), "argument 'U' must have the dtype of 'weight'"),
     (dict(scope="token"), "argument 'scope' must be 'row' or 'tensor'"),
     (dict(U=torch.randn(3, 3, requires_grad=True)), "has no gradient"),
+    (dict(scope=None), "argument 'scope' must be 'row' or 'tensor', got None"),
+    (dict(scale=torch.tensor(2.0, requires_grad=True)), "argument 'scale' is a tensor that requires grad"),
+    (dict(scale=None), "argument 'scale' must be a real number, got NoneType"),
 ]
 
 
@@ -131,3 +134,31 @@ def test_bad_input_errors(override, message):
     with pytest.raises((ValueError, TypeError, RuntimeError)) as info:
         fastcur.ops.signorm_merge(**args)
     assert message in str(info.value) and "fastcur.signorm_merge" in str(info.value)
+
+
+# -- hostile inputs (issue 19) ------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["row", "tensor"])
+def test_two_threads_no_grad_with_inputs_requiring_grad(backend, scope):
+    """Under no_grad with R (and C) requiring grad, as a module's merge() calls it: n = 512 rows
+    split over the two test threads, whose ATen calls saw autograd (`mm(): functions with
+    out=...`) before the C++ workers switched it off."""
+    assert torch.get_num_threads() == 2
+    W, C, U, R = (t.float() for t in make_inputs(512, 40, 1))
+    C.requires_grad_(True)
+    R.requires_grad_(True)
+    with torch.no_grad():
+        got = merge(backend, W, C, U, R, 0.5, scope=scope)
+    truth = reference.signorm_merge(*(t.detach().double() for t in (W, C, U, R)), 0.5, scope=scope)
+    ref = reference.signorm_merge(W, C.detach(), U, R.detach(), 0.5, scope=scope)
+    assert_close_to_reference(got, ref, truth)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k", [(6, 0), (0, 5)], ids=["k=0", "n=0"])
+def test_zero_size(backend, n, k):
+    W, C, U, R = make_inputs(n, k, 2)
+    got = merge(backend, W, C, U, R, 0.5)
+    assert got.shape == (n, k)
+    want = reference.signorm_merge(W, C, U, R, 0.5)
+    assert_close_to_reference(got, want, want)

@@ -248,6 +248,13 @@ def _store_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if _INTERPRET and dtype == torch.bfloat16 else dtype
 
 
+def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A 1-D argument (bias, lora_bias, log_theta) as the kernels read it: contiguous (they index
+    it as `ptr + offs`). Free for a contiguous tensor; a strided or expanded view is copied, so
+    it is never read with the wrong stride or past its storage."""
+    return None if t is None else t.contiguous()
+
+
 def _check_index(idx: Optional[Tensor], r: int, limit: int, name: str,
                  device: torch.device) -> Optional[Tensor]:
     """The index vector, contiguous; a readable error instead of an out-of-bounds read."""
@@ -301,6 +308,7 @@ def _gemm_rank_update(a: Tensor, b: Tensor, z: Tensor, e: Tensor, bias: Optional
     N = b.shape[1]
     r = z.shape[1]
     dtype = a.dtype
+    bias = _vector(bias)
     out = torch.empty((M, N), device=a.device, dtype=_store_dtype(dtype))
     if out.numel() == 0:
         return out.to(dtype)

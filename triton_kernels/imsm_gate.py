@@ -209,7 +209,7 @@ def imsm_gate_bwd(grad: Tensor, h: Tensor, h_tuned: Tensor, q: Tensor, q_tuned: 
     dq, dqt = dc @ A[:d].t(), dc @ A[3 * d:].t()
     dA1, dA4 = q.to(acc).t() @ dc, q_tuned.to(acc).t() @ dc
     dW_A = torch.cat([dA1, dA2, dA3, dA4], 0)
-    empty = h.new_empty(0)
-    return ((dh.to(dtype).view(B, T, d) if need_h else empty),
-            (dt.to(dtype).view(B, T, d) if need_h_tuned else empty),
+    # Two distinct empty tensors: a custom op's outputs must not alias each other.
+    return ((dh.to(dtype).view(B, T, d) if need_h else h.new_empty(0)),
+            (dt.to(dtype).view(B, T, d) if need_h_tuned else h.new_empty(0)),
             dq.to(dtype), dqt.to(dtype), dW_A.to(dtype), dwb.to(dtype))

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .cur_linear import _acc_dtype, _gemm_rank_update, _project
+from .cur_linear import _acc_dtype, _gemm_rank_update, _project, _vector
 
 _BLOCK_M = 64
 
@@ -65,6 +65,7 @@ def jump_rank_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: T
     M, r = x.shape[0], A.shape[0]
     dtype = x.dtype
     acc = _acc_dtype(dtype)
+    log_theta = _vector(log_theta)
     if M == 0:
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, r))
     h = _project(x, A, 0, None, r, acc).contiguous()
@@ -81,6 +82,7 @@ def jump_rank_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, A: Tensor, B
     M, r = x.shape[0], A.shape[0]
     dtype = x.dtype
     acc = _acc_dtype(dtype)
+    log_theta = _vector(log_theta)
     dg = (_project(grad_y, B, 1, None, r, acc) * scale).contiguous()
     hh = h.to(acc).contiguous()
     g, dh = torch.empty_like(hh), torch.empty_like(hh)

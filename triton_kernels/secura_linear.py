@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .cur_linear import (_FWD_CONFIGS, _acc_dtype, _check_index, _dot_flags, _gemm_rank_update,
-                         _project, _rank_block, _store_dtype)
+                         _project, _rank_block, _store_dtype, _vector)
 from .signorm import _delta_tile, signorm_rows
 
 
@@ -103,6 +103,7 @@ def secura_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], C: Tens
     dtype = x.dtype
     acc = _acc_dtype(dtype)
     rows = _check_index(rows, r, n, "rows", x.device)
+    bias, lora_bias = _vector(bias), _vector(lora_bias)
     S = torch.empty((M, n), device=x.device, dtype=acc)
     if M == 0:
         return x.new_empty((0, n)), S, x.new_empty((0, r))

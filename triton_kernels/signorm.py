@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .cur_linear import _INTERPRET, _acc_dtype, _dot_flags, _rank_block, _store_dtype
+from .cur_linear import _INTERPRET, _acc_dtype, _dot_flags, _rank_block, _store_dtype, _vector
 
 _BLOCK_M = 16
 _BLOCK_N = 64 if _INTERPRET else 128
@@ -169,6 +169,7 @@ def signorm_rows(y0: Tensor, out: Tensor, *, bias: Optional[Tensor] = None, delt
     M, N = y0.shape
     acc = _acc_dtype(y0.dtype)
     flags = _dot_flags(y0.dtype)
+    bias, lora_bias = _vector(bias), _vector(lora_bias)
     from_z = z is not None
     r = z.shape[1] if from_z else 0
     dummy = y0

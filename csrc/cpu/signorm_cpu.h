@@ -119,6 +119,7 @@ void signorm_epilogue(const scalar_t* y0, const scalar_t* b, int64_t M, int64_t 
   acc_t gmax = 0;
   if (tensor_scope) {
     at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // see the second pass
       std::vector<acc_t> D(mb_max * n), L(mb_max * n);
       for (int64_t m0 = begin; m0 < end; m0 += mb_max) {
         const int64_t mb = std::min(mb_max, end - m0);
@@ -129,6 +130,10 @@ void signorm_epilogue(const scalar_t* y0, const scalar_t* b, int64_t M, int64_t 
     gmax = *std::max_element(rowmax, rowmax + M);
   }
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    // Worker threads do not inherit the caller's dispatch state: without this guard the ATen
+    // calls of `fill_delta` (an mm_out on operands that may require grad, e.g. a rank-1 C^T
+    // that is a view of C) would go through autograd there and refuse the out= argument.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::vector<acc_t> D(mb_max * n), Lbuf(S_out ? 0 : mb_max * n);
     for (int64_t m0 = begin; m0 < end; m0 += mb_max) {
       const int64_t mb = std::min(mb_max, end - m0);

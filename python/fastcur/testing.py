@@ -80,3 +80,48 @@ def check_against_reference(fn: Callable, reference: Callable, inputs: Sequence,
         if g is None:
             raise AssertionError(f"grad of {name}: backend returned no gradient")
         assert_close_to_reference(g.cpu(), rg, tg, f"grad of {name}")
+
+
+def check_as_given(fn: Callable, reference: Callable, inputs: Sequence, wrt: Sequence[torch.Tensor] = (),
+                   grad_out_seed: int = 1234, names: Sequence[str] | None = None) -> None:
+    """Compare `fn(*inputs)` against `reference(*inputs)` on the inputs exactly as given.
+
+    For what `check_against_reference` cannot express because it copies its inputs: strided
+    or expanded views, zero-size dimensions. The inputs are float64 (the truth); the forward
+    and the gradients w.r.t. `wrt` (tensors that require grad, possibly non-leaf) must agree
+    within the float64 floor of the rule above.
+    """
+    truth = reference(*inputs)
+    out = fn(*inputs)
+    assert_close_to_reference(out, truth.detach(), truth.detach(), "forward")
+    if not wrt:
+        return
+    gen = torch.Generator().manual_seed(grad_out_seed)
+    grad_out = torch.randn(truth.shape, generator=gen, dtype=truth.dtype).to(truth.device)
+    want = torch.autograd.grad(truth, list(wrt), grad_out, allow_unused=True)
+    got = torch.autograd.grad(out, list(wrt), grad_out, allow_unused=True)
+    for i, (g, w) in enumerate(zip(got, want)):
+        name = names[i] if names else f"wrt[{i}]"
+        w = torch.zeros_like(wrt[i]) if w is None else w
+        if g is None:
+            if w.abs().max().item() if w.numel() else 0.0:
+                raise AssertionError(f"grad of {name}: backend returned no gradient")
+            continue
+        assert_close_to_reference(g, w.detach(), w.detach(), f"grad of {name}")
+
+
+def check_double_backward_refused(fn: Callable, reference: Callable, inputs: Sequence,
+                                  first: torch.Tensor, second: torch.Tensor, op_name: str) -> None:
+    """For a fused backend without a second derivative: under `create_graph=True` the gradient
+    of `sum(fn(*inputs)^2)` w.r.t. `first` matches the reference's, and differentiating that
+    gradient w.r.t. `second` raises the op's clear error (never a silently wrong value)."""
+    g, = torch.autograd.grad(fn(*inputs).square().sum(), first, create_graph=True)
+    want, = torch.autograd.grad(reference(*inputs).square().sum(), first)
+    assert_close_to_reference(g.detach(), want, want, "first-order gradient under create_graph=True")
+    try:
+        torch.autograd.grad(g.square().sum(), second)
+    except RuntimeError as err:
+        if f"fastcur.{op_name}: double backward" in str(err):
+            return
+        raise
+    raise AssertionError(f"double backward through fastcur.{op_name} returned a value instead of raising")

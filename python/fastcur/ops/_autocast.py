@@ -8,6 +8,9 @@ unchanged in that dtype and returns it, as `F.linear` does under autocast.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 
@@ -28,3 +31,23 @@ def autocast_inputs(x, *tensors):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(_cast(t, dtype) for t in (x, *tensors))
+
+
+def autocast_off(fn):
+    """Decorator for the body of a Triton custom op: runs it with autocast off for the device of
+    its first tensor argument. The launchers compute small products (e.g. `h @ U^T`) in float32
+    on purpose; autocast would turn them into bfloat16/float16 ones, and the kernels then get
+    operands of mixed dtypes. The op's inputs were already cast by `autocast_inputs`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
+        if (device_type is None or not torch.amp.is_autocast_available(device_type)
+                or not torch.is_autocast_enabled(device_type)):
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    # torch.library.custom_op reads the signature to infer the op's schema; evaluate the
+    # annotations here, in fn's module (string annotations would be looked up in this one).
+    wrapper.__signature__ = inspect.signature(fn, eval_str=True)
+    return wrapper

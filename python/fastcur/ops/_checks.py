@@ -2,6 +2,8 @@
 and the expected and actual shape, dtype or device."""
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -53,6 +55,27 @@ class ArgChecker:
         if t.device != self.device:
             self.fail(f"argument '{name}' must be on the device of '{self.anchor_name}' ({self.device}), got {t.device}")
 
+    def number(self, name: str, value) -> float:
+        """A scalar option (scale, lam, ...) as a finite float.
+
+        Accepts a real number or a one-element tensor that does not require grad (read with
+        one host sync). A tensor that requires grad is refused: the ops take these options as
+        constants, so it would silently get no gradient."""
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                self.fail(f"argument '{name}' is a tensor that requires grad, but {name} is a "
+                          "constant of this op and gets no gradient; pass a float or detach it",
+                          TypeError)
+            if value.numel() != 1 or value.is_complex():
+                self.fail(f"argument '{name}' must be a real number, got a tensor of shape "
+                          f"{tuple(value.shape)} and dtype {value.dtype}", TypeError)
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            self.fail(f"argument '{name}' must be a real number, got {type(value).__name__}", TypeError)
+        if not math.isfinite(value):
+            self.fail(f"argument '{name}' must be finite, got {value!r}")
+        return float(value)
+
     def index(self, name: str, t, length: int) -> None:
         if t is None:
             return
@@ -63,3 +86,9 @@ class ArgChecker:
             self.fail(f"argument '{name}' must have shape ({length},), got {tuple(t.shape)}")
         if t.device != self.device:
             self.fail(f"argument '{name}' must be on the device of '{self.anchor_name}' ({self.device}), got {t.device}")
+
+
+def flat_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [M, d], M the product of the leading sizes; works for d = 0 too (where
+    `reshape(-1, d)` cannot infer M)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])

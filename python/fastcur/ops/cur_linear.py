@@ -16,8 +16,8 @@ from torch import Tensor
 from .. import _extension
 from ..backend import resolve
 from . import reference
-from ._autocast import autocast_inputs
-from ._checks import ArgChecker
+from ._autocast import autocast_inputs, autocast_off
+from ._checks import ArgChecker, flat_rows
 from ._registry import register_with_backward
 
 
@@ -70,12 +70,14 @@ def _triton_op():
     from ..triton_kernels import cur_linear as kernels
 
     @torch.library.custom_op("fastcur::cur_linear_triton", mutates_args=())
+    @autocast_off
     def cur_linear_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], C: Tensor, U: Tensor,
                           R: Tensor, scale: float, rows: Optional[Tensor],
                           cols: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return kernels.cur_linear_fwd(x, weight, bias, C, U, R, scale, rows, cols)
 
     @torch.library.custom_op("fastcur::cur_linear_triton_bwd", mutates_args=())
+    @autocast_off
     def cur_linear_triton_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, C: Tensor, U: Tensor,
                               R: Tensor, h: Tensor, scale: float, cols: Optional[Tensor],
                               need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -123,9 +125,10 @@ def cur_linear(x: Tensor, weight: Tensor, bias: Tensor | None, C: Tensor, U: Ten
     """
     x, weight, bias, C, U, R = autocast_inputs(x, weight, bias, C, U, R)
     _check(x, weight, bias, C, U, R, rows, cols)
+    scale = ArgChecker("cur_linear").number("scale", scale)
     backend = resolve("cur_linear", x.device)
     if backend == "reference":
         return reference.cur_linear(x, weight, bias, C, U, R, scale)
     op = torch.ops.fastcur.cur_linear.default if backend == "cpp" else _triton_op()
-    y, _ = op(x.reshape(-1, x.shape[-1]), weight, bias, C, U, R, float(scale), rows, cols)
+    y, _ = op(flat_rows(x), weight, bias, C, U, R, scale, rows, cols)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -22,7 +22,7 @@ from .. import _extension
 from ..backend import resolve
 from . import reference
 from ._autocast import autocast_inputs
-from ._checks import ArgChecker
+from ._checks import ArgChecker, flat_rows
 from ._registry import register_with_backward
 
 REDUCTIONS = ("mean", "sum")
@@ -170,15 +170,17 @@ def check_factors(c: ArgChecker, A, B, n: int, k: int) -> int:
     return r
 
 
-def check_options(fn: str, scale, f=None, bandwidth=None, reduction=None, ella_delta=None) -> None:
+_UNUSED = object()  # an option the calling op does not have (None is a bad value, not a default)
+
+
+def check_options(fn: str, scale, f=_UNUSED, bandwidth=_UNUSED, reduction=_UNUSED, ella_delta=None) -> None:
     c = ArgChecker(fn)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        c.fail(f"argument 'scale' must be a float, got {type(scale).__name__}", TypeError)
-    if f is not None and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 <= f <= 1.0):
+    c.number("scale", scale)
+    if f is not _UNUSED and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 <= f <= 1.0):
         c.fail(f"argument 'f' must be a float in [0, 1], got {f!r}")
-    if bandwidth is not None and (not isinstance(bandwidth, (int, float)) or not bandwidth > 0):
+    if bandwidth is not _UNUSED and (not isinstance(bandwidth, (int, float)) or not bandwidth > 0):
         c.fail(f"argument 'bandwidth' must be a float > 0, got {bandwidth!r}")
-    if reduction is not None and reduction not in REDUCTIONS:
+    if reduction is not _UNUSED and reduction not in REDUCTIONS:
         c.fail(f"argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
 
 
@@ -223,7 +225,7 @@ def jump_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     if backend == "reference":
         return reference.jump_linear(x, weight, bias, A, B, log_theta, scale, f, bandwidth, reduction)
     op = torch.ops.fastcur.jump_linear.default if backend == "cpp" else _triton_op()
-    y = op(x.reshape(-1, x.shape[-1]), weight, bias, A, B, log_theta, float(scale), float(f),
+    y = op(flat_rows(x), weight, bias, A, B, log_theta, float(scale), float(f),
            float(bandwidth), reduction == "mean")
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -254,6 +256,6 @@ def jump_linear_ella(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, 
         return reference.jump_linear_ella(x, weight, bias, A, B, log_theta, scale, W_past, f, bandwidth,
                                           reduction, ella_delta)
     op = torch.ops.fastcur.jump_linear_ella.default if backend == "cpp" else _triton_ella_op()
-    y, p = op(x.reshape(-1, x.shape[-1]), weight, bias, A, B, log_theta, float(scale), W_past, float(f),
+    y, p = op(flat_rows(x), weight, bias, A, B, log_theta, float(scale), W_past, float(f),
               float(bandwidth), reduction == "mean", reference.ella_interpolation(f, ella_delta))
     return y.reshape(*x.shape[:-1], weight.shape[0]), p

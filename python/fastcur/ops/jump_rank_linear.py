@@ -13,8 +13,8 @@ from torch import Tensor
 from .. import _extension
 from ..backend import resolve
 from . import reference
-from ._autocast import autocast_inputs
-from ._checks import ArgChecker
+from ._autocast import autocast_inputs, autocast_off
+from ._checks import ArgChecker, flat_rows
 from ._registry import register_with_backward
 from .jump_linear import check_factors, check_options
 
@@ -64,12 +64,14 @@ def _triton_op():
     from ..triton_kernels import jump_rank_linear as kernels
 
     @torch.library.custom_op("fastcur::jump_rank_linear_triton", mutates_args=())
+    @autocast_off
     def jump_rank_linear_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                                 log_theta: Tensor, scale: float,
                                 bandwidth: float) -> tuple[Tensor, Tensor]:
         return kernels.jump_rank_linear_fwd(x, weight, bias, A, B, log_theta, scale)
 
     @torch.library.custom_op("fastcur::jump_rank_linear_triton_bwd", mutates_args=())
+    @autocast_off
     def jump_rank_linear_triton_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
                                     log_theta: Tensor, h: Tensor, scale: float, bandwidth: float,
                                     need_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -111,5 +113,5 @@ def jump_rank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, 
     if backend == "reference":
         return reference.jump_rank_linear(x, weight, bias, A, B, log_theta, scale, bandwidth)
     op = torch.ops.fastcur.jump_rank_linear.default if backend == "cpp" else _triton_op()
-    y, _ = op(x.reshape(-1, x.shape[-1]), weight, bias, A, B, log_theta, float(scale), float(bandwidth))
+    y, _ = op(flat_rows(x), weight, bias, A, B, log_theta, float(scale), float(bandwidth))
     return y.reshape(*x.shape[:-1], weight.shape[0])

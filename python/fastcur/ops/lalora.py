@@ -21,7 +21,9 @@ from torch import Tensor
 from .. import _extension
 from ..backend import resolve
 from . import reference
-from ._checks import ArgChecker
+from ._autocast import autocast_off
+from ._checks import ArgChecker, flat_rows
+from ._registry import once_differentiable
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,8 +72,9 @@ def _make_penalty_backward(grad_op):
         need_p, need_a, need_q = ctx.needs_input_grad[:3]
         dp = da = dq = None
         if need_p or need_a:
-            # lam * prec * (p - a) through the fused multi-tensor kernel, then times grad.
-            base = [torch.zeros_like(p) for p in params]
+            # lam * prec * (p - a) through the fused multi-tensor kernel, then times grad. The
+            # buffers are contiguous whatever the params' layout (the kernels write them flat).
+            base = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params]
             grad_op(base, list(params), list(anchors), list(precisions), lam)
             base = [b * grad for b in base]
             dp = base if need_p else None
@@ -117,10 +120,12 @@ def _register(suffix: str = "") -> None:
     grad_name = "laplace_diag_penalty_grad_" if not suffix else "laplace_diag_penalty_grad_triton_"
     torch.library.register_fake(f"fastcur::{grad_name}")(_penalty_grad_fake)
     grad_op = getattr(ops, grad_name).default
-    torch.library.register_autograd(f"fastcur::laplace_diag_penalty{suffix}", _make_penalty_backward(grad_op),
+    torch.library.register_autograd(f"fastcur::laplace_diag_penalty{suffix}",
+                                    once_differentiable("laplace_diag_penalty", _make_penalty_backward(grad_op)),
                                     setup_context=_penalty_setup)
     bwd_op = getattr(ops, f"kfac_penalty_bwd{suffix}").default
-    torch.library.register_autograd(f"fastcur::kfac_penalty{suffix}", _make_kfac_backward(bwd_op),
+    torch.library.register_autograd(f"fastcur::kfac_penalty{suffix}",
+                                    once_differentiable("kfac_penalty", _make_kfac_backward(bwd_op)),
                                     setup_context=_kfac_setup)
 
 
@@ -134,29 +139,35 @@ def _triton_ops() -> dict:
     from ..triton_kernels import lalora as kernels
 
     @torch.library.custom_op("fastcur::lora_fisher_diag_triton", mutates_args=())
+    @autocast_off
     def lora_fisher_diag_triton(x: Tensor, grad_out: Tensor, A: Tensor, B: Tensor,
                                 scale: float) -> tuple[Tensor, Tensor]:
         return kernels.lora_fisher_diag(x, grad_out, A, B, scale)
 
     @torch.library.custom_op("fastcur::laplace_diag_penalty_triton", mutates_args=())
+    @autocast_off
     def laplace_diag_penalty_triton(params: list[Tensor], anchors: list[Tensor], precisions: list[Tensor],
                                     lam: float) -> Tensor:
         return kernels.laplace_diag_penalty(None, params, anchors, precisions, lam)
 
     @torch.library.custom_op("fastcur::laplace_diag_penalty_grad_triton_", mutates_args=("grads",))
+    @autocast_off
     def laplace_diag_penalty_grad_triton_(grads: list[Tensor], params: list[Tensor], anchors: list[Tensor],
                                           precisions: list[Tensor], lam: float) -> Tensor:
         return kernels.laplace_diag_penalty(grads, params, anchors, precisions, lam)
 
     @torch.library.custom_op("fastcur::kfac_factor_triton", mutates_args=())
+    @autocast_off
     def kfac_factor_triton(x: Tensor, diagonal: bool) -> Tensor:
         return kernels.kfac_factor(x, diagonal)
 
     @torch.library.custom_op("fastcur::kfac_penalty_triton", mutates_args=())
+    @autocast_off
     def kfac_penalty_triton(delta: Tensor, S: Tensor, G: Tensor) -> Tensor:
         return kernels.kfac_penalty(delta, S, G)
 
     @torch.library.custom_op("fastcur::kfac_penalty_bwd_triton", mutates_args=())
+    @autocast_off
     def kfac_penalty_bwd_triton(grad: Tensor, delta: Tensor, S: Tensor, G: Tensor) -> Tensor:
         return kernels.kfac_penalty_bwd(grad, delta, S, G)
 
@@ -206,11 +217,12 @@ def lora_fisher_diag(x: Tensor, grad_out: Tensor, A: Tensor, B: Tensor, scale: f
     if grad_out.dim() == 2:
         grad_out = grad_out.unsqueeze(1)
     c.tensor("grad_out", grad_out, (E, T, n), dims="(E, T, n)")
+    scale = c.number("scale", scale)
     x, grad_out, A, B = (t.detach() for t in (x, grad_out, A, B))
     backend = resolve("lora_fisher_diag", A.device)
     if backend == "reference":
         return reference.lora_fisher_diag(x, grad_out, A, B, scale)
-    return _op("lora_fisher_diag", backend)(x, grad_out, A, B, float(scale))
+    return _op("lora_fisher_diag", backend)(x, grad_out, A, B, scale)
 
 
 def _as_lists(*seqs):
@@ -239,6 +251,10 @@ def _checked_call(fn: str, backend: str, lists: tuple, run):
         raise
 
 
+def _lam(fn: str, lam) -> float:
+    return ArgChecker(fn).number("lam", lam)
+
+
 def _check_lists(fn: str, params, anchors, precisions, grads=None) -> None:
     c = ArgChecker(fn)
     lists = {"params": params, "anchors": anchors, "precisions": precisions}
@@ -257,8 +273,6 @@ def _check_lists(fn: str, params, anchors, precisions, grads=None) -> None:
         for name, lst in lists.items():
             if name != "params":
                 c.tensor(f"{name}[{i}]", lst[i], tuple(p.shape))
-        if grads is not None and not grads[i].is_contiguous():
-            c.fail(f"argument 'grads[{i}]' must be contiguous (it is written in place)")
 
 
 def laplace_diag_penalty(params: Sequence[Tensor], anchors: Sequence[Tensor], precisions: Sequence[Tensor],
@@ -275,9 +289,10 @@ def laplace_diag_penalty(params: Sequence[Tensor], anchors: Sequence[Tensor], pr
     """
     params, anchors, precisions = _as_lists(params, anchors, precisions)
     backend = _penalty_backend("laplace_diag_penalty", params, anchors, precisions)
+    lam = _lam("laplace_diag_penalty", lam)
     fn = reference.laplace_diag_penalty if backend == "reference" else _op("laplace_diag_penalty", backend)
     return _checked_call("laplace_diag_penalty", backend, (params, anchors, precisions),
-                         lambda: fn(params, anchors, precisions, float(lam)))
+                         lambda: fn(params, anchors, precisions, lam))
 
 
 def laplace_diag_penalty_grad_(grads: Sequence[Tensor], params: Sequence[Tensor], anchors: Sequence[Tensor],
@@ -292,11 +307,24 @@ def laplace_diag_penalty_grad_(grads: Sequence[Tensor], params: Sequence[Tensor]
     """
     grads, params, anchors, precisions = _as_lists(grads, params, anchors, precisions)
     backend = _penalty_backend("laplace_diag_penalty_grad_", params, anchors, precisions, grads)
+    lam = _lam("laplace_diag_penalty_grad_", lam)
+    if not isinstance(grads, list):
+        ArgChecker("laplace_diag_penalty_grad_").fail(
+            f"argument 'grads' must be a list of tensors, got {type(grads).__name__}", TypeError)
     fn = (reference.laplace_diag_penalty_grad_ if backend == "reference"
           else _op("laplace_diag_penalty_grad_", backend))
     with torch.no_grad():
-        return _checked_call("laplace_diag_penalty_grad_", backend, (params, anchors, precisions, grads),
-                             lambda: fn(grads, params, anchors, precisions, float(lam)))
+        # The kernels write each gradient flat: a non-contiguous one (the .grad of a transposed
+        # parameter) gets a contiguous zero buffer, added into it afterwards.
+        staged = {i: g for i, g in enumerate(grads)
+                  if isinstance(g, torch.Tensor) and not g.is_contiguous()}
+        flat = [torch.zeros(g.shape, dtype=g.dtype, device=g.device) if i in staged else g
+                for i, g in enumerate(grads)]
+        value = _checked_call("laplace_diag_penalty_grad_", backend, (params, anchors, precisions, flat),
+                              lambda: fn(flat, params, anchors, precisions, lam))
+        for i, g in staged.items():
+            g.add_(flat[i])
+        return value
 
 
 def kfac_factor(x: Tensor, diagonal: bool = False) -> Tensor:
@@ -311,7 +339,7 @@ def kfac_factor(x: Tensor, diagonal: bool = False) -> Tensor:
     """
     c = ArgChecker("kfac_factor")
     c.tensor("x", x, min_dim=1, anchor=True)
-    x = x.detach().reshape(-1, x.shape[-1])
+    x = flat_rows(x.detach())
     backend = resolve("kfac_factor", x.device)
     if backend == "reference":
         return reference.kfac_factor(x, diagonal)

@@ -5,6 +5,8 @@ float64; the `reference` backend runs them as they are.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,8 @@ def _signorm_scale(L: torch.Tensor, k: float, eps: float, norm: str, dim) -> tor
     """
     if dim is None:
         mx = L.amax() if L.numel() else L.new_zeros(())
+    elif L.shape[dim] == 0:  # no entries to take a max over (n = 0 or k = 0)
+        mx = L.new_zeros(L.shape[:-1] + (1,))
     else:
         mx = L.amax(dim=dim, keepdim=True)
     N = k * (L / (mx + eps) - 0.5) if norm == "max" else k * L
@@ -41,9 +45,13 @@ def signorm(y0: torch.Tensor, delta: torch.Tensor, k: float = 6.0, eps: float = 
     y0 [..., n] the base output (bias included), delta [..., n] the adapter's output.
     `L = |Δ| / (|y0| + eps)`, computed in float32 or wider; max per row of the last dimension
     (scope="token") or over the whole tensor (scope="tensor"). Returns [..., n].
+    The sum `y0 + (y0 + Δ)` is also formed in float32 or wider: in float16 it would overflow
+    for |y0| above 32752 where the result (about y0) is representable.
     """
     S = signorm_scales(y0, delta, k, eps, norm, scope)
-    return ((y0 + (y0 + delta)) / S).to(y0.dtype)
+    acc = S.dtype
+    y0a = y0.to(acc)
+    return ((y0a + (y0a + delta.to(acc))) / S).to(y0.dtype)
 
 
 @torch.no_grad()
@@ -125,7 +133,7 @@ def laplace_diag_penalty_grad_(grads, params, anchors, precisions, lam: float) -
 
 def kfac_factor(x: torch.Tensor, diagonal: bool = False) -> torch.Tensor:
     """x [M, d] -> x^T x [d, d] (or its diagonal [d]), in float32 (float64 for float64)."""
-    xf = x.reshape(-1, x.shape[-1]).to(_acc(x.dtype))
+    xf = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).to(_acc(x.dtype))
     return xf.square().sum(0) if diagonal else xf.mT @ xf
 
 
@@ -228,7 +236,8 @@ def jump_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     x [..., k], weight [n, k], bias [n] or None, A [r, k], B [n, r], log_theta [r] -> [..., n]
     """
     h = x @ A.mT
-    g = _OneSidedJumpReLU.apply(h.reshape(-1, A.shape[0]), log_theta.exp(), bandwidth).reshape(h.shape)
+    g = _OneSidedJumpReLU.apply(h.reshape(math.prod(h.shape[:-1]), A.shape[0]), log_theta.exp(),
+                                bandwidth).reshape(h.shape)
     return F.linear(x, weight, bias) + scale * (g @ B.mT)
 
 

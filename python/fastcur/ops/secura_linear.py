@@ -17,8 +17,8 @@ from torch import Tensor
 from .. import _extension
 from ..backend import resolve
 from . import reference
-from ._autocast import autocast_inputs
-from ._checks import ArgChecker
+from ._autocast import autocast_inputs, autocast_off
+from ._checks import ArgChecker, flat_rows
 from ._registry import register_with_backward
 from ._signorm_args import check_options
 
@@ -87,6 +87,7 @@ def _triton_op():
     from ..triton_kernels import secura_linear as kernels
 
     @torch.library.custom_op("fastcur::secura_linear_triton", mutates_args=())
+    @autocast_off
     def secura_linear_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], C: Tensor,
                              A_c: Tensor, B_c: Tensor, R: Tensor, lora_bias: Optional[Tensor],
                              scale: float, k: float, eps: float, norm: str, scope: str,
@@ -96,6 +97,7 @@ def _triton_op():
                                          eps, norm, scope, rows)
 
     @torch.library.custom_op("fastcur::secura_linear_triton_bwd", mutates_args=())
+    @autocast_off
     def secura_linear_triton_bwd(grad_y: Tensor, S: Tensor, x: Tensor, weight: Tensor, C: Tensor,
                                  A_c: Tensor, B_c: Tensor, R: Tensor, h: Tensor, scale: float,
                                  cols: Optional[Tensor], need_dx: bool
@@ -148,11 +150,12 @@ def secura_linear(x: Tensor, weight: Tensor, bias: Tensor | None, C: Tensor, A_c
     """
     x, weight, bias, C, A_c, B_c, R, lora_bias = autocast_inputs(x, weight, bias, C, A_c, B_c, R, lora_bias)
     _check(x, weight, bias, C, A_c, B_c, R, lora_bias, k, eps, norm, scope, rows, cols)
+    scale = ArgChecker("secura_linear").number("scale", scale)
     backend = resolve("secura_linear", x.device)
     if backend == "reference":
         return reference.secura_linear(x, weight, bias, C, A_c, B_c, R, lora_bias, scale, k, eps,
                                        norm, scope)
     op = torch.ops.fastcur.secura_linear.default if backend == "cpp" else _triton_op()
-    y, _, _ = op(x.reshape(-1, x.shape[-1]), weight, bias, C, A_c, B_c, R, lora_bias, float(scale),
+    y, _, _ = op(flat_rows(x), weight, bias, C, A_c, B_c, R, lora_bias, scale,
                  float(k), float(eps), norm, scope, rows, cols)
     return y.reshape(*x.shape[:-1], weight.shape[0])

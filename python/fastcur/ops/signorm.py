@@ -16,7 +16,8 @@ from torch import Tensor
 from .. import _extension
 from ..backend import resolve
 from . import reference
-from ._checks import ArgChecker
+from ._autocast import autocast_off
+from ._checks import ArgChecker, flat_rows
 from ._registry import register_with_backward
 from ._signorm_args import check_options
 
@@ -65,11 +66,13 @@ def _triton_op():
     from ..triton_kernels import signorm as kernels
 
     @torch.library.custom_op("fastcur::signorm_triton", mutates_args=())
+    @autocast_off
     def signorm_triton(y0: Tensor, delta: Tensor, k: float, eps: float, norm: str,
                        scope: str) -> tuple[Tensor, Tensor]:
         return kernels.signorm_fwd(y0, delta, k, eps, norm, scope)
 
     @torch.library.custom_op("fastcur::signorm_triton_bwd", mutates_args=())
+    @autocast_off
     def signorm_triton_bwd(grad_y: Tensor, y0: Tensor, delta: Tensor, rowmax: Tensor, k: float,
                            eps: float, norm: str, scope: str) -> tuple[Tensor, Tensor]:
         return kernels.signorm_bwd(grad_y, y0, delta, rowmax, k, eps, norm, scope)
@@ -105,6 +108,5 @@ def signorm(y0: Tensor, delta: Tensor, k: float = 6.0, eps: float = 1e-10, norm:
     if backend == "reference":
         return reference.signorm(y0, delta, k, eps, norm, scope)
     op = torch.ops.fastcur.signorm.default if backend == "cpp" else _triton_op()
-    n = y0.shape[-1]
-    y, _ = op(y0.reshape(-1, n), delta.reshape(-1, n), float(k), float(eps), norm, scope)
+    y, _ = op(flat_rows(y0), flat_rows(delta), float(k), float(eps), norm, scope)
     return y.reshape(y0.shape)

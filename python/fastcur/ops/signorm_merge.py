@@ -14,6 +14,7 @@ from torch import Tensor
 from .. import _extension
 from ..backend import resolve
 from . import reference
+from ._autocast import autocast_off
 from ._checks import ArgChecker
 from ._signorm_args import check_options
 
@@ -31,6 +32,7 @@ def _triton_op():
     from ..triton_kernels import signorm_merge as kernels
 
     @torch.library.custom_op("fastcur::signorm_merge_triton", mutates_args=())
+    @autocast_off
     def signorm_merge_triton(weight: Tensor, C: Tensor, U: Tensor, R: Tensor, scale: float,
                              k: float, eps: float, scope: str) -> Tensor:
         return kernels.signorm_merge(weight, C, U, R, scale, k, eps, scope)
@@ -68,8 +70,9 @@ def signorm_merge(weight: Tensor, C: Tensor, U: Tensor, R: Tensor, scale: float 
         this output plus per-block buffers.
     """
     _check(weight, C, U, R, k, eps, scope)
+    scale = ArgChecker("signorm_merge").number("scale", scale)
     backend = resolve("signorm_merge", weight.device)
     if backend == "reference":
         return reference.signorm_merge(weight, C, U, R, scale, k, eps, scope)
     op = torch.ops.fastcur.signorm_merge.default if backend == "cpp" else _triton_op()
-    return op(weight, C, U, R, float(scale), float(k), float(eps), scope)
+    return op(weight, C, U, R, scale, float(k), float(eps), scope)
