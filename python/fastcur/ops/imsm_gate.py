@@ -16,7 +16,6 @@ Flow as cur_linear: checks → backend → `torch.ops.fastcur.imsm_gate` (C++ CP
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional
 
@@ -145,15 +144,20 @@ def imsm_gate(h: Tensor, h_tuned: Tensor, q: Tensor, q_tuned: Tensor, W_A: Tenso
     h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask = (
         t if t is None or t.dtype == dtype else t.to(dtype)
         for t in (h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask))
-    backend = resolve("imsm_gate", h.device)
+    args = (h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask)
+    device_type = h.device.type
     # The gate's dtype under autocast too: autocast would otherwise recast the GEMMs inside
     # the composite and the C++ kernel (which then fails on the dtypes it was given).
-    with contextlib.ExitStack() as stack:
-        if torch.amp.is_autocast_available(h.device.type):
-            stack.enter_context(torch.autocast(h.device.type, enabled=False))
-        if backend == "reference" or gate_mask is not None:
-            out = reference.imsm_gate(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask)
-        else:
-            op = torch.ops.fastcur.imsm_gate.default if backend == "cpp" else _triton_op()
-            out, _ = op(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask)
-    return out.to(out_dtype)
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return _dispatch(*args).to(out_dtype)
+    return _dispatch(*args).to(out_dtype)
+
+
+def _dispatch(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask) -> Tensor:
+    """The backend's gate on inputs of one dtype; with gate_mask, the composite."""
+    backend = resolve("imsm_gate", h.device)
+    if backend == "reference" or gate_mask is not None:
+        return reference.imsm_gate(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask, gate_mask)
+    op = torch.ops.fastcur.imsm_gate.default if backend == "cpp" else _triton_op()
+    return op(h, h_tuned, q, q_tuned, W_A, W_B, hidden_mask)[0]
