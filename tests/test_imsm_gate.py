@@ -237,3 +237,18 @@ def test_two_threads_row_chunks_split(backend):
     assert torch.get_num_threads() == 2
     inputs = make_inputs(4, 80, 24, 8, seed=6, mask=True)
     check_against_reference(run(backend), reference.imsm_gate, inputs, torch.float32, names=NAMES + ["mask"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d,r", [(0, 2), (4, 0)], ids=["d=0", "r_g=0"])
+def test_zero_size_width_or_gate_rank(backend, d, r):
+    """Zero-size d or r_g: the reference's result (an empty output; the gate at 0.5) and
+    gradients on every backend, not a reshape error."""
+    from fastcur.testing import check_as_given
+    g = torch.Generator().manual_seed(8)
+    h, ht = (torch.randn(2, 3, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    q, qt = (torch.randn(2, d, generator=g, dtype=torch.float64) for _ in range(2))
+    W_A = torch.randn(4 * d, r, generator=g, dtype=torch.float64, requires_grad=True)
+    W_B = torch.randn(r, d, generator=g, dtype=torch.float64, requires_grad=True)
+    check_as_given(run(backend), reference.imsm_gate, [h, ht, q, qt, W_A, W_B, None],
+                   wrt=[h, ht, W_A, W_B], names=["h", "h_tuned", "W_A", "W_B"])

@@ -15,6 +15,7 @@ float32 buffer (see cur_linear.py).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -147,7 +148,8 @@ def _bwd_kernel(g_ptr, h_ptr, t_ptr, wb_ptr, a2_ptr, a3_ptr, mask_ptr, z_ptr,
 
 
 def _rows(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1]).contiguous()
+    """[B, T, w] -> [B T, w] contiguous (also for w = 0, where reshape(-1, w) cannot infer B T)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
 def imsm_gate_fwd(h: Tensor, h_tuned: Tensor, q: Tensor, q_tuned: Tensor, W_A: Tensor, W_B: Tensor,
