@@ -420,3 +420,16 @@ def test_kfac_factor_zero_width(backend):
     with fastcur.use_backend(backend):
         assert fastcur.ops.kfac_factor(torch.randn(3, 0)).shape == (0, 0)
         assert fastcur.ops.kfac_factor(torch.randn(2, 3, 0), diagonal=True).shape == (0,)
+
+
+def test_kfac_penalty_grad_checks_its_arguments():
+    """kfac_penalty_grad checks grad, S and G as kfac_penalty does (it used to check delta only
+    and fail inside the kernel or on a None)."""
+    from fastcur.ops.lalora import kfac_penalty_grad
+    delta, S, G = torch.randn(3, 4), torch.randn(4), torch.randn(3)
+    with pytest.raises(TypeError, match="fastcur.kfac_penalty_grad: argument 'grad' is required"):
+        kfac_penalty_grad(None, delta, S, G)
+    with pytest.raises(ValueError, match=r"fastcur.kfac_penalty_grad: argument 'S' must have shape \(4,\)"):
+        kfac_penalty_grad(torch.tensor(1.0), delta, torch.randn(5), G)
+    with pytest.raises(ValueError, match="fastcur.kfac_penalty_grad: argument 'grad' must have shape ()"):
+        kfac_penalty_grad(torch.ones(2), delta, S, G)

@@ -346,6 +346,17 @@ def kfac_factor(x: Tensor, diagonal: bool = False) -> Tensor:
     return _op("kfac_factor", backend)(x, bool(diagonal))
 
 
+def _check_kfac(fn: str, delta, S, G) -> ArgChecker:
+    c = ArgChecker(fn)
+    c.tensor("delta", delta, (None, None), dims="(a, b)", anchor=True)
+    a, b = delta.shape
+    for name, t, size in (("S", S, b), ("G", G, a)):
+        c.tensor(name, t, floating=True, min_dim=1)
+        want = (size,) if t.dim() == 1 else (size, size)
+        c.tensor(name, t, want, dims=f"({'b' if name == 'S' else 'a'}, ...) of delta {tuple(delta.shape)}")
+    return c
+
+
 def kfac_penalty(delta: Tensor, S: Tensor, G: Tensor) -> Tensor:
     """`tr(G delta S delta^T)` without forming the Kronecker product G ⊗ S (docs/methods.md, LaLoRA).
 
@@ -357,13 +368,7 @@ def kfac_penalty(delta: Tensor, S: Tensor, G: Tensor) -> Tensor:
         0-dim tensor in delta's dtype (accumulated in float32 / float64). Differentiable in
         delta, S and G.
     """
-    c = ArgChecker("kfac_penalty")
-    c.tensor("delta", delta, (None, None), dims="(a, b)", anchor=True)
-    a, b = delta.shape
-    for name, t, size in (("S", S, b), ("G", G, a)):
-        c.tensor(name, t, floating=True, min_dim=1)
-        want = (size,) if t.dim() == 1 else (size, size)
-        c.tensor(name, t, want, dims=f"({'b' if name == 'S' else 'a'}, ...) of delta {tuple(delta.shape)}")
+    _check_kfac("kfac_penalty", delta, S, G)
     backend = resolve("kfac_penalty", delta.device)
     if backend == "reference":
         return reference.kfac_penalty(delta, S, G)
@@ -373,8 +378,8 @@ def kfac_penalty(delta: Tensor, S: Tensor, G: Tensor) -> Tensor:
 def kfac_penalty_grad(grad: Tensor, delta: Tensor, S: Tensor, G: Tensor) -> Tensor:
     """`grad * (G delta S + G^T delta S^T)` [a, b]: d/d delta of `grad * kfac_penalty(delta, S, G)`
     without autograd (grad a 0-dim tensor; shapes as `kfac_penalty`)."""
-    c = ArgChecker("kfac_penalty_grad")
-    c.tensor("delta", delta, (None, None), dims="(a, b)", anchor=True)
+    c = _check_kfac("kfac_penalty_grad", delta, S, G)
+    c.tensor("grad", grad, (), dims="a 0-dim tensor", floating=False)
     backend = resolve("kfac_penalty", delta.device)
     with torch.no_grad():
         if backend == "reference":
