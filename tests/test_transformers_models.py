@@ -91,6 +91,7 @@ def test_generate_matches_a_cache_free_greedy_loop(arch, method):
     model = perturb(inject_method(tiny_causal_lm(arch), method)).eval()
     base = tiny_causal_lm(arch)
     ids = batch(2, 5)
+    model.generation_config.eos_token_id = None  # the cache-free loop below never stops early
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                              do_sample=False, pad_token_id=0)
