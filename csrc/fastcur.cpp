@@ -80,7 +80,8 @@ TORCH_LIBRARY(fastcur, m) {
       "Tensor log_theta, float scale, float f, float bandwidth, bool mean, bool need_dx, "
       "bool need_adapter) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-  // Weight-gated with ELLA fused: (y, ‖scale J(B A) ⊙ W_past‖²) from the same Z tiles; the
+  // Weight-gated with ELLA fused: (y, ‖D ⊙ W_past‖²) from the same Z tiles, ELLA's delta
+  // D = scale (ella_f J(Z) + (1 - ella_f) Z) (ella_f = f: "interpolated", 1: "masked"); the
   // backward adds grad_ella times ELLA's dL/dZ (hard mask: nothing to θ) into each tile's dL/dZ
   // before the one contraction with A and B. grad_ella [].
   m.def(

@@ -182,11 +182,11 @@ def check_options(fn: str, scale, f=_UNUSED, bandwidth=_UNUSED, reduction=_UNUSE
         c.fail(f"argument 'bandwidth' must be a float > 0, got {bandwidth!r}")
     if reduction is not _UNUSED and reduction not in REDUCTIONS:
         c.fail(f"argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
-
-
     if ella_delta is not None and ella_delta not in reference.ELLA_DELTAS:
         c.fail(f"argument 'ella_delta' must be one of {', '.join(map(repr, reference.ELLA_DELTAS))}, "
                f"got {ella_delta!r}")
+
+
 def _check(x, weight, bias, A, B, log_theta) -> None:
     c = ArgChecker("jump_linear")
     c.tensor("weight", weight, (None, None), dims="(n, k)", anchor=True)

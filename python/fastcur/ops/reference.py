@@ -241,16 +241,6 @@ def jump_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return F.linear(x, weight, bias) + scale * (g @ B.mT)
 
 
-def ella_penalty(A: torch.Tensor, B: torch.Tensor, log_theta: torch.Tensor, W_past: torch.Tensor,
-                 scale: float, f: float = 1.0, ella_delta: str = "interpolated") -> torch.Tensor:
-    """`‖D ⊙ W_past‖_F²`, ELLA's delta `D = scale (f_e J(Z) + (1 − f_e) Z)`, `Z = B A`, with
-    f_e = `ella_interpolation(f, ella_delta)` and the hard mask: no gradient reaches log_theta.
-
-    A [r, k], B [n, r], log_theta [], W_past [n, k] -> [] (a scalar)
-    """
-    Z = B @ A
-    mask = (Z.abs() > log_theta.detach().exp().reshape(())).to(Z.dtype)
-    return (scale * Z * (fe * mask + (1.0 - fe)) * W_past).square().sum()
 ELLA_DELTAS = ("interpolated", "masked", "sparse")
 
 
@@ -267,13 +257,23 @@ def ella_interpolation(f: float, ella_delta: str) -> float:
     raise ValueError(f"fastcur: ella_delta must be one of {', '.join(map(repr, ELLA_DELTAS))}, got {ella_delta!r}")
 
 
+def ella_penalty(A: torch.Tensor, B: torch.Tensor, log_theta: torch.Tensor, W_past: torch.Tensor,
+                 scale: float, f: float = 1.0, ella_delta: str = "interpolated") -> torch.Tensor:
+    """`‖D ⊙ W_past‖_F²`, ELLA's delta `D = scale (f_e J(Z) + (1 − f_e) Z)`, `Z = B A`, with
+    f_e = `ella_interpolation(f, ella_delta)` and the hard mask: no gradient reaches log_theta.
+
+    A [r, k], B [n, r], log_theta [], W_past [n, k] -> [] (a scalar)
+    """
+    fe = ella_interpolation(f, ella_delta)
+    Z = B @ A
+    mask = (Z.abs() > log_theta.detach().exp().reshape(())).to(Z.dtype)
+    return (scale * Z * (fe * mask + (1.0 - fe)) * W_past).square().sum()
 
 
 # -- IMSM (docs/methods.md, IMSM) -----------------------------------------------------------------------------
 def imsm_gate(h: torch.Tensor, h_tuned: torch.Tensor, q: torch.Tensor, q_tuned: torch.Tensor,
               W_A: torch.Tensor, W_B: torch.Tensor, hidden_mask: torch.Tensor | None = None,
               gate_mask: torch.Tensor | None = None) -> torch.Tensor:
-    fe = ella_interpolation(f, ella_delta)
     """IMSM's memory gate (docs/methods.md, IMSM), written as the paper writes it: the concatenation is formed.
 
     `g = σ(([q ⊕ h_t ⊕ h'_t ⊕ q'] W_A ⊙ hidden_mask) W_B)`, output `g ⊙ h + (1 - g) ⊙ h'`.
