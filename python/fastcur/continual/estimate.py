@@ -1,18 +1,21 @@
 """The time a `fastcur continual` run will take, printed before it starts.
 
-The per-step and per-evaluation costs below were measured with the quick base on 2 CPU cores
-(`fastcur continual --quick`, see the README); the full base's are those scaled by its compute
-per step (4x the layers' parameters at twice the width, twice the batch: about 16x; the small
-models are overhead-bound, so this errs long). A cached base model costs no pretraining.
+Measured in the session that built the quick mode, on a 2-core machine shared with other
+builds (load average 5-18): pretraining the quick base took 19 CPU-minutes for 2000 steps
+(0.57 CPU-s per step; on 2 idle cores about 0.35 s of wall time per step). The full base's
+costs are the quick ones scaled by its compute per step (8x the layers' parameters; twice the
+batch when fine-tuning): about 6x per pretraining step and 16x per training step; the small
+models are overhead-bound, so this errs long. A cached base model costs no pretraining.
 """
 from __future__ import annotations
 
-# seconds on 2 CPU cores: per pretraining step, per training step of a LoRA-style method (batch 16
-# for quick), per evaluation after a task (64 test examples per task, the probe twice, perplexity)
+# seconds of wall time on 2 idle CPU cores: per pretraining step, per training step of a
+# LoRA-style method (batch 16 for quick), per evaluation after a task (64 test examples per
+# task, the probe twice over 192 facts, perplexity)
 COSTS = {
     "tiny": {"pretrain_step": 0.01, "train_step": 0.01, "evaluation": 0.2},
-    "quick": {"pretrain_step": 0.06, "train_step": 0.055, "evaluation": 2.0},
-    "full": {"pretrain_step": 0.6, "train_step": 0.9, "evaluation": 24.0},
+    "quick": {"pretrain_step": 0.35, "train_step": 0.06, "evaluation": 3.0},
+    "full": {"pretrain_step": 2.1, "train_step": 1.0, "evaluation": 36.0},
 }
 # cost of a training step relative to LoRA's (measured in the quick run)
 METHOD_FACTOR = {"seq": 1.1, "imsm-lora": 1.8, "secura-released": 1.6, "lora-ewc": 1.2, "jumplora-ella": 1.3}
@@ -38,6 +41,8 @@ def seconds(cfg) -> dict:
 
 
 def _minutes(s: float) -> str:
+    if s >= 7200:
+        return f"{s / 3600:.0f} h"
     return f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
 
 
