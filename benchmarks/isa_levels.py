@@ -1,6 +1,6 @@
 """The CPU ops at each x86-64 level this machine runs: paired benchmark runs per level.
 
-    python benchmarks/bench_isa_levels.py [--runs 5] [--levels avx512 avx2 baseline] [--out DIR]
+    python benchmarks/isa_levels.py [--runs 5] [--levels avx512 avx2 baseline] [--out DIR]
 
 The C++ row kernels are built for AVX-512, AVX2 and the baseline (SSE2) and run the level
 FASTCUR_CPU_ISA names (csrc/cpu/simd.h), so an AVX-512 machine can run every level's code.
