@@ -406,3 +406,57 @@ def test_inclora_checkpoint_errors(tmp_path):
     save_file({"a": torch.zeros(2)}, str(other))
     with pytest.raises(ValueError, match="is not an IncLoRA state file"):
         fastcur.IncLoRA(MLP()).load(other)
+
+
+@pytest.mark.parametrize("change", ["optimizer_step", "load_state_dict", "set_f"])
+def test_unmerge_after_the_adapter_changed_restores_weight(change):
+    """merge, then A, B, θ or f change (an optimizer step, which also advances the f schedule;
+    load_state_dict; a new f), then unmerge: W is the original W again (issue 19, item 4)."""
+    scheduled = change != "set_f"
+    opts = dict(total_steps=10) if scheduled else dict(f=0.4)
+    m = trained(fastcur.JumpLoRALinear.from_linear(nn.Linear(30, 20, dtype=torch.float64), rank=4,
+                                                   alpha=16, **opts))
+    with torch.no_grad():
+        m.threshold.log_theta.fill_(-1.5)
+    if scheduled:
+        for _ in range(4):
+            m.threshold._count += 1       # f = 1/3 at step 4, without the reset at step 2
+        m.threshold.steps.fill_(4)
+    w0 = m.weight.detach().clone()
+    f0 = m.f
+    assert 0.0 < f0 < 1.0
+    # what merge must add: ΔW re-derived in float64 from the tensors as they are at merge
+    dw0 = reference.jump_delta_weight(m.lora_A.weight.detach(), m.lora_B.weight.detach(),
+                                      m.threshold.log_theta.detach(), m.scaling, f0)
+    m.merge()
+    torch.testing.assert_close(m.weight, w0 + dw0, rtol=0, atol=1e-12)
+    if change == "optimizer_step":
+        opt = torch.optim.SGD(list(m.adapter_parameters().values()) + [m.threshold.log_theta], lr=0.5)
+        for p in opt.param_groups[0]["params"]:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        assert m.f != f0                  # the schedule moved too
+    elif change == "load_state_dict":
+        m.load_state_dict({"lora_A.weight": torch.randn(4, 30, dtype=torch.float64),
+                           "lora_B.weight": torch.randn(20, 4, dtype=torch.float64),
+                           "threshold.log_theta": torch.tensor(-0.5, dtype=torch.float64)}, strict=False)
+    else:
+        m.f = 0.9
+    m.unmerge()
+    torch.testing.assert_close(m.weight, w0, rtol=0, atol=1e-12)
+    # and the changed adapter runs on the original W
+    x = torch.randn(3, 30, dtype=torch.float64)
+    dw = reference.jump_delta_weight(m.lora_A.weight.detach(), m.lora_B.weight.detach(),
+                                     m.threshold.log_theta.detach(), m.scaling, m.f)
+    torch.testing.assert_close(m(x), nn.functional.linear(x, w0 + dw, m.bias))
+
+
+def test_rank_gate_merge_is_refused_and_leaves_the_layer_unchanged():
+    m = trained(fastcur.JumpLoRALinear(12, 10, rank=3, gate="rank"))
+    w0 = m.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="no weight-space"):
+        m.merge()
+    assert not m.merged and m._merged_tensors is None
+    assert torch.equal(m.weight, w0)
+    with pytest.raises(RuntimeError, match="not merged"):
+        m.unmerge()

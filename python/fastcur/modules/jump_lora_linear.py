@@ -433,35 +433,47 @@ class JumpLoRALinear(AdapterLinear):
         return _ella_op(A, B, lt, self.W_past, self.scaling, self.f, self.ella_delta)
 
     # -- merge -----------------------------------------------------------------------------------
+    def _delta_tensors(self) -> dict[str, torch.Tensor]:
+        """What ΔW is computed from: A, B, log θ, and f and s as float64 scalars (f moves with
+        the schedule, θ with the optimizer: `merge` remembers all of them)."""
+        if self.gate != "weight":
+            raise RuntimeError("fastcur.JumpLoRALinear: a rank-gated adapter depends on the input; "
+                               "it has no weight-space ΔW to merge")
+        return {"A": self.lora_A.weight, "B": self.lora_B.weight, "log_theta": self.threshold.log_theta,
+                "f": torch.tensor(self.f, dtype=torch.float64),
+                "scale": torch.tensor(self.scaling, dtype=torch.float64)}
+
+    def _delta_from(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """ΔW = s (f J(Z) + (1 - f) Z), Z = B A, [out, in], in float32 or wider."""
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
+        f, scale = float(tensors["f"]), float(tensors["scale"])
+        Z = tensors["B"].detach().to(acc) @ tensors["A"].detach().to(acc)
+        theta = tensors["log_theta"].detach().to(acc).exp()
+        gate = f * (Z.abs() > theta).to(acc) + (1.0 - f)    # (torch.where of two floats is float32)
+        return scale * Z * gate
+
     @torch.no_grad()
     def delta_weight(self, f: float | None = None) -> torch.Tensor:
         """ΔW = s (f J(Z) + (1 - f) Z), [out, in], in float32 or wider (for merging only).
         `f` defaults to the layer's current f; f = 1 gives the sparse update IncLoRA merges."""
-        if self.gate != "weight":
-            raise RuntimeError("fastcur.JumpLoRALinear: a rank-gated adapter depends on the input; "
-                               "it has no weight-space ΔW to merge")
-        f = self.f if f is None else f
-        acc = torch.promote_types(self.weight.dtype, torch.float32)
-        Z = self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc)
-        theta = self.threshold.log_theta.detach().to(acc).exp()
-        gate = f * (Z.abs() > theta).to(acc) + (1.0 - f)    # (torch.where of two floats is float32)
-        return self.scaling * Z * gate
+        tensors = self._delta_tensors()
+        if f is not None:
+            tensors["f"] = torch.tensor(float(f), dtype=torch.float64)
+        return self._delta_from(tensors)
 
-    @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW (at the current f) into W; forward then runs the plain linear."""
+        """Fold ΔW (at the current f) into W; forward then runs the plain linear. Undo with
+        `unmerge`."""
         if self.merged:
             raise RuntimeError("fastcur.JumpLoRALinear.merge: the adapter is already merged")
-        self.weight.add_(self.delta_weight().to(self.weight.dtype))
-        self.merged = True
+        self._merge_delta()
 
-    @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract ΔW again (exact up to the rounding of W's dtype)."""
+        """Subtract the ΔW that `merge` added (exact up to the rounding of W's dtype), even if A,
+        B, θ or f changed while merged (an optimizer step, load_state_dict, the f schedule)."""
         if not self.merged:
             raise RuntimeError("fastcur.JumpLoRALinear.unmerge: the adapter is not merged")
-        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
-        self.merged = False
+        self._unmerge_delta()
 
     def extra_repr(self) -> str:
         return (f"{self._base_repr()}, rank={self.rank}, alpha={self.alpha:g}, gate={self.gate!r}, "
