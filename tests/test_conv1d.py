@@ -9,6 +9,7 @@ import fastcur
 from fastcur.ops import reference
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import adamw_losses
 
 CONFIGS = {
     "lora": fastcur.LoRAConfig(rank=4, alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]),
@@ -110,15 +111,8 @@ def test_unload_restores_the_conv1d_weights_exactly(method):
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_save_load_round_trip_and_training(method, tmp_path):
     model = fastcur.inject(tiny_gpt2(), CONFIGS[method]).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x_ids = ids(5)
-    losses = []
-    for _ in range(8):
-        loss = model(x_ids, labels=x_ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adamw_losses(model, x_ids, steps=8, lr=1e-2)
     assert losses[-1] < losses[0], losses
     model.eval()
     fastcur.save_adapter(model, tmp_path)

@@ -140,6 +140,20 @@ def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def adamw_losses(model: nn.Module, ids: torch.Tensor, steps: int, lr: float) -> list[float]:
+    """A plain AdamW loop over the trainable parameters of a causal LM on one batch `ids`
+    [B, T] (labels = ids): the loss of every step."""
+    opt = torch.optim.AdamW(trainable(model).values(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for the module's tests: tiny tensors gain nothing from a second one,
