@@ -18,7 +18,10 @@ Providers (mode "train": one call = zero_grad, forward, loss, backward, AdamW st
   fastcur LoRA          fastcur.inject(LoRAConfig(rank r, alpha 2r))
   CURLoRA               fastcur.inject(CURLoRAConfig(rank r))
   SECURA                fastcur.inject(SecuraConfig(rank r))
-  JumpLoRA (weight)     fastcur.inject(JumpLoRAConfig(rank r, gate="weight", f=0.5))
+  JumpLoRA (weight)     fastcur.inject(JumpLoRAConfig(rank r, gate="weight", f=0.5)), θ reset
+                        (fastcur.reset_thresholds) after the adapter gets its values: the state
+                        of a scheduled run at f = 0.5 (the schedule resets θ at f_start, before
+                        f leaves 0), about r (n + k) entries of each n x k Z kept by the gate
   JumpLoRA (rank)       fastcur.inject(JumpLoRAConfig(rank r, gate="rank"))
   LaLoRA                fastcur LoRA + LaplaceRegularizer(kind="diag") fitted once on one batch
                         before timing; the step adds its gradient with add_penalty_grad_ (fused)
@@ -177,6 +180,25 @@ def imsm(case: Case) -> Prepared:
     return prepared
 
 
+def jumplora_weight(case: Case) -> Prepared:
+    """JumpLoRA (weight gate) as a scheduled training run has it at f = 0.5: the released schedule
+    (docs/methods.md, JumpLoRA) resets θ to the order statistic of |Z| that keeps about as many
+    entries as LoRA has parameters at `int(f_start T)` steps, while f is still 0, and only then
+    ramps f up. So at f = 0.5 the gate's mask is that sparse post-reset one: after the adapter
+    gets its (trained-like) values, `fastcur.reset_thresholds` sets θ exactly as the schedule's
+    reset does (same function, the config's global scope). Without it θ would stay at its init
+    exp(-4.7), a state no training run has once f > 0."""
+    import fastcur
+    from fastcur.backend import resolve
+
+    model = _injected(case, _config("JumpLoRAConfig", gate="weight", f=0.5)(case.shape["r"], list(PROJECTIONS)))
+    theta = fastcur.reset_thresholds(model)
+    prepared = training_step(model, token_ids(case), trainable_parameters(model))
+    prepared.note += (f", backend {resolve('jump_linear', case.device)}, θ reset to "
+                      f"{', '.join(f'{t:.3g}' for t in theta.values())} (f = 0.5)")
+    return prepared
+
+
 def _config(cls_name: str, **kw):
     def make(r, targets):
         import fastcur
@@ -195,7 +217,7 @@ BENCHMARK = Benchmark(
         FOCUS: fastcur_method(_lora_config),
         "CURLoRA": fastcur_method(_config("CURLoRAConfig")),
         "SECURA": fastcur_method(_config("SecuraConfig")),
-        "JumpLoRA (weight)": fastcur_method(_config("JumpLoRAConfig", gate="weight", f=0.5)),
+        "JumpLoRA (weight)": jumplora_weight,
         "JumpLoRA (rank)": fastcur_method(_config("JumpLoRAConfig", gate="rank")),
         "LaLoRA": lalora,
         "IMSM": imsm,
