@@ -268,3 +268,70 @@ def test_double_backward_is_refused_clearly(backend):
     inputs, _ = make_inputs((5,), 12, 10, 3, 4, tied=False, grads="adapter")
     check_double_backward_refused(run_backend(backend, None, None, 0.5), ref_fn(0.5), inputs, inputs[0],
                                   inputs[5], "secura_linear")
+
+
+# -- the float32 fused epilogue (Δ's row formed on the fly, cpu::signorm_epilogue_f32) ------------
+def _cpu_levels():
+    from fastcur import _extension
+    from fastcur.info import cpu_isa
+
+    isa = cpu_isa() if _extension.available() else None
+    if not isa:
+        return []
+    if not isa["clones"]:
+        return [isa["active"]]
+    order = ["baseline", "avx2", "avx512"]
+    return order[: order.index(isa["cpu_max"]) + 1]
+
+
+@pytest.fixture
+def cpu_level(request):
+    from fastcur.info import cpu_isa, set_cpu_isa
+
+    before = cpu_isa()["active"]
+    assert set_cpu_isa(request.param)
+    yield request.param
+    set_cpu_isa(before)
+
+
+# (leading dims, k, n, r, a): M = 1, n off every vector width, r past the inline limit (32: then
+# Δ's row block is one GEMM), M = 300 rows that split over the two test threads.
+FUSED_SHAPES = [((1,), 9, 1, 1, 2), ((1,), 20, 17, 3, 5), ((4, 5), 23, 33, 5, 7), ((300,), 18, 47, 4, 9),
+                ((70,), 50, 41, 40, 6)]
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("cpu_level", _cpu_levels(), indirect=True)
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+@pytest.mark.parametrize("norm,scope", [("max", "token"), ("raw", "token"), ("max", "tensor"), ("raw", "tensor")])
+def test_float32_fused_epilogue_every_level(cpu_level, shape, norm, scope):
+    for tied, bias, lora_bias in [(True, True, True), (False, False, False), (True, False, True)]:
+        inputs, (rows, cols) = make_inputs(*shape, tied=tied, bias=bias, lora_bias=lora_bias,
+                                           seed=sum(shape[1:]) + tied)
+        check_against_reference(run_backend("cpp", rows, cols, 0.75, norm, scope), ref_fn(0.75, norm, scope),
+                                inputs, torch.float32, names=NAMES)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("broken", ["rows", "cols", "both"])
+def test_cpp_kernel_checks_the_tied_indices(dtype, broken):
+    """rows / cols that do not index C and R in W: the C++ CPU kernel checks R == W[rows] and
+    C == W[:, cols] itself and runs the explicit path, so the result is still the layer's."""
+    inputs, (rows, cols) = make_inputs((2, 13), 30, 26, 3, 12, tied=True, seed=11)
+    if broken in ("rows", "both"):
+        inputs[6] = (inputs[6].detach() + 1e-3).requires_grad_()     # R no longer W[rows]
+    if broken in ("cols", "both"):
+        C = inputs[3].detach().clone()
+        C[5, 1] += 1e-3                                                # one entry of C off
+        inputs[3] = C.requires_grad_()
+    check_against_reference(run_backend("cpp", rows, cols, 1.5), ref_fn(1.5), inputs, dtype, names=NAMES)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_cpp_kernel_refuses_out_of_range_cols():
+    x, W, C, A, B, R = (torch.randn(4, 12), torch.randn(10, 12), torch.randn(10, 3), torch.randn(5, 3),
+                        torch.randn(3, 5), torch.randn(3, 12))
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.fastcur.secura_linear(x, W, None, C, A, B, R, None, 1.0, 6.0, 1e-10, "max", "token",
+                                        None, torch.tensor([0, 1, 12]))

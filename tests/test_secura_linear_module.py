@@ -460,3 +460,47 @@ def test_merge_and_unload_folds_the_kept_lora_bias():
     fastcur.merge_and_unload(net)
     assert isinstance(net.fc1, nn.Linear) and torch.equal(net.fc1.bias, lb)
     torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)  # signorm off: the merge is exact
+
+
+# -- the tied indices on the C++ CPU kernel: checked there, not by torch.equal per forward --------
+@pytest.mark.parametrize("where", ["row", "col"])
+def test_one_entry_written_through_data_is_caught(where):
+    """A write through `weight.data` (W's version counter misses it) to one entry of a selected
+    row or column: the module still passes the indices (storage and version unchanged), the C++
+    kernel finds R != W[rows] (or C != W[:, cols]) and runs the explicit path; forward and the
+    gradients match the float64 layer with the new W and the old C, R."""
+    m = trained(fastcur.SecuraLinear.from_linear(nn.Linear(37, 29), rank=3))
+    assert m.tied
+    with torch.no_grad():
+        if where == "row":
+            m.weight.data[m.rows[1], 5] += 0.5
+        else:
+            m.weight.data[7, m.cols[2]] += 0.5
+    assert not m.tied
+    x = torch.randn(3, 11, 37, requires_grad=True)
+    y = m(x)
+    x64 = x.detach().double().requires_grad_()
+    truth = explicit_forward(m, x64)
+    torch.testing.assert_close(y.double(), truth, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    truth.backward(g.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_column_written_between_forward_and_backward():
+    """A write through `weight.data` to a selected column after the forward: the backward's own
+    check of C == W[:, cols] sends it to the explicit path, so its gradients equal those of the
+    layer with fast_path="off" (never tied) under the same write."""
+    grads = []
+    for fast_path in ("auto", "off"):
+        torch.manual_seed(0)
+        m = trained(fastcur.SecuraLinear.from_linear(nn.Linear(37, 29), rank=3, fast_path=fast_path))
+        x = torch.randn(40, 37, requires_grad=True)
+        y = m(x)
+        with torch.no_grad():
+            m.weight.data[:, m.cols[0]] *= 2.0
+        y.backward(torch.ones_like(y))
+        grads.append((x.grad, m.A_c.grad, m.B_c.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -205,3 +205,62 @@ def test_two_threads_row_blocks_split(backend, norm, scope):
     assert torch.get_num_threads() == 2
     check_against_reference(run(backend, norm, scope), lambda y0, d: reference.signorm(y0, d, 6.0, 1e-10, norm, scope),
                             make_inputs((512, 48)), torch.float32, names=["y0", "delta"])
+
+
+# -- the float32 fast path of the C++ epilogue (cpu::signorm_epilogue_f32) at every x86-64 level --
+def _cpu_levels():
+    from fastcur import _extension
+    from fastcur.info import cpu_isa
+
+    isa = cpu_isa() if _extension.available() else None
+    if not isa:
+        return []
+    if not isa["clones"]:
+        return [isa["active"]]
+    order = ["baseline", "avx2", "avx512"]
+    return order[: order.index(isa["cpu_max"]) + 1]
+
+
+@pytest.fixture
+def cpu_level(request):
+    """Runs the test with the C++ CPU kernels at x86-64 level request.param; restores it after."""
+    from fastcur.info import cpu_isa, set_cpu_isa
+
+    before = cpu_isa()["active"]
+    assert set_cpu_isa(request.param)
+    yield request.param
+    set_cpu_isa(before)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("cpu_level", _cpu_levels(), indirect=True)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (3, 16), (2, 17), (1, 31), (130, 33), (300, 70), (5, 100)],
+                         ids=str)
+@pytest.mark.parametrize("norm,scope", OPTIONS)
+def test_float32_fast_path_every_level(cpu_level, shape, norm, scope):
+    """Row lengths below, at and off every vector width (4 / 8 / 16 floats: the tail vector
+    overlaps the row's last whole one, or is partial in a row shorter than a vector), M = 1, and
+    M = 130 / 300 that split over the two test threads; forward and both gradients."""
+    inputs = make_inputs(shape, seed=sum(shape))
+    ref = lambda y0, d: reference.signorm(y0, d, 6.0, 1e-10, norm, scope)  # noqa: E731
+    check_against_reference(run("cpp", norm, scope), ref, inputs, torch.float32, names=["y0", "delta"])
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("cpu_level", _cpu_levels(), indirect=True)
+@pytest.mark.parametrize("norm", ["max", "raw"])
+def test_float32_fast_path_extreme_ratios(cpu_level, norm):
+    """Ratios from 0 to ~1e12 (y0 near 0, zero Δ entries): the sigmoid's exp saturates at both
+    ends (raw: k L up to ~1e13), zero rows give S = 2; against the float64 reference."""
+    g = torch.Generator().manual_seed(3)
+    y0 = torch.randn(40, 37, generator=g, dtype=torch.float64)
+    y0[::3, ::4] = 1e-12
+    delta = torch.randn(40, 37, generator=g, dtype=torch.float64)
+    delta[::5, 1::3] = 0
+    delta[7] = 0
+    delta[8] *= 1e-6
+    fn = run("cpp", norm, "token")
+    y = fn(y0.float(), delta.float())
+    truth = reference.signorm(y0, delta, 6.0, 1e-10, norm, "token")
+    torch.testing.assert_close(y.double(), truth, rtol=2e-6, atol=1e-6)
+    assert torch.equal(y[7], y0[7].float())

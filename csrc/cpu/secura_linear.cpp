@@ -1,6 +1,13 @@
 // secura_linear on the CPU: ATen GEMMs (csrc/secura_linear.h) plus the SigNorm epilogue of
-// csrc/cpu/signorm_cpu.h, in which Δ = s z C^T + lora_bias is formed one row block at a time
-// (a small GEMM into a per-thread buffer) and never as an M x n tensor.
+// csrc/cpu/signorm_cpu.h, in which Δ = s z C^T + lora_bias is formed one row at a time and
+// never as an M x n tensor. float32 runs the fused, vectorized epilogue (Δ's row by the rank-r
+// product on the fly, ratios, row max, sigmoid, S and the output in two passes over L1-resident
+// row buffers); the other dtypes the generic block epilogue.
+//
+// The tied indices are checked here, not trusted: `rows` is used only while R == W[rows] holds
+// exactly, `cols` only while C == W[:, cols] (r (n + k) comparisons, no copies), else the
+// explicit C, R path runs. So a module may pass them while W's storage and version are
+// unchanged, even after a write through `weight.data` that the version counter misses.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,19 +19,77 @@
 namespace fastcur {
 namespace {
 
+// Index `idx` [r] (int64, already checked by check_index) as rows (dim 0) or columns (dim 1)
+// of W; an index outside W raises.
+void check_range(const at::Tensor& idx, const char* name, int64_t size) {
+  const at::Tensor c = idx.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  for (int64_t t = 0; t < c.numel(); ++t)
+    TORCH_CHECK(p[t] >= 0 && p[t] < size, "fastcur: ", name, " index ", p[t],
+                " is out of range for a weight dimension of size ", size);
+}
+
+// True when S == W's slice along `dim` at `idx` exactly (torch.equal's test): dim 0, S = R
+// [r, k] against W[idx]; dim 1, S = C [n, r] against W[:, idx].
+bool slice_exact(const at::Tensor& W, const at::Tensor& S, const at::Tensor& idx, int dim) {
+  const at::Tensor ic = idx.contiguous();
+  const int64_t* p = ic.data_ptr<int64_t>();
+  const int64_t r = ic.numel(), other = W.size(1 - dim);
+  const int64_t ws_i = W.stride(dim), ws_o = W.stride(1 - dim);
+  // S's stride along the index dimension and along the other one.
+  const int64_t ss_i = S.stride(dim), ss_o = S.stride(1 - dim);
+  bool exact = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "secura_slice_exact", [&] {
+    const scalar_t* w = W.data_ptr<scalar_t>();
+    const scalar_t* s = S.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < r && exact; ++t) {
+      const scalar_t* wr = w + p[t] * ws_i;
+      const scalar_t* sr = s + t * ss_i;
+      for (int64_t j = 0; j < other; ++j) {
+        if (!(wr[j * ws_o] == sr[j * ss_o])) {
+          exact = false;
+          break;
+        }
+      }
+    }
+  });
+  return exact;
+}
+
+// The index kept only where the slice it promises is exact.
+c10::optional<at::Tensor> verified(const c10::optional<at::Tensor>& idx, const char* name,
+                                   const at::Tensor& W, const at::Tensor& S, int dim, int64_t r) {
+  if (!idx.has_value()) return idx;
+  check_index(idx, name, r, W);
+  check_range(*idx, name, W.size(dim));
+  return slice_exact(W, S, *idx, dim) ? idx : c10::optional<at::Tensor>();
+}
+
 void secura_epilogue_cpu(at::Tensor& y, const c10::optional<at::Tensor>& bias, const at::Tensor& z,
                          const at::Tensor& C, const c10::optional<at::Tensor>& lora_bias,
                          double scale, double k, double eps, bool raw, bool tensor_scope,
                          at::Tensor& S) {
   const int64_t M = y.size(0), n = y.size(1);
   const at::ScalarType acc = S.scalar_type();
-  // Operands of the per-block up projection, in the accumulation dtype: zs = s z [M, r],
-  // Ct = C^T [r, n]; lb [n].
-  const at::Tensor zs = z.to(acc).mul_(scale).contiguous();
+  // Operands of the up projection, in the accumulation dtype: zs = s z [M, r], Ct = C^T [r, n];
+  // lb [n].
+  const at::Tensor zs = z.to(acc).mul(scale).contiguous();
   const at::Tensor Ct = C.t().to(acc).contiguous();
   const at::Tensor lb = lora_bias.has_value() ? lora_bias->to(acc).contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor rowmax = at::empty({M}, S.options());
+  if (y.scalar_type() == at::kFloat) {
+    cpu::F32Delta d;
+    d.zs = zs.data_ptr<float>();
+    d.Ct = Ct.data_ptr<float>();
+    d.r = z.size(1);
+    d.lb = lb.defined() ? lb.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    cpu::signorm_epilogue_f32(yp, b.defined() ? b.data_ptr<float>() : nullptr, M, n, float(k),
+                              float(eps), raw, tensor_scope, d, yp, S.data_ptr<float>(),
+                              rowmax.data_ptr<float>());
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "secura_epilogue_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* lbp = lb.defined() ? lb.data_ptr<acc_t>() : nullptr;
@@ -49,8 +114,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> secura_linear_cpu(
     const c10::optional<at::Tensor>& lora_bias, double scale, double k, double eps,
     c10::string_view norm, c10::string_view scope, const c10::optional<at::Tensor>& rows,
     const c10::optional<at::Tensor>& cols) {
+  check_secura_linear_args(x, weight, bias, C, A_c, B_c, R, lora_bias);
+  const int64_t r = C.size(1);
+  // The forward reads only `rows` (cols is checked as an index for the backward).
+  const c10::optional<at::Tensor> rows_ok = verified(rows, "rows", weight, R, 0, r);
+  if (cols.has_value()) {
+    check_index(cols, "cols", r, weight);
+    check_range(*cols, "cols", weight.size(1));
+  }
   return secura_linear_forward(x, weight, bias, C, A_c, B_c, R, lora_bias, scale, k, eps, norm,
-                               scope, rows, cols, secura_epilogue_cpu);
+                               scope, rows_ok, cols, secura_epilogue_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -58,7 +131,9 @@ secura_linear_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& S, const at::T
                       const at::Tensor& weight, const at::Tensor& C, const at::Tensor& A_c,
                       const at::Tensor& B_c, const at::Tensor& R, const at::Tensor& h,
                       double scale, const c10::optional<at::Tensor>& cols, bool need_dx) {
-  return secura_linear_backward(grad_y, S, x, weight, C, A_c, B_c, R, h, scale, cols, need_dx);
+  check_secura_linear_args(x, weight, c10::nullopt, C, A_c, B_c, R, c10::nullopt);
+  const c10::optional<at::Tensor> cols_ok = verified(cols, "cols", weight, C, 1, C.size(1));
+  return secura_linear_backward(grad_y, S, x, weight, C, A_c, B_c, R, h, scale, cols_ok, need_dx);
 }
 
 }  // namespace

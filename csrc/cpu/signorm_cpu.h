@@ -3,10 +3,11 @@
 // adapter term Δ and the ratios exist only for that block (a few hundred KiB per thread),
 // never as a full M x n tensor.
 //
-// The sigmoid runs through ATen's vectorized at::sigmoid_ on the block's buffer: this
-// extension is built for the baseline ISA, where a hand-written exp loop does not vectorize,
-// while ATen's kernels dispatch to AVX2/AVX-512 at run time. The other loops are plain
-// arithmetic the compiler vectorizes.
+// Generic path (bfloat16, float16, float64): the sigmoid runs through ATen's vectorized
+// at::sigmoid_ on the block's buffer (this extension is built for the baseline ISA, where a
+// plain exp loop does not vectorize, while ATen's kernels dispatch to AVX2/AVX-512 at run
+// time); the other loops are plain arithmetic the compiler vectorizes. float32 takes the fused
+// path declared at the end (signorm_epilogue_f32), built per x86-64 level with its own exp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -152,6 +153,38 @@ void signorm_epilogue(const scalar_t* y0, const scalar_t* b, int64_t M, int64_t 
     }
   });
 }
+
+// ---- float32 fast path (csrc/cpu/signorm.cpp) ------------------------------------------------
+// The same epilogue, fused per row and vectorized at the active x86-64 level (simd.h: 64 / 32 /
+// 16-byte vectors), sigmoid included (a Cephes-style exp polynomial, about 1 ulp): one pass
+// forms Δ's row (read, or the rank-r product zs[i] · Ct on the fly), the ratios and the row
+// max into two row buffers of n floats (L1-resident), a second pass over those buffers forms
+// S and the output. No ATen call per block unless r > kSignormInlineRank (then Δ's block is
+// one GEMM into a per-thread buffer, as the generic path).
+constexpr int64_t kSignormInlineRank = 32;
+
+// Where row i's adapter term Δ comes from: D + i * ldd (precomputed rows), or
+// s z C^T + lora_bias as zs [M, r] (s z) times Ct [r, n] (C^T), plus lb [n] (or null).
+struct F32Delta {
+  const float* D = nullptr;
+  int64_t ldd = 0;
+  const float* zs = nullptr;
+  const float* Ct = nullptr;
+  int64_t r = 0;
+  const float* lb = nullptr;
+};
+
+// signorm_epilogue for float32: same contract (y0 [M, n] plus bias b [n] or null; out may
+// alias y0; S_out [M, n] or null; rowmax [M] the row maxima of L).
+void signorm_epilogue_f32(const float* y0, const float* b, int64_t M, int64_t n, float k,
+                          float eps, bool raw, bool tensor_scope, const F32Delta& delta,
+                          float* out, float* S_out, float* rowmax);
+
+// signorm's backward for float32: S recomputed per row from y0, Δ and mx (one max per row, or
+// one for the whole tensor with tensor_scope); dy0 = 2 g / S, dΔ = g / S.
+void signorm_grads_f32(const float* g, const float* y0, const float* delta, const float* mx,
+                       int64_t M, int64_t n, float k, float eps, bool raw, bool tensor_scope,
+                       float* dy0, float* dd);
 
 }  // namespace cpu
 }  // namespace fastcur

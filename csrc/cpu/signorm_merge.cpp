@@ -26,6 +26,16 @@ at::Tensor signorm_merge_cpu(const at::Tensor& weight_in, const at::Tensor& C, c
   const at::Tensor Ra = R.to(p.acc).contiguous();  // R [r, k] in the accumulation dtype (small)
   at::Tensor out = at::empty_like(weight);
   at::Tensor rowmax = at::empty({n}, weight.options().dtype(p.acc));
+  if (weight.scalar_type() == at::kFloat) {   // fused, vectorized epilogue (ΔW rows on the fly)
+    cpu::F32Delta d;
+    d.zs = CU.data_ptr<float>();
+    d.Ct = Ra.data_ptr<float>();
+    d.r = CU.size(1);
+    cpu::signorm_epilogue_f32(weight.data_ptr<float>(), nullptr, n, kk, float(k), float(eps),
+                              /*raw=*/false, p.tensor_scope, d, out.data_ptr<float>(), nullptr,
+                              rowmax.data_ptr<float>());
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "signorm_merge_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto fill = [&](int64_t m0, int64_t mb, acc_t* D) {

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backend import resolve
 from ..ops import reference
 from ..ops.cur_linear import cur_linear
 from ..ops.cur_select import cur_select, layer_generator
@@ -180,8 +181,6 @@ class SecuraLinear(CURSelection, AdapterLinear):
         """x [..., in] -> [..., out] (checked by `AdapterLinear.forward`)."""
         if not self._selected:
             self._select_in_forward()
-        tied = self.tied
-        rows, cols = (self.rows, self.cols) if tied else (None, None)
         # float32 adapter tensors on a bf16/fp16 base: cast at the op's edge (autograd casts
         # the gradients back into the float32 parameters)
         dtype = self.weight.dtype
@@ -192,6 +191,7 @@ class SecuraLinear(CURSelection, AdapterLinear):
             b = self.bias
             if lora_bias is not None:
                 b = lora_bias if b is None else b + lora_bias
+            rows, cols = (self.rows, self.cols) if self.tied else (None, None)
             return cur_linear(x, self.weight, b, self.C, U, self.R, self.scale, rows=rows, cols=cols)
         if self.restrain and self.training:
             y, self.restrain_fired = secura_linear_restrained(
@@ -199,9 +199,27 @@ class SecuraLinear(CURSelection, AdapterLinear):
                 self.scale, self.k, self.eps, self.norm, self.scope, self._restrain_channels(),
                 self.restrain_min, self.restrain_ratio, self.restrain_decay, self.restrain_rule)
             return y
+        rows, cols = self._fused_indices()
         return secura_linear(x, self.weight, self.bias, self.C, A_c, B_c, self.R,
                              lora_bias, self.scale, self.k, self.eps, self.norm, self.scope,
                              rows=rows, cols=cols)
+
+    def _fused_indices(self) -> tuple:
+        """rows, cols for `secura_linear` (None, None: the explicit C, R path).
+
+        The C++ CPU kernel checks `R == W[rows]` and `C == W[:, cols]` itself, in C++ without
+        copies, and runs the explicit path where they do not hold, so there `tied`'s
+        per-forward `torch.equal` on index_select copies (four ATen calls per forward) is not
+        repeated: W's storage and version unchanged since the slices were last proven (as
+        `tied` requires too) is enough to pass the indices; a write through `weight.data`,
+        which the version counter misses, is caught by the kernel's check. Elsewhere (Triton,
+        CUDA, torch.compile, `fast_path="off"`) `tied` decides, as before."""
+        w = self.weight
+        if (w.device.type == "cpu" and self.fast_path != "off" and self._selected
+                and not torch.compiler.is_compiling() and self._tied_key == self._weight_key()
+                and resolve("secura_linear", w.device) == "cpp"):
+            return self.rows, self.cols
+        return (self.rows, self.cols) if self.tied else (None, None)
 
     # -- what regularizers (fastcur.LaplaceRegularizer) read -----------------------------------
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
