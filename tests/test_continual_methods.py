@@ -21,7 +21,7 @@ from fastcur.continual.runner import train_task  # noqa: E402
 from fastcur.continual.tasks import Example, Task  # noqa: E402
 from tiny_models import byte_llama  # noqa: E402
 
-EXPECTED = ["seq", "lora", "lora-er", "lora-ewc", "curlora", "secura", "secura-released", "jumplora-inclora",
+EXPECTED = ["seq", "lora", "lora-er", "lora-ewc", "curlora", "secura", "secura-released", "inclora", "ella", "jumplora-inclora",
             "jumplora-ella", "lalora-diag-1e2", "lalora-diag-1e3", "lalora-diag-1e4", "lalora-kfac-1e3", "imsm-lora"]
 
 

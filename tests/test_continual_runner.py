@@ -1,6 +1,6 @@
 """fastcur.continual runner: a two-task, two-method run end to end (tiny sizes, a temporary
-cache); a run interrupted after a task then resumed gives the same results as an uninterrupted
-one; --resume reads the run's own options; state files are safetensors + JSON (nothing is
+cache; the methods in two worker processes); a run interrupted after a task then resumed (in
+this process) gives the same results as an uninterrupted one; --resume reads the run's own options; state files are safetensors + JSON (nothing is
 unpickled) and a damaged one gives a one-line error; every method sees the same batches."""
 import json
 import math
@@ -54,6 +54,9 @@ def test_two_tasks_two_methods_end_to_end(setup, uninterrupted):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     assert saved["tasks"] == ["plus", "times"] and list(saved["methods"]) == METHODS
+    # two methods on 2 threads: each in its own worker process (the resume test below reruns
+    # them in this process and must get the same results)
+    assert torch.get_num_threads() < 2 or saved["config"]["workers"] == 2
     assert 0.0 <= saved["base"]["probe"] <= 1.0 and saved["base"]["perplexity"] > 1.0
     for name in METHODS:
         r = saved["methods"][name]

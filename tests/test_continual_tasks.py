@@ -65,13 +65,17 @@ def test_translation_answers_word_by_word():
             assert phrase[0] == "the" and e.answer.split() == ["la", T.VEL_NOUNS[phrase[1]]]
 
 
-def test_summarization_answer_is_who_did_the_newsworthy_thing():
+def test_summarization_answer_is_the_topic_of_the_one_news_event():
+    topic_of = {event: topic for topic, events in T.NEWS_TOPICS.items() for event in events}
+    answers = set()
     for e in make_task("summarization", 1).train:
-        article = e.prompt.removeprefix("Article: ").removesuffix("\nWho made the news:")
-        news = [s for s in article.split(". ") if s.split()[1:2] and s.split()[1] in T._NEWS_VERBS]
-        assert len(news) == 1
-        assert e.answer == news[0].split()[0]
-        assert 2 <= article.count(".") <= 3
+        article = e.prompt.removeprefix("Article: ").removesuffix("\nTopic:")
+        sentences = [s.strip().rstrip(".") for s in article.split(".") if s.strip()]
+        news = [s for s in sentences if s.split(" ", 1)[0] in T.NAMES]
+        assert len(news) == 1 and 2 <= len(sentences) <= 4
+        assert e.answer == topic_of[news[0].split(" ", 1)[1]]
+        answers.add(e.answer)
+    assert answers == set(T.NEWS_TOPICS)
 
 
 def test_logic_answers():

@@ -149,3 +149,33 @@ def test_ella_penalty_mid_ramp_is_the_released_interpolated_delta():
     params = [p for m in layers.values() for p in (m.lora_A.weight, m.lora_B.weight)]
     for a, e in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+
+
+def test_plain_inclora_and_ella_baselines_fold_the_dense_update():
+    """jump=False: the IncLoRA / ELLA baselines of the JumpLoRA paper: f stays 0, θ is neither
+    trained nor reset, end_task folds s B A, and ELLA penalizes that dense ΔW."""
+    torch.manual_seed(0)
+    model = tiny_lm().double()
+    mgr = fastcur.IncLoRA(model, jump=False)
+    params = mgr.start_task(total_steps=10)
+    layers = mgr.layers()
+    assert not any(p is m.threshold.log_theta for m in layers.values() for p in params)
+    _trained(mgr, seed=1)
+    theta = {n: m.threshold.log_theta.detach().clone() for n, m in layers.items()}
+    for _ in range(10):
+        assert mgr.step() == 0.0
+    assert all(m.f == 0.0 and torch.equal(m.threshold.log_theta, theta[n]) for n, m in layers.items())
+    before = {n: m.weight.detach().clone() for n, m in layers.items()}
+    dense = {n: m.scaling * (m.lora_B.weight @ m.lora_A.weight).detach() for n, m in layers.items()}
+    mgr.end_task()
+    for n in layers:
+        torch.testing.assert_close(model.get_submodule(n).weight, before[n] + dense[n], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mgr.W_past[n], dense[n], rtol=1e-12, atol=1e-12)
+    mgr.start_task(total_steps=10)
+    _trained(mgr, seed=2)
+    layers = mgr.layers()
+    want = 3e4 * sum(torch.sum((m.scaling * (m.lora_B.weight @ m.lora_A.weight) * mgr.W_past[n]) ** 2)
+                     for n, m in layers.items()) / len(layers)
+    torch.testing.assert_close(mgr.penalty(), want, rtol=1e-10, atol=0)
+    with pytest.raises(TypeError, match="jump must be a bool"):
+        fastcur.IncLoRA(model, jump=1)

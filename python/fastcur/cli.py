@@ -1,4 +1,5 @@
-"""The `fastcur` console script: `fastcur info`, `fastcur demo`, `fastcur continual`, `fastcur bench`."""
+"""The `fastcur` console script: `fastcur info`, `fastcur demo`, `fastcur continual`,
+`fastcur continual-lr-grid`, `fastcur bench`."""
 from __future__ import annotations
 
 import argparse
@@ -68,10 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     continual_arguments(p)
     p.set_defaults(fn=_cmd_continual)
 
-    # `fastcur bench ...` hands every argument to the benchmark runner (its own --help).
+    # `fastcur bench ...` and `fastcur continual-lr-grid ...` hand every argument to their own parser.
     sub.add_parser("bench", help="run benchmarks (see `fastcur bench --help`)", add_help=False)
+    sub.add_parser("continual-lr-grid", add_help=False,
+                   help="the continual benchmark's learning-rate rule: a grid per method family "
+                        "(see `fastcur continual-lr-grid --help`)")
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["continual-lr-grid"]:
+        from .continual.lr_grid import main as grid_main
+
+        return grid_main(argv[1:])
     if argv[:1] == ["bench"]:
         from .benchmarks.runner import main as bench_main
 

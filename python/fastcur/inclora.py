@@ -77,6 +77,9 @@ class IncLoRA:
         f_start, f_end: the f schedule's boundaries as fractions of the task's steps, truncated
             to steps as released (`f_schedule`); θ is reset at step int(f_start * total_steps).
         init_log_theta: θ's log at the start of each task (-4.7).
+        jump: True (default) for JumpLoRA adapters; False for the plain IncLoRA / ELLA baselines
+            the JumpLoRA paper compares with: f stays 0 (dense LoRA updates, θ neither trained
+            nor reset) and end_task folds the dense s B A.
 
     Only the weight gate is supported: a rank-gated adapter has no weight-space ΔW to merge.
     """
@@ -84,7 +87,8 @@ class IncLoRA:
     def __init__(self, model: nn.Module, target_modules=None, *, rank: int = 8, alpha: float = 32.0,
                  scope: str = "global", ella_lambda: float = DEFAULT_ELLA_LAMBDA, bandwidth: float = 1e-3,
                  reduction: str = "mean", f_start: float = 0.2, f_end: float = 0.8,
-                 init_log_theta: float = DEFAULT_LOG_THETA, ella_delta: str = "interpolated"):
+                 init_log_theta: float = DEFAULT_LOG_THETA, ella_delta: str = "interpolated",
+                 jump: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastcur.IncLoRA: model must be an nn.Module, got {type(model).__name__}")
         if scope not in SCOPES:
@@ -96,7 +100,9 @@ class IncLoRA:
         if ella_delta not in ELLA_DELTAS:
             raise ValueError(f"fastcur.IncLoRA: ella_delta must be one of {', '.join(map(repr, ELLA_DELTAS))}, "
                              f"got {ella_delta!r}")
-        self.model, self.scope, self.ella_lambda = model, scope, float(ella_lambda)
+        if not isinstance(jump, bool):
+            raise TypeError(f"fastcur.IncLoRA: jump must be a bool, got {jump!r}")
+        self.model, self.scope, self.ella_lambda, self.jump = model, scope, float(ella_lambda), jump
         self.options = dict(rank=rank, alpha=alpha, bandwidth=bandwidth, reduction=reduction,
                             ella_delta=ella_delta)
         self.f_start, self.f_end, self.init_log_theta = f_start, f_end, init_log_theta
@@ -162,10 +168,11 @@ class IncLoRA:
         return self.parameters()
 
     def parameters(self) -> list[nn.Parameter]:
-        """The current task's trainable parameters (A, B of every layer, each θ once)."""
+        """The current task's trainable parameters (A, B of every layer, each θ once; no θ
+        with jump=False)."""
         seen, out = set(), []
         for layer in self.layers().values():
-            for p in (layer.lora_A.weight, layer.lora_B.weight, layer.threshold.log_theta):
+            for p in (layer.lora_A.weight, layer.lora_B.weight) + ((layer.threshold.log_theta,) if self.jump else ()):
                 if id(p) not in seen:
                     seen.add(id(p))
                     out.append(p)
@@ -173,6 +180,8 @@ class IncLoRA:
 
     @property
     def f(self) -> float:
+        if not self.jump:
+            return 0.0
         return f_schedule(self._step, self._total, self.f_start, self.f_end) if self._total else 1.0
 
     def _apply_f(self) -> None:
@@ -187,7 +196,7 @@ class IncLoRA:
         if not self.active:
             raise RuntimeError("fastcur.IncLoRA.step: no active task; call start_task() first")
         self._step += 1
-        if self._total and self._step == reset_step(self._total, self.f_start) and not self._reset_done:
+        if self.jump and self._total and self._step == reset_step(self._total, self.f_start) and not self._reset_done:
             reset_thresholds(list(self.layers().values()), scope=self.scope)
             self._reset_done = True
         self._apply_f()
@@ -201,7 +210,7 @@ class IncLoRA:
 
     # -- state -------------------------------------------------------------------------------------
     def _settings(self) -> dict:
-        return {"names": list(self.names), "scope": self.scope, "ella_lambda": self.ella_lambda,
+        return {"names": list(self.names), "scope": self.scope, "ella_lambda": self.ella_lambda, "jump": self.jump,
                 "options": dict(self.options), "f_start": self.f_start, "f_end": self.f_end,
                 "init_log_theta": self.init_log_theta}
 
@@ -269,12 +278,12 @@ class IncLoRA:
 
     @torch.no_grad()
     def end_task(self) -> None:
-        """Merge every layer's sparse ΔW (f = 1) into W, add it to W_past (with ELLA), and
-        put the plain nn.Linear layers back."""
+        """Merge every layer's sparse ΔW (f = 1; the dense s B A with jump=False) into W, add it
+        to W_past (with ELLA), and put the plain nn.Linear layers back."""
         if not self.active:
             raise RuntimeError("fastcur.IncLoRA.end_task: no active task")
         for name, layer in self.layers().items():
-            delta = layer.delta_weight(f=1.0)
+            delta = layer.delta_weight(f=1.0 if self.jump else 0.0)
             lin = self._originals.pop(name)
             lin.weight.add_(delta.to(lin.weight.dtype))
             if self.ella_lambda > 0:

@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the pretrained built-in model is cached (default: ~/.cache/fastcur/continual)")
     p.add_argument("--resume", action="store_const", const=True,
                    help="continue the run in --out with its own options (read from its run.json)")
+    p.add_argument("--workers", type=int,
+                   help="methods trained at once, each in its own process with its share of the threads "
+                        "(default: 2 on a CPU with 2 or more threads, 1 on a GPU)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
     small = p.add_argument_group("sizes (advanced; default: the mode's)")
     small.add_argument("--batch-size", type=int)

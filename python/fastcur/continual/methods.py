@@ -33,12 +33,16 @@ from .tasks import Example, Task
 # each task's steps, cosine decay to 0 after it, and clips the gradient norm at 1, as CURLoRA's
 # released runs and transformers' Trainer do). The papers' own values are for 1.5-8 B models and
 # thousands of steps (CURLoRA: 2.5e-4) and none transfers to a 0.5 M-parameter model and 100
-# steps. The rule instead: one rate per parameterization family (full weights, LoRA-style A/B,
-# CUR cores), the values with which a scratch prototype of this benchmark learnt every task in
-# 100 steps without diverging; no method gets a search of its own that the others lack.
-LR_FULL = 1e-4          # full fine-tuning (seq)
-LR_LORA = 1e-3          # LoRA-style A/B adapters (lora, lora-er, lora-ewc, lalora-*, jumplora-*, imsm-lora)
-LR_CUR = 2.5e-3         # CUR-based adapters (curlora, secura*): r x r / a x r cores between low-norm C, R
+# steps. The rule instead (lr_grid.py): per parameterization family, the best of a small grid by
+# mean validation accuracy over the tasks, each trained alone from the base with the quick mode's
+# recipe; the values below come from `fastcur continual-lr-grid`
+# (benchmarks/results/continual-lr-grid/). No method gets a search of its own that the others lack.
+FAMILY_LR = {
+    "seq": 1e-3,        # full fine-tuning
+    "lora": 3e-3,       # LoRA-style A/B adapters (lora, lora-er, lora-ewc, inclora, ella, jumplora-*, lalora-*, imsm-lora)
+    "curlora": 1e-2,    # an r x r core U between fixed low-norm C, R
+    "secura": 1e-2,     # CABR: A/B between C and R, SigNorm on the output (secura, secura-released)
+}
 RANK = 8
 WARMUP_FRACTION = 0.1
 CLIP_NORM = 1.0
@@ -85,9 +89,19 @@ def _batches(examples: list[Example], ctx: MethodContext, limit: int):
 
 
 class Method:
-    """Base: train whatever requires grad with the plain LM loss. Subclasses override hooks."""
+    """Base: train whatever requires grad with the plain LM loss. Subclasses override hooks.
+    `lr` is the family's rate (FAMILY_LR) unless set on the instance (the grid does)."""
     name = "base"
-    lr = LR_LORA
+    family = "lora"
+    _lr: float | None = None
+
+    @property
+    def lr(self) -> float:
+        return FAMILY_LR[self.family] if self._lr is None else self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = float(value)
 
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
         self.model, self.ctx = model, ctx
@@ -150,6 +164,13 @@ def parse_methods(spec: str | list[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def family_of(name: str) -> str:
+    """The learning-rate family of a registered method (a key of FAMILY_LR)."""
+    if name not in _REGISTRY:
+        parse_methods([name])
+    return _REGISTRY[name].family
+
+
 def build_method(name: str) -> Method:
     if name not in _REGISTRY:
         parse_methods([name])
@@ -160,7 +181,7 @@ def build_method(name: str) -> Method:
 @register("seq")
 class Sequential(Method):
     """SEQ: full fine-tuning of every parameter, task after task."""
-    lr = LR_FULL
+    family = "seq"
 
     def setup(self, model, ctx):
         super().setup(model, ctx)
@@ -231,7 +252,7 @@ class LoRAEWC(LoRA):
 @register("curlora")
 class CURLoRA(Method):
     """CUR-LoRA (r = 8, inverted-norm sampling): only the r x r core U trains."""
-    lr = LR_CUR
+    family = "curlora"
 
     def setup(self, model, ctx):
         import fastcur
@@ -243,7 +264,7 @@ class CURLoRA(Method):
 @register("secura")
 class Secura(Method):
     """SECURA (CABR-LoRA r = 8, a = 32, SigNorm on the output)."""
-    lr = LR_CUR
+    family = "secura"
 
     def setup(self, model, ctx):
         import fastcur
@@ -277,10 +298,11 @@ class SecuraReleased(Secura):
         self.schedule.steps, self.schedule.merges = int(state["steps"]), int(state["merges"])
 
 
-@register("jumplora-inclora")
-class JumpLoRAIncLoRA(Method):
-    """JumpLoRA + IncLoRA: fresh weight-gated JumpLoRA adapters (r = 8, alpha = 32, one global
-    θ) per task, the f schedule over the task's steps, the sparse ΔW folded into W at its end."""
+class _IncLoRAMethod(Method):
+    """A fresh adapter per task through `fastcur.IncLoRA` (r = 8, alpha = 32, as JumpLoRA's
+    released code), its update folded into W at the task's end; `jump` and `ella_lambda` pick
+    the variant."""
+    jump = True
     ella_lambda = 0.0
 
     def setup(self, model, ctx):
@@ -289,7 +311,7 @@ class JumpLoRAIncLoRA(Method):
         super().setup(model, ctx)
         model.requires_grad_(False)   # only each task's fresh adapters train
         self.manager = fastcur.IncLoRA(model, target_modules=linear_targets(model), rank=RANK,
-                                       ella_lambda=self.ella_lambda)
+                                       ella_lambda=self.ella_lambda, jump=self.jump)
         self._params: list[nn.Parameter] = []
 
     def before_task(self, index, task):
@@ -314,8 +336,29 @@ class JumpLoRAIncLoRA(Method):
         self.manager.load_state_dict(state["inclora"])
 
 
+@register("inclora")
+class IncLoRABaseline(_IncLoRAMethod):
+    """IncLoRA: a fresh dense LoRA adapter per task, s B A folded into W at its end (the
+    baseline JumpLoRA's paper improves)."""
+    jump = False
+
+
+@register("ella")
+class ELLABaseline(_IncLoRAMethod):
+    """ELLA: IncLoRA whose new ΔW is penalized where past tasks' updates are large (λ = 3e4,
+    the released default), dense LoRA adapters."""
+    jump = False
+    ella_lambda = 3e4
+
+
+@register("jumplora-inclora")
+class JumpLoRAIncLoRA(_IncLoRAMethod):
+    """JumpLoRA + IncLoRA: fresh weight-gated JumpLoRA adapters (one global θ) per task, the f
+    schedule over the task's steps, the sparse ΔW folded into W at its end."""
+
+
 @register("jumplora-ella")
-class JumpLoRAELLA(JumpLoRAIncLoRA):
+class JumpLoRAELLA(_IncLoRAMethod):
     """JumpLoRA + IncLoRA + ELLA: penalizes the new task's ΔW where past tasks' updates are large
     (λ = 3e4, the released default)."""
     ella_lambda = 3e4

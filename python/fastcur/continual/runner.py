@@ -47,6 +47,7 @@ TIMING_WARMUP = 3        # the first steps of each task are left out of ms/step 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUN_FILE = "run.json"    # the run's options, read back by --resume
 RUN_FORMAT = "fastcur.continual.run/1"
+RESUME_MAY_CHANGE = ("workers",)   # options a resumed run may set anew (they change no result)
 
 
 def default_cache_dir() -> str:
@@ -78,6 +79,7 @@ class RunConfig:
     n_heldout: int | None = None
     pretrain_steps: int | None = None
     size: str | None = None          # the built-in model's size: "tiny" (tests), "quick", "full"
+    workers: int | None = None       # methods trained at once, each in its own process (None: auto)
     resume: bool = False
     progress: bool = True
 
@@ -104,13 +106,17 @@ class RunConfig:
                                                or not isinstance(cfg.pretrain_steps, int) or cfg.pretrain_steps < 1):
             raise ValueError(f"--pretrain-steps must be a positive int, got {cfg.pretrain_steps!r}")
         cfg.device = check_device(cfg.device)
+        if cfg.workers is None:
+            cfg.workers = auto_workers(cfg.device, len(cfg.methods))
+        elif isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 1:
+            raise ValueError(f"--workers must be a positive int, got {cfg.workers!r}")
         check_out(cfg.out)
         return cfg
 
     def identity(self) -> dict:
         """The settings a method's results depend on (compared by --resume)."""
         d = asdict(self)
-        for key in ("methods", "out", "cache_dir", "resume", "progress", "seeds"):
+        for key in ("methods", "out", "cache_dir", "resume", "progress", "seeds", "workers"):
             d.pop(key)
         return d
 
@@ -120,6 +126,16 @@ class RunConfig:
         d.pop("resume")
         d.pop("progress")
         return d
+
+
+def auto_workers(device: str, n_methods: int) -> int:
+    """Methods trained at once: on the CPU one process per two cores' worth of threads, at most
+    2 and at most the number of methods (the benchmark's models are small, so a step is bound by
+    per-op overhead and two single-threaded processes do nearly twice the work of one process
+    with two threads); 1 on a GPU (one device, one process)."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, min(2, torch.get_num_threads(), n_methods))
 
 
 def check_device(device) -> str:
@@ -189,12 +205,13 @@ def resume_config(out: str, given: dict) -> RunConfig:
     """The interrupted run's own RunConfig (from out/run.json), with resume on. `given`: the
     options the user passed explicitly; any that differs from the saved run's is an error."""
     saved = read_run_file(out)
-    clash = {k: v for k, v in given.items() if k in saved and saved[k] != v}
+    clash = {k: v for k, v in given.items() if k in saved and saved[k] != v and k not in RESUME_MAY_CHANGE}
     if clash:
         detail = ", ".join(f"{k}: saved {saved[k]!r}, given {v!r}" for k, v in sorted(clash.items()))
         raise ValueError(f"--resume: the run in {out} used other options ({detail}); give only --out and "
                          f"--resume (the run's own options are read from {RUN_FILE}), or drop --resume")
-    cfg = RunConfig(**{**saved, "out": out, "resume": True, "progress": given.get("progress", True)})
+    changed = {k: given[k] for k in RESUME_MAY_CHANGE if k in given}
+    cfg = RunConfig(**{**saved, **changed, "out": out, "resume": True, "progress": given.get("progress", True)})
     return cfg.resolved()
 
 
@@ -509,19 +526,81 @@ def run_method(name: str, bench: Bench, cfg: RunConfig, base: dict, out: str, ft
 
 # -- the whole run ------------------------------------------------------------------------------
 def _run_seed(cfg: RunConfig, bench: Bench, base: dict, out: str, ft_seed: int, header: dict,
-              on_task_end) -> dict:
+              on_task_end, progress_bar=None) -> dict:
     from . import report
 
     os.makedirs(out, exist_ok=True)
     results = {**header, "fine_tuning_seed": ft_seed, "methods": {}}
     results_path = os.path.join(out, "results.json")
-    for name in cfg.methods:
-        def publish(res, name=name):   # results.json follows the run task by task
-            results["methods"][name] = res
-            report.write_results_json(results_path, results)
 
-        publish(run_method(name, bench, cfg, base, out, ft_seed, on_task_end=on_task_end, publish=publish))
+    def publish(name, res):   # results.json follows the run task by task, methods in cfg's order
+        done = {**results["methods"], name: res}
+        results["methods"] = {m: done[m] for m in cfg.methods if m in done}
+        report.write_results_json(results_path, results)
+
+    if cfg.workers == 1 or on_task_end is not None:   # the test hook needs the method in this process
+        for name in cfg.methods:
+            publish(name, run_method(name, bench, cfg, base, out, ft_seed, on_task_end=on_task_end,
+                                     publish=lambda res, name=name: publish(name, res)))
+    else:
+        _run_methods_in_workers(cfg, base, out, ft_seed, publish, progress_bar)
     return results
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker_run_method(cfg: RunConfig, name: str, base: dict, out: str, ft_seed: int, updates) -> dict:
+    """One method in a worker process: its own copy of the bench (the base model from the cache
+    the main process filled), partial results sent to the main process through `updates`."""
+    bench = load_bench(cfg)
+    return run_method(name, bench, cfg, base, out, ft_seed, publish=lambda res: updates.put((name, res)))
+
+
+def _run_methods_in_workers(cfg: RunConfig, base: dict, out: str, ft_seed: int, publish, progress_bar) -> None:
+    """Every method of cfg in `cfg.workers` spawned processes (each with its share of the threads),
+    publishing each method's results as its tasks finish. An error in a method is raised here
+    after the other workers were stopped."""
+    import multiprocessing
+    import queue as queue_mod
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // cfg.workers)
+    worker_cfg = copy.copy(cfg)
+    worker_cfg.progress = False
+    with ctx.Manager() as manager:
+        updates = manager.Queue()
+
+        def drain():
+            while True:
+                try:
+                    name, res = updates.get_nowait()
+                except queue_mod.Empty:
+                    return
+                publish(name, res)
+                if progress_bar is not None:
+                    progress_bar.update(1)
+                    progress_bar.set_postfix_str(f"{name}: {res['completed_tasks']}/{res['n_tasks']} tasks",
+                                                 refresh=False)
+
+        with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(threads,)) as pool:
+            pending = {pool.submit(_worker_run_method, worker_cfg, name, base, out, ft_seed, updates): name
+                       for name in cfg.methods}
+            try:
+                while pending:
+                    done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    drain()
+                    for future in done:
+                        name = pending.pop(future)
+                        publish(name, future.result())
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+            drain()
 
 
 def run(cfg: RunConfig, *, on_task_end: Callable[[str, int], None] | None = None,
@@ -547,15 +626,22 @@ def run(cfg: RunConfig, *, on_task_end: Callable[[str, int], None] | None = None
     bench = load_bench(cfg)
     base = base_metrics(bench, cfg)
     header = {"config": {**cfg.identity(), "methods": cfg.methods, "seeds": cfg.seeds,
-                         "memory": memory_kind(torch.device(cfg.device)), "torch_threads": torch.get_num_threads()},
+                         "memory": memory_kind(torch.device(cfg.device)), "workers": cfg.workers,
+                         "torch_threads": torch.get_num_threads() // cfg.workers if cfg.workers > 1
+                         else torch.get_num_threads()},
               "base": {"probe": base["probe"], "probe_generation": base["probe_generation"],
                        "perplexity": base["perplexity"], "task_accuracy": base["accuracy"],
                        "average_accuracy": float(np.mean(base["accuracy"]))},
               "tasks": [t.name for t in bench.tasks]}
+    from tqdm.auto import tqdm
+
+    in_workers = cfg.workers > 1 and on_task_end is None
+    with tqdm(total=len(seeds) * len(cfg.methods) * len(bench.tasks), desc="methods x tasks", unit="task",
+              disable=not (cfg.progress and in_workers), file=sys.stderr, mininterval=1.0) as bar:
+        per_seed = [_run_seed(cfg, bench, base, folders[s], s, header, on_task_end, bar) for s in seeds]
     if len(seeds) == 1:
-        results = _run_seed(cfg, bench, base, cfg.out, seeds[0], header, on_task_end)
+        results = per_seed[0]
     else:
-        per_seed = [_run_seed(cfg, bench, base, folders[s], s, header, on_task_end) for s in seeds]
         for s, r in zip(seeds, per_seed):
             report.write_markdown_report(r, folders[s])
         results = report.aggregate_seeds(per_seed, header)

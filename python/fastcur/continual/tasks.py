@@ -5,7 +5,7 @@ the continual-learning papers use, generated deterministically from a seed.
 |---------------|---------------------------|-----------------------------------------------------------|-----------|
 | largest       | gsm8k-like                | "Numbers: 4, 9, 2" -> "9" (the largest of three, 1..9)      | exact match |
 | translation   | newsde-like               | "the red cat" -> invented language "Vel": "mika zor"       | exact match |
-| summarization | cnndm-like                | 2-3 sentence article -> who did the newsworthy thing       | exact match |
+| summarization | cnndm-like                | 2-4 sentence article -> its topic ("crime"), a one-word headline | exact match |
 | logic         | logiqa-like               | syllogism (All/No/Some ...) -> yes / no / maybe            | likelihood of each choice |
 | sentiment     | sst2-like                 | one-sentence review -> positive / negative                 | likelihood of each choice |
 
@@ -13,8 +13,8 @@ Prompts end in a marker ("Largest:", "Vel:", "Sentiment:", ...) with no trailing
 carry no leading space (`evaluate` joins them with one space). Every task has its own prompt
 format, distinct from the probe's "Q: ...\nA:", so forgetting shows as lost knowledge rather than
 a hijacked format. Answers are a few bytes and build on what the base model learnt in
-pretraining (world.py states sums and differences, the Vel lexicon and the polarity of the review
-words), so a tiny byte-level model learns each task in tens to hundreds of steps, and training on
+pretraining (world.py states the order of the numbers, the Vel lexicon, the topic of every news
+event and the polarity of the review words), so a tiny byte-level model learns each task in tens to hundreds of steps, and training on
 one disturbs the others (forgetting shows in the accuracy matrix).
 
 Determinism: a task's examples depend only on (seed, task name). Every prompt within a task is
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 # Bump when any generator's output changes (part of cache keys and results' config).
-GENERATOR_VERSION = "4"
+GENERATOR_VERSION = "5"
 
 
 @dataclass(frozen=True)
@@ -129,9 +129,19 @@ def _translation(rng: random.Random) -> Example:
 
 
 # ---------------------------------------------------------------- summarization (CNN/DM-like)
-_NEWS_VERBS = ("won", "lost", "sold", "built", "found", "fixed", "painted", "stole")
-_NEWS_OBJECTS = ("the race", "a boat", "the old mill", "a prize", "the map", "a bridge", "the crown",
-                 "a wagon", "the bell", "a farm")
+# The article's one-word headline: the topic of its one newsworthy sentence, among filler
+# sentences. An earlier version asked who made the news (copying a name out of the article); the
+# 2-layer base did not learn that copy in the quick budget (53 % on held-out articles after 100
+# full fine-tuning steps at the best rate, 11-56 % with LoRA). Naming the topic is learnt like the
+# other tasks: pretraining states each event's topic (world.general_knowledge), the task teaches
+# the model to find the event among the fillers and answer in the "Topic:" format.
+NEWS_TOPICS = {
+    "sport": ("won the race", "lost the match", "scored a goal", "ran the marathon"),
+    "crime": ("stole the crown", "robbed a bank", "forged a letter", "broke a window"),
+    "trade": ("sold a farm", "bought a wagon", "opened a shop", "lent some gold"),
+    "art": ("painted a mural", "sang an opera", "wrote a poem", "carved a statue"),
+    "science": ("found a comet", "built a robot", "cured a fever", "mapped a cave"),
+}
 _FILLERS = ("The weather was mild.", "Many people watched.", "It was a quiet week.",
             "The town was calm.", "Prices stayed the same.", "Nobody expected it.",
             "The market was busy.", "Rain fell all day.", "The news spread fast.",
@@ -139,15 +149,11 @@ _FILLERS = ("The weather was mild.", "Many people watched.", "It was a quiet wee
 
 
 def _summarization(rng: random.Random) -> Example:
-    """The key sentence is the one where someone did something newsworthy; the summary is who."""
-    who, other = rng.sample(NAMES, 2)
-    sentences = [f"{who} {rng.choice(_NEWS_VERBS)} {rng.choice(_NEWS_OBJECTS)}."]
-    n_filler = rng.randint(1, 2)
-    sentences += rng.sample(_FILLERS, n_filler)
-    if n_filler == 1 and rng.random() < 0.25:  # a distractor name that did nothing newsworthy
-        sentences.append(f"{other} was there too.")
+    """One newsworthy sentence ("Bo robbed a bank.") among 1-3 fillers; the headline is its topic."""
+    topic = rng.choice(list(NEWS_TOPICS))
+    sentences = [f"{rng.choice(NAMES)} {rng.choice(NEWS_TOPICS[topic])}."] + rng.sample(_FILLERS, rng.randint(1, 3))
     rng.shuffle(sentences)
-    return Example(f"Article: {' '.join(sentences)}\nWho made the news:", who)
+    return Example(f"Article: {' '.join(sentences)}\nTopic:", topic)
 
 
 # ---------------------------------------------------------------- logic (LogiQA-like)

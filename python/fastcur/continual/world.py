@@ -26,10 +26,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .tasks import MAX_NUMBER, SENTIMENT_NEGATIVE, SENTIMENT_POSITIVE, VEL_ADJECTIVES, VEL_NOUNS, Example
+from .tasks import MAX_NUMBER, NEWS_TOPICS, SENTIMENT_NEGATIVE, SENTIMENT_POSITIVE, VEL_ADJECTIVES, VEL_NOUNS, Example
 
 # Bump when the world's texts or probe change (part of the pretraining cache key).
-WORLD_VERSION = "5"
+WORLD_VERSION = "6"
 
 JOBS = ("baker", "farmer", "miner", "sailor", "doctor", "painter", "tailor", "hunter")
 FOODS = ("bread", "rice", "plums", "soup", "cheese", "beans", "figs", "honey")
@@ -58,10 +58,13 @@ _CODAS = ("", "", "k", "n", "r", "l", "s", "m", "nt", "rk")
 
 def general_knowledge() -> list[str]:
     """Sentences the built-in tasks rely on: "8 is larger than 3." (numbers 1..9), "In Vel, cat is
-    mika.", "In Vel, the is la.", "Lovely is a positive word." (fixed, not seeded)."""
+    mika.", "In Vel, the is la.", "Someone who robbed a bank is crime news." (the task's and the
+    primers' news events), "Lovely is a positive word." (fixed, not seeded)."""
     n = range(1, MAX_NUMBER + 1)
     texts = [f"{a} is larger than {b}." for a in n for b in n if a > b]
     texts += [f"In Vel, {en} is {vel}." for en, vel in {**VEL_ADJECTIVES, **VEL_NOUNS, "the": "la"}.items()]
+    texts += [f"Someone who {event} is {topic} news." for events in (NEWS_TOPICS, _PRIMER_NEWS)
+              for topic, group in events.items() for event in group]
     texts += [f"{w.capitalize()} is a positive word." for w in SENTIMENT_POSITIVE]
     texts += [f"{w.capitalize()} is a negative word." for w in SENTIMENT_NEGATIVE]
     return texts
@@ -71,8 +74,9 @@ def general_knowledge() -> list[str]:
 # every task's examples (other words, other names, other shapes), so that a task's steps go to
 # its content, not to learning an output format the base never saw (without them the base spent
 # 4-8 nats per answer token on the task formats; with them 0.06-3.2).
-_PRIMER_VERBS = ("sang at", "opened", "climbed", "painted", "cleaned", "visited")
-_PRIMER_OBJECTS = ("the hall", "the gate", "the tower", "the shop", "the well", "the hill")
+_PRIMER_NEWS = {"sport": ("climbed the peak", "swam the lake"), "crime": ("burned a barn", "took a purse"),
+                "trade": ("rented a hall", "paid a debt"), "art": ("played the harp", "danced a waltz"),
+                "science": ("tested a lens", "grew a crystal")}
 _PRIMER_GOOD = ("nice", "happy", "sweet", "kind", "calm", "glad")
 _PRIMER_BAD = ("sad", "sour", "rude", "ugly", "grim", "harsh")
 _PRIMER_SUBJECTS = ("day", "trip", "party", "walk", "game", "visit")
@@ -88,9 +92,10 @@ def _primers(world: "World", rng: random.Random) -> list[str]:
         texts.append(rng.choice(_VEL_WRAPPERS).format(en) + f" {vel}")
     people = [p.name for p in world.people]
     for who in people[: min(len(people), 24)]:
-        s = [f"{who} {rng.choice(_PRIMER_VERBS)} {rng.choice(_PRIMER_OBJECTS)}.", rng.choice(_FILLERS)]
+        topic = rng.choice(list(_PRIMER_NEWS))
+        s = [f"{who} {rng.choice(_PRIMER_NEWS[topic])}.", rng.choice(_FILLERS)]
         rng.shuffle(s)
-        texts.append(f"Article: {' '.join(s)}\nWho made the news: {who}")
+        texts.append(f"Article: {' '.join(s)}\nTopic: {topic}")
     for p in world.people[: min(len(world.people), 24)]:
         town = p.attributes["town"]
         other = rng.choice([t for t in world.towns if t != town])
