@@ -13,6 +13,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "secura_linear.h"
 #include "signorm_cpu.h"
 
@@ -108,6 +110,71 @@ void secura_epilogue_cpu(at::Tensor& y, const c10::optional<at::Tensor>& bias, c
   });
 }
 
+// float32: the schedule of csrc/secura_linear.h with the rank-r chain re-associated around the
+// r x r matrix K = B_c A_c (a = 4 r by default, so K is 16x smaller than either factor times
+// an M-row operand). Forward: Δ = h V + lora_bias with V = s K C^T [r, n], formed once, so the
+// epilogue reads h [M, r] and V, and no [M, a] or [M, r] product is formed besides h. Backward
+// with P = dΔ C [M, r] (gathered from dΔ W when tied) and G = h^T P [r, r]:
+//   dA_c = s B_c^T G,  dB_c = s G A_c^T,  dh = s P K^T,  z = h K
+// (two M-row products of r x r instead of six of r x a). The same functions as the header's
+// chain: only the rounding of the small products differs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> secura_forward_f32(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& C, const at::Tensor& A_c, const at::Tensor& B_c, const at::Tensor& R,
+    const c10::optional<at::Tensor>& lora_bias, double scale, double k, double eps, bool raw,
+    bool tensor_scope, const c10::optional<at::Tensor>& rows) {
+  const int64_t M = x.size(0), n = weight.size(0), r = C.size(1);
+  at::Tensor y = at::mm(x, weight.t());   // x W^T; b is added in the epilogue
+  at::Tensor h = rows.has_value() ? y.index_select(1, *rows) : at::mm(x, R.t());
+  h = h.contiguous();
+  const at::Tensor V = at::mm(at::mm(B_c, A_c).mul_(scale), C.t()).contiguous();   // [r, n]
+  const at::Tensor lb = lora_bias.has_value() ? lora_bias->contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor S = at::empty({M, n}, y.options());
+  at::Tensor rowmax = at::empty({M}, y.options());
+  cpu::F32Delta d;
+  d.zs = h.data_ptr<float>();
+  d.Ct = V.data_ptr<float>();
+  d.r = r;
+  d.lb = lb.defined() ? lb.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  cpu::signorm_epilogue_f32(yp, b.defined() ? b.data_ptr<float>() : nullptr, M, n, float(k),
+                            float(eps), raw, tensor_scope, d, yp, S.data_ptr<float>(),
+                            rowmax.data_ptr<float>());
+  return {y, S, h};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+secura_backward_f32(const at::Tensor& grad_y, const at::Tensor& S, const at::Tensor& x,
+                    const at::Tensor& weight, const at::Tensor& C, const at::Tensor& A_c,
+                    const at::Tensor& B_c, const at::Tensor& R, const at::Tensor& h, double scale,
+                    const c10::optional<at::Tensor>& cols, bool need_dx) {
+  const int64_t M = x.size(0), n = weight.size(0), r = C.size(1);
+  check_matrix(grad_y, "grad_y", M, n);
+  check_like(grad_y, "grad_y", weight, "weight");
+  check_matrix(S, "S", M, n);
+  TORCH_CHECK(S.scalar_type() == at::kFloat, "fastcur: S must be Float, got ", S.scalar_type());
+  check_matrix(h, "h", M, r);
+  check_like(h, "h", weight, "weight");
+  const at::Tensor dD = at::div(grad_y, S);          // dΔ = dy / S
+  const at::Tensor K = at::mm(B_c, A_c);             // [r, r]
+  at::Tensor dx, P;
+  if (need_dx) {
+    dx = at::mm(dD, weight);                         // dΔ W  [M, k]
+    P = cols.has_value() ? dx.index_select(1, *cols) : at::mm(dD, C);
+  } else {
+    dx = at::empty({0}, x.options());
+    P = at::mm(dD, C);
+  }
+  const at::Tensor G = at::mm(h.t(), P);                      // h^T dΔ C  [r, r]
+  at::Tensor dA = at::mm(B_c.t(), G).mul_(scale);             // [a, r]
+  at::Tensor dB = at::mm(G, A_c.t()).mul_(scale);             // [r, a]
+  at::Tensor dh = at::mm(P, K.t().mul(scale));                // [M, r]
+  at::Tensor z = at::mm(h, K);                                // [M, r]
+  if (need_dx) dx.addmm_(dh, R, /*beta=*/2.0, /*alpha=*/1.0);  // 2 dΔ W + dh R
+  return {dx, dD, z, dA, dB, dh};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> secura_linear_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& C, const at::Tensor& A_c, const at::Tensor& B_c, const at::Tensor& R,
@@ -122,6 +189,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> secura_linear_cpu(
     check_index(cols, "cols", r, weight);
     check_range(*cols, "cols", weight.size(1));
   }
+  if (x.scalar_type() == at::kFloat) {
+    const bool raw = parse_norm_raw(std::string(norm));
+    const bool tensor_scope = parse_scope_tensor(std::string(scope), "token");
+    return secura_forward_f32(x, weight, bias, C, A_c, B_c, R, lora_bias, scale, k, eps, raw,
+                              tensor_scope, rows_ok);
+  }
   return secura_linear_forward(x, weight, bias, C, A_c, B_c, R, lora_bias, scale, k, eps, norm,
                                scope, rows_ok, cols, secura_epilogue_cpu);
 }
@@ -133,6 +206,8 @@ secura_linear_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& S, const at::T
                       double scale, const c10::optional<at::Tensor>& cols, bool need_dx) {
   check_secura_linear_args(x, weight, c10::nullopt, C, A_c, B_c, R, c10::nullopt);
   const c10::optional<at::Tensor> cols_ok = verified(cols, "cols", weight, C, 1, C.size(1));
+  if (x.scalar_type() == at::kFloat)
+    return secura_backward_f32(grad_y, S, x, weight, C, A_c, B_c, R, h, scale, cols_ok, need_dx);
   return secura_linear_backward(grad_y, S, x, weight, C, A_c, B_c, R, h, scale, cols_ok, need_dx);
 }
 
