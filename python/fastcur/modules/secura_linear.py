@@ -65,7 +65,8 @@ class SecuraLinear(CURSelection, AdapterLinear):
     Tensors: parameters `A_c`, `B_c` (and `lora_bias`), float32 on a bf16/fp16 base and cast
     to the compute dtype at the op's edge; buffers `rows`, `cols` (int64 [r]), `C` [out, r],
     `R` [r, in]. Tied fast path as CURLoRALinear: while C, R are proven exact slices of W the
-    fused op gathers x R^T from x W^T.
+    fused op gathers x R^T from x W^T. On the C++ CPU kernel the proof is the kernel's own
+    check, in C++, of every call (see `_fused_indices`), not a `torch.equal` per forward.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,

@@ -175,7 +175,10 @@ def secura_linear(x: Tensor, weight: Tensor, bias: Tensor | None, C: Tensor, A_c
         scale, k, eps, norm, scope: as `fastcur.ops.signorm` (scope over the flattened rows).
         rows, cols: optional [r] int64 indices promising `R == weight[rows]` and
             `C == weight[:, cols]` exactly (tied fast path: x R^T is gathered from x W^T and
-            dΔ C from dΔ W). Wrong indices give wrong results; modules drop them once W changes.
+            dΔ C from dΔ W). The C++ CPU kernel checks the promise itself (r (n + k)
+            comparisons) and runs the explicit path where it does not hold; the CUDA and Triton
+            kernels trust it (wrong indices give wrong results there; modules drop them once
+            W changes).
     Returns:
         [..., n] in x's dtype. Differentiable in every floating input, with S constant.
     """
