@@ -84,6 +84,9 @@ def test_pretrained_base_is_deterministic_cached_atomically_and_reused(tmp_path,
     assert isinstance(tok, ByteTokenizer) and not a.training
     folder = tmp_path / "a" / P.cache_key(1, "tiny", 2)
     assert sorted(os.listdir(tmp_path / "a")) == [folder.name]  # no temporary folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask      # a plain folder, not mkdtemp's 0700
     info = json.loads((folder / "pretrain.json").read_text())
     assert info == pretrain_info(tmp_path / "a", seed=1, size="tiny", steps=2)
     assert (info["seed"], info["size"], info["steps"]) == (1, "tiny", 2)

@@ -202,6 +202,9 @@ def pretrained_base(cache_dir: str | os.PathLike | None = None, seed: int = 0, s
     try:
         model.save_pretrained(tmp)
         (tmp / PRETRAIN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it 0700; the cache is a plain folder
         try:
             os.rename(tmp, final)
         except OSError:
