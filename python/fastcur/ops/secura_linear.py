@@ -86,7 +86,8 @@ class _EagerCpp(torch.autograd.Function):
     op's registered autograd formula, without the Python layer of `torch.library`'s autograd
     wrapper (argument defaults rebuilt from the schema, a metadata object, pytree walks), which
     cost about as much per call as SigNorm's epilogue on a small layer (a 256 x 256 layer of
-    256 rows: about 0.1 ms a forward). torch.compile traces the registered op instead."""
+    256 rows: about 0.1 ms a forward). torch.compile and torch.func transforms go through the
+    registered op instead."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -191,7 +192,8 @@ def secura_linear(x: Tensor, weight: Tensor, bias: Tensor | None, C: Tensor, A_c
                                        norm, scope)
     args = (flat_rows(x), weight, bias, C, A_c, B_c, R, lora_bias, scale, float(k), float(eps), norm,
             scope, rows, cols)
-    if backend == "cpp" and not torch.compiler.is_compiling():
+    if (backend == "cpp" and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):
         y, _, _ = _EagerCpp.apply(*args)
     else:
         op = torch.ops.fastcur.secura_linear.default if backend == "cpp" else _triton_op()
