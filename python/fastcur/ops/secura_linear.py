@@ -50,6 +50,8 @@ def _make_backward(bwd_op):
         # S is a constant (docs/methods.md, SECURA): dΔ = dy / S, dy0 = 2 dΔ. C, R are independent inputs (the
         # tied path only computes the same function), so dW is the plain 2 dΔ^T x.
         x, weight, C, A_c, B_c, R, S, h, cols = ctx.saved_tensors
+        if x is None:   # not kept (`_EagerCpp`: neither W nor R trained); the kernel reads its shape
+            x = weight.new_zeros(()).expand(h.shape[0], weight.shape[1])
         need = ctx.needs_input_grad[:8]
         need_x, need_w, need_b, need_c, need_a, need_bc, need_r, need_lb = need
         grads = [None] * 15
@@ -82,8 +84,8 @@ if _extension.available():
 
 
 class _EagerCpp(torch.autograd.Function):
-    """The C++ op in eager mode: the same kernels, the same `_setup_context` and backward as the
-    op's registered autograd formula, without the Python layer of `torch.library`'s autograd
+    """The C++ op in eager mode: the same kernels and backward as the op's registered autograd
+    formula (saving x only when W or R needs a gradient), without the Python layer of `torch.library`'s autograd
     wrapper (argument defaults rebuilt from the schema, a metadata object, pytree walks), which
     cost about as much per call as SigNorm's epilogue on a small layer (a 256 x 256 layer of
     256 rows: about 0.1 ms a forward). torch.compile and torch.func transforms go through the
@@ -93,7 +95,12 @@ class _EagerCpp(torch.autograd.Function):
     def forward(ctx, *inputs):
         with torch._C._AutoDispatchBelowAutograd():
             out = torch.ops.fastcur.secura_linear.default(*inputs)
-        _setup_context(ctx, inputs, out)
+        x, weight, R = inputs[0], inputs[1], inputs[6]
+        # x only for dW and dR: a frozen base (the training case) keeps no reference to the
+        # layer's input, which is often nothing else's saved tensor (q/k/v, o, down of a decoder).
+        ctx.save_for_backward(x if weight.requires_grad or R.requires_grad else None, weight,
+                              *inputs[3:6], R, out[1], out[2], inputs[14])
+        ctx.scale = inputs[8]
         ctx.mark_non_differentiable(out[1], out[2])
         return out
 
