@@ -60,15 +60,49 @@ def place_theta(values: torch.Tensor, *, gap: bool, margin: float = 0.012, lo: f
     return lt, 0.5 * lt.exp().item() * min(m, 1.0), m
 
 
+def reset_inputs(lead, k, n, r, *, seed: int = 0, keep: float | None = None, band: float = 0.04,
+                 bias: bool = True, grads: str = "all", row_scale=None):
+    """Inputs in the state of the f schedule after its threshold reset (docs/methods.md,
+    JumpLoRA): θ between the m-th and (m+1)-th smallest |Z| (the reset's order statistic,
+    m = n k - kept, kept = min(r (n + k), n k / 10) as the released k + 1 rule keeps about
+    r (n + k) entries; or `keep` n k), so the mask is sparse and the C++ backward takes its
+    sampled path; the bandwidth puts about `band` n k entries inside the straight-through
+    window |±Z - θ| < ε/2 (its edges midway between two | |Z| - θ | values). log_theta is
+    float32-exact. `row_scale` [n] multiplies B's rows (uneven density across row blocks).
+
+    Returns ([x, W, b, A, B, log_theta] float64 masters, bandwidth, {"kept", "band"} counts).
+    """
+    x, W, b, A, B = _draw(lead, k, n, r, bias, seed=seed)
+    if row_scale is not None:
+        B = B * torch.as_tensor(row_scale, dtype=torch.float64).reshape(-1, 1)
+    z = (B @ A).abs().flatten()
+    v = z.sort().values
+    total = v.numel()
+    kept = max(1, int(keep * total) if keep is not None else min(r * (n + k), total // 10))
+    m = total - kept
+    theta = (v[m - 1] * v[m]).sqrt() if m >= 1 else v[0] / 2
+    lt = theta.log().float().double()
+    theta = lt.exp()
+    d = (z - theta).abs().sort().values
+    q = max(1, int(band * total))
+    half = 0.5 * (d[q - 1] + d[q]).item()
+    bw = 2.0 * half
+    on = int((z > theta).sum())
+    window = int(((z - theta).abs() < half).sum())
+    _require_grads(dict(x=x, W=W, b=b, A=A, B=B, t=lt), grads)
+    return [x, W, b, A, B, lt], bw, {"kept": on, "band": window}
+
+
 def jump_inputs(lead, k, n, r, *, gap: bool, seed: int = 0, bias: bool = True,
-                grads: str = "all", margin: float = 0.012):
+                grads: str = "all", margin: float = 0.012, lo: float = 0.5):
     """[x, W, b, A, B, log_theta] float64 masters (bf16-exact), bandwidth, margin.
 
-    With gap=True, seeds from `seed` on are tried until θ sits `margin` away from every |Z|.
+    With gap=True, seeds from `seed` on are tried until θ sits `margin` away from every |Z|;
+    `lo` is the lowest quantile of |Z| θ may take (0.9: at most about 10 % of Z kept).
     """
     for s in range(seed, seed + 200):
         x, W, b, A, B = _draw(lead, k, n, r, bias, seed=s)
-        lt, bw, m = place_theta((B @ A).abs(), gap=gap, margin=margin)
+        lt, bw, m = place_theta((B @ A).abs(), gap=gap, margin=margin, lo=lo)
         if not gap or m >= margin:
             break
     else:

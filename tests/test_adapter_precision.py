@@ -122,3 +122,56 @@ def test_bf16_tiny_llama_trains_float32_adapters(config):
     ids = torch.randint(0, 61, (4, 12), generator=torch.Generator().manual_seed(0))
     losses = adamw_losses(model, ids, steps=12, lr=2e-2)
     assert losses[-1] < losses[0], losses  # (CUR-LoRA moves slowly on a random base: C, R are small)
+
+
+# -- JumpLoRA (weight gate): float32 A, B, θ on a half base, the C++ path at M = 1 -----------------
+def _jump_layer(dtype):
+    """A JumpLoRA layer on a half base with float32 adapters, log θ exact in `dtype`, chosen on
+    that grid so that no |Z| lies within 1.5 % of θ (more than the rounding of Z from half A, B
+    and of θ itself can move one; a small layer, whose upper |Z| have such gaps): the gate is
+    the same in every precision, so what is compared is the arithmetic (the kernels accumulate
+    in float32 for half inputs)."""
+    torch.manual_seed(0)
+    m = fastcur.JumpLoRALinear.from_linear(nn.Linear(24, 20).to(dtype), rank=2, alpha=4, f=0.5)
+    with torch.no_grad():
+        m.lora_A.weight.normal_(std=0.1)
+        m.lora_B.weight.normal_(std=0.1)
+        z = (m.lora_B.weight.double() @ m.lora_A.weight.double()).abs().flatten().sort().values
+        grid = torch.linspace(z[int(0.6 * z.numel())].log().item(), z[int(0.97 * z.numel())].log().item(),
+                              4000).to(dtype).double().unique()
+        margins = torch.stack([((z - lt.exp()).abs() / lt.exp()).min() for lt in grid])
+        lt = grid[int(margins.argmax())]
+        assert margins.max() > 0.015, "no gap in |Z|"
+        m.threshold.log_theta.fill_(lt.item())
+    return m
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("lead", [(1,), (3, 7)], ids=str)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_jumplora_half_base_float32_adapters_match_float64(backend, lead, dtype):
+    from fastcur import _extension
+    if backend == "cpp" and not _extension.has_kernel("jump_linear", "CPU"):
+        pytest.skip("C++ extension not built")
+    m = _jump_layer(dtype)
+    assert m.lora_A.weight.dtype == torch.float32 and m.weight.dtype == dtype
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*lead, 24, generator=g).to(dtype).requires_grad_()
+    grad_y = torch.randn(*lead, 20, generator=g, dtype=torch.float64)
+    with fastcur.use_backend(backend):
+        y = m(x)
+        y.backward(grad_y.to(dtype))
+    names = ["lora_A.weight", "lora_B.weight"]
+    trainable = {n: p for n, p in m.named_parameters() if n in names}
+    assert all(p.grad.dtype == torch.float32 for p in trainable.values())
+
+    def math(xx, t, mod):
+        return reference.jump_linear(xx, t["weight"], t["bias"], t["lora_A.weight"], t["lora_B.weight"],
+                                     t["log_theta"], mod.scaling, mod.f, mod.bandwidth, mod.reduction)
+    tensors = {"weight": m.weight, "bias": m.bias, **trainable, "log_theta": m.threshold.log_theta.detach()}
+    truth_y, truth_g = run(math, m, x.double(), {k: v.double() for k, v in tensors.items()}, grad_y, names)
+    low_y, low_g = run(math, m, x, {k: v.to(dtype) for k, v in tensors.items()}, grad_y, names)
+    assert_close_to_reference(y, low_y, truth_y, "y")
+    assert_close_to_reference(x.grad, low_g[0], truth_g[0], "grad x")
+    for (n, p), lg, tg in zip(trainable.items(), low_g[1:], truth_g[1:]):
+        assert_close_to_reference(p.grad, lg.float(), tg, f"grad {n}")

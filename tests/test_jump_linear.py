@@ -10,7 +10,7 @@ from fastcur.testing import check_against_reference
 
 from compile_check import assert_compiled_like_eager
 from conftest import available_backends
-from jump_inputs import jump_inputs
+from jump_inputs import jump_inputs, reset_inputs
 
 BACKENDS = available_backends("jump_linear")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -338,3 +338,107 @@ def test_double_backward_reference_backend():
         y = fastcur.ops.jump_linear(x, W, b, A, B, torch.tensor(-3.0, dtype=torch.float64), 0.5)
     gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     assert torch.autograd.grad(gx.square().sum(), A)[0].abs().sum() > 0
+
+
+# -- the C++ backward's sampled path (csrc/cpu/jump_linear.cpp, jump_linear_bwd_sampled) -------
+# After the threshold reset the mask keeps about r (n + k) of the n k entries: the C++ backward
+# then computes G = s dy^T x only at kept entries and inside the θ kernel's window (a sampled
+# product), the (1 - f) G part the LoRA way, and each block of W's rows with too many such
+# entries runs the dense G tile. FASTCUR_JUMP_BWD forces one side (auto | sparse | dense).
+CPP = pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+# (lead, k, n, r): M = 1; sizes that are no multiple of any vector width; n split over the two
+# test threads (one block each), and k = 600, n = 1000 (several blocks per thread).
+SAMPLED_SHAPES = [((37,), 50, 45, 5), ((1,), 40, 33, 3), ((2, 3), 33, 70, 7), ((300,), 257, 131, 8)]
+
+
+def _grads(monkeypatch, mode, inputs, f, bw, dtype=torch.float32, scale=1.5):
+    monkeypatch.setenv("FASTCUR_JUMP_BWD", mode)
+    leaves = [t.detach().to(dtype).requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    y = run_backend("cpp", scale, f, bw)(*leaves)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    wants = [t for t in leaves if t is not None and t.requires_grad]
+    return torch.autograd.grad(y, wants, dy)
+
+
+@CPP
+@pytest.mark.parametrize("mode", ["auto", "sparse", "dense"])
+@pytest.mark.parametrize("f", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SAMPLED_SHAPES, ids=str)
+def test_sampled_backward_matches_reference(monkeypatch, mode, f, dtype, shape):
+    """Forward and every gradient (x, W, b, A, B, log_theta) against the float64 reference, on
+    post-reset inputs with entries inside the θ kernel's window, on each side of the choice."""
+    monkeypatch.setenv("FASTCUR_JUMP_BWD", mode)
+    inputs, bw, counts = reset_inputs(*shape, seed=sum(shape[1:]))
+    assert counts["kept"] > 0 and counts["band"] > 0
+    check_against_reference(run_backend("cpp", 1.5, f, bw), ref_fn(1.5, f, bw), inputs, dtype, names=NAMES)
+
+
+@CPP
+@pytest.mark.parametrize("mode", ["auto", "sparse"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sampled_backward_several_blocks_per_thread(monkeypatch, mode, reduction):
+    """n = 1000 at k = 600: three blocks of W's rows over the two test threads."""
+    assert torch.get_num_threads() == 2
+    monkeypatch.setenv("FASTCUR_JUMP_BWD", mode)
+    inputs, bw, counts = reset_inputs((40,), 600, 1000, 4, seed=3, grads="adapter")
+    assert counts["band"] > 100
+    check_against_reference(run_backend("cpp", 2.0, 0.6, bw, reduction), ref_fn(2.0, 0.6, bw, reduction),
+                            inputs, torch.float32, names=NAMES)
+
+
+@CPP
+@pytest.mark.parametrize("f", [0.3, 1.0])
+def test_sampled_and_dense_blocks_in_one_call(monkeypatch, f):
+    """B's first rows 20x larger: the first thread's block keeps most of its entries (dense
+    tile), the second almost none (sampled); both in one call, against the reference."""
+    monkeypatch.setenv("FASTCUR_JUMP_BWD", "auto")
+    n = 90
+    scale_rows = [20.0] * (n // 2) + [1.0] * (n - n // 2)
+    inputs, bw, _ = reset_inputs((50,), 64, n, 4, seed=2, keep=0.3, row_scale=scale_rows)
+    Z = (inputs[4] @ inputs[3]).detach().abs()
+    theta = inputs[5].detach().exp()
+    assert (Z[: n // 2] > theta).double().mean() > 0.5 and (Z[n // 2:] > theta).double().mean() < 0.05
+    check_against_reference(run_backend("cpp", 1.5, f, bw), ref_fn(1.5, f, bw), inputs, torch.float32,
+                            names=NAMES)
+    dense = _grads(monkeypatch, "dense", inputs, f, bw)
+    auto = _grads(monkeypatch, "auto", inputs, f, bw)
+    sparse = _grads(monkeypatch, "sparse", inputs, f, bw)
+    if f < 1.0:   # (at f = 1 a block without kept entries adds exact zeros either way)
+        assert any(not torch.equal(a, d) for a, d in zip(auto, dense))    # not all dense
+    assert any(not torch.equal(a, s) for a, s in zip(auto, sparse))   # not all sampled
+
+
+@CPP
+def test_auto_choice_follows_the_mask_density(monkeypatch):
+    """The automatic choice, seen through the gradients' bits: on post-reset inputs (about 10 %
+    kept) exactly the forced-sampled ones, at θ = the median of |Z| (half kept) not those (the
+    dense tiles ran; in auto mode they leave the (1 - f) part to the LoRA-way products, so they
+    are not the forced-dense bits either)."""
+    sparse_inputs, bw, _ = reset_inputs((300,), 257, 131, 8, seed=1)
+    auto = _grads(monkeypatch, "auto", sparse_inputs, 0.3, bw)
+    assert all(torch.equal(a, b) for a, b in zip(auto, _grads(monkeypatch, "sparse", sparse_inputs, 0.3, bw)))
+    assert not all(torch.equal(a, b) for a, b in zip(auto, _grads(monkeypatch, "dense", sparse_inputs, 0.3, bw)))
+    dense_inputs, bw, _ = jump_inputs((300,), 257, 131, 8, gap=False, seed=1)
+    auto = _grads(monkeypatch, "auto", dense_inputs, 0.3, bw)
+    assert not all(torch.equal(a, b) for a, b in zip(auto, _grads(monkeypatch, "sparse", dense_inputs, 0.3, bw)))
+
+
+@CPP
+@pytest.mark.parametrize("mode", ["auto", "sparse", "dense"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_sampled_backward_half_precision(monkeypatch, mode, dtype):
+    """Half inputs: θ in a gap of |Z| above its 90th percentile (sparse mask, no dtype flips a
+    gate); the sampled product and the LoRA-way part accumulate in float32."""
+    monkeypatch.setenv("FASTCUR_JUMP_BWD", mode)
+    inputs, bw, _ = jump_inputs((3, 70), 90, 77, 6, gap=True, seed=4, lo=0.9)
+    check_against_reference(run_backend("cpp", 1.5, 0.6, bw), ref_fn(1.5, 0.6, bw), inputs, dtype, names=NAMES)
+
+
+@CPP
+def test_bad_backward_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("FASTCUR_JUMP_BWD", "fast")
+    (x, W, b, A, B, lt), bw, _ = jump_inputs((5,), 9, 8, 2, gap=True, seed=4)
+    y = run_backend("cpp", 1.0, 0.5, bw)(x, W, b, A, B, lt)
+    with pytest.raises(RuntimeError, match="FASTCUR_JUMP_BWD must be auto, sparse or dense"):
+        y.sum().backward()

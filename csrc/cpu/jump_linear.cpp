@@ -34,6 +34,10 @@ constexpr int64_t kDefaultTileElems = int64_t{1} << 18;
 constexpr int64_t kGrain = 4096;
 // The largest fraction of a block's entries (kept or in the θ kernel's band) for which the
 // backward runs the sampled product instead of the dense G tile (see jump_linear_bwd_sampled).
+// Measured (the adapter backward without dx, M = n = k = 256, r = 8, one AVX-512 thread, f =
+// 0.5, ms, sampled / dense): about 7 % of entries 0.36 / 0.66, 13 % 0.44 / 0.69, 26 % 0.60 /
+// 0.65, 36 % 0.75 / 0.66: the sampled product is about 3x a GEMM's cost per product, so the
+// two cross near a quarter.
 constexpr double kSparseFraction = 0.25;
 
 // FASTCUR_JUMP_TILE_ELEMS overrides the tile size (a tuning knob for benchmarks; read once).
@@ -167,29 +171,39 @@ FASTCUR_INLINE double sampled_block_impl(const T* dyT, const T* xT, int64_t M, i
                                          const int8_t* codes, int64_t b, const T* At, const T* Bb,
                                          int64_t r, T sf, T* dB, T* dAT, T* g, int64_t* cur) {
   constexpr int64_t L = lanes<T, VB>;
-  constexpr int J = L >= 8 ? 8 : int(L);
-  constexpr int64_t kMc = 256;
+  constexpr int J = L >= 8 ? 8 : int(L), J4 = L >= 4 ? 4 : int(L);
+  constexpr int64_t kMc = 256, kBudget = 262144;
   for (int64_t m0 = 0; m0 < M; m0 += kMc) {
     const int64_t mc = std::min(kMc, M - m0);
     const bool first = m0 == 0;
-    const int64_t cg = std::max<int64_t>(16, int64_t(262144 / sizeof(T)) / std::max<int64_t>(mc, 1));
+    // x^T chunk of a column group: 256 KB (in L2), read by every row's entries in it
+    const int64_t cg = std::max<int64_t>(8, int64_t(kBudget / sizeof(T)) / std::max<int64_t>(mc, 1));
     for (int64_t i = 0; i < b; ++i) cur[i] = rowptr[i];
     for (int64_t j0 = 0; j0 < k; j0 += cg) {
       const int32_t j1 = int32_t(std::min(k, j0 + cg));
       for (int64_t i = 0; i < b; ++i) {
-        int64_t c = cur[i];
-        const int64_t c1 = rowptr[i + 1];
+        const int64_t c = cur[i], c1 = rowptr[i + 1];
         int64_t e = c;
         while (e < c1 && cols[e] < j1) ++e;
         cur[i] = e;
+        // (a lambda here would not inherit the level's target attribute: no lambdas)
         const T* d = dyT + i * M + m0;
         T vals[J];
         const T* p[J];
-        for (; c < e; c += J) {   // a short last group repeats its last column (cheap: in L1)
-          const int64_t valid = std::min<int64_t>(J, e - c);
-          for (int q = 0; q < J; ++q) p[q] = xT + int64_t(cols[c + std::min<int64_t>(q, valid - 1)]) * M + m0;
-          dots<VB, T, J>(d, p, mc, vals);
-          for (int64_t q = 0; q < valid; ++q) g[c + q] = first ? vals[q] : g[c + q] + vals[q];
+        for (int64_t cc = c; cc < e; cc += J) {
+          // 4 or fewer left: J4 columns, else J, padded by repeating the last column (its
+          // loads hit L1 and its chains run beside the others)
+          const int64_t valid = std::min<int64_t>(J, e - cc);
+          if (valid <= J4) {
+            for (int q = 0; q < J4; ++q)
+              p[q] = xT + int64_t(cols[cc + std::min<int64_t>(q, valid - 1)]) * M + m0;
+            dots<VB, T, J4>(d, p, mc, vals);
+          } else {
+            for (int q = 0; q < J; ++q)
+              p[q] = xT + int64_t(cols[cc + std::min<int64_t>(q, valid - 1)]) * M + m0;
+            dots<VB, T, J>(d, p, mc, vals);
+          }
+          for (int64_t q = 0; q < valid; ++q) g[cc + q] = first ? vals[q] : g[cc + q] + vals[q];
         }
       }
     }
@@ -400,7 +414,8 @@ BlockPlan plan(int64_t n, int64_t k) {
   // At least one block per thread: a W smaller than one tile (n k <= 256 Ki, as in a d = 256
   // model) otherwise runs its whole pass on one thread.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t rows = std::min(jump_block_rows(n, k, tile_elems()), (n + threads - 1) / threads);
+  const int64_t rows = std::max<int64_t>(
+      1, std::min(jump_block_rows(n, k, tile_elems()), (n + threads - 1) / threads));
   return {rows, (n + rows - 1) / rows};
 }
 
@@ -530,9 +545,8 @@ int bwd_mode() {
   TORCH_CHECK(false, "fastcur: FASTCUR_JUMP_BWD must be auto, sparse or dense, got '", env, "'");
 }
 
-// The largest fraction of a block's entries that runs sampled. Measured (benchmarks/
-// bench_jumplora.py --sparse-sweep, M = 256, n = k = 256 and 682, r = 8, 1 thread, float32):
-// see kSparseFraction's note below; FASTCUR_JUMP_SPARSE_FRAC overrides it.
+// The largest fraction of a block's entries that runs sampled: kSparseFraction (measured, see
+// there), or FASTCUR_JUMP_SPARSE_FRAC (read per call).
 double sparse_fraction() {
   const char* env = std::getenv("FASTCUR_JUMP_SPARSE_FRAC");
   if (env != nullptr && *env) return std::atof(env);
