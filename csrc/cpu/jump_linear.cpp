@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/simd.h"
+#include "cpu/skinny_rows.h"
 #if FASTCUR_HAS_CPU_CLONES
 #include <immintrin.h>
 #endif
@@ -397,6 +398,21 @@ at::Tensor scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions&
   return at::from_blob(b.ptr, sizes, opts);
 }
 
+// The Z tile z [b, k] = B_blk [b, r] A [r, k] (acc dtype, contiguous): the row kernel for a
+// small inner dimension (cpu/skinny_rows.h). MKL's GEMM with K = r = 8 measured 95 us for a
+// 256 x 682 tile into warm memory, about 4x the row kernel; one routine for the forward and
+// both backwards, so every pass sees the same Z (the same gate).
+void z_tile(at::Tensor& z, const at::Tensor& B_blk, const at::Tensor& A) {
+  const int64_t b = z.size(0), k = z.size(1), r = A.size(0);
+  if (z.scalar_type() == at::kFloat) {
+    cpu::small_k_rows(z.data_ptr<float>(), k, B_blk.data_ptr<float>(), A.data_ptr<float>(), b, r, k);
+  } else if (z.scalar_type() == at::kDouble) {
+    cpu::small_k_rows(z.data_ptr<double>(), k, B_blk.data_ptr<double>(), A.data_ptr<double>(), b, r, k);
+  } else {
+    at::mm_out(z, B_blk, A);
+  }
+}
+
 // The CPU schedule. One at::parallel_for over blocks of W's rows: each thread owns whole
 // blocks, computes its Z tile and dy^T x tile with single-threaded ATen GEMMs into its own
 // small buffers (MKL runs sequentially inside a parallel region), applies the elementwise
@@ -436,7 +452,7 @@ at::Tensor build_weff_blocks(const at::Tensor& W, const at::Tensor& A_acc, const
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * p.rows, b = std::min(p.rows, n - i0);
       at::Tensor z = z_buf.narrow(0, 0, b), out = weff.narrow(0, i0, b);
-      at::mm_out(z, B_acc.narrow(0, i0, b), A_acc);
+      z_tile(z, B_acc.narrow(0, i0, b), A_acc);
       ella_parts[blk] = build_weff_cpu(out, W.narrow(0, i0, b), z, log_theta, scale, f,
                                        Wp.defined() ? Wp.narrow(0, i0, b) : at::Tensor(), fe);
     }
@@ -512,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_impl(
         const int64_t i0 = blk * p.rows, b = std::min(p.rows, n - i0);
         at::Tensor z = z_buf.narrow(0, 0, b);
         const at::Tensor B_blk = B_acc.narrow(0, i0, b);
-        at::mm_out(z, B_blk, A_acc);                                 // Z tile      [b, k]
+        z_tile(z, B_blk, A_acc);                                     // Z tile      [b, k]
         if (need_dx) {
           at::Tensor out = weff.narrow(0, i0, b);
           build_weff_cpu(out, W.narrow(0, i0, b), z, log_theta, scale, f);
@@ -600,7 +616,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_sampl
           const int64_t i0 = blk * p.rows, b = std::min(p.rows, n - i0);
           at::Tensor z = z_buf.narrow(0, 0, b);
           const at::Tensor B_blk = B_acc.narrow(0, i0, b);
-          at::mm_out(z, B_blk, A_acc);                                      // Z tile [b, k]
+          z_tile(z, B_blk, A_acc);                                          // Z tile [b, k]
           if (need_dx) {
             at::Tensor out = weff.narrow(0, i0, b);
             build_weff_cpu(out, W.narrow(0, i0, b), z, log_theta, scale, f);
@@ -657,15 +673,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_sampl
     th_total += th_parts[blk];
   }
   if (lora) {
-    // (a): (1 - f) G contracted the LoRA way, whole matrices (multi-threaded GEMMs). Each
-    // rank-r product takes its skinny operand as the transposed view of an [r, *] matrix
-    // (measured here, MKL's x A^T with A [r, k] ran 2.3x faster than x At with At [k, r]).
+    // (a): (1 - f) G contracted the LoRA way: Q = x A^T, P = dy B, dA += c s P^T x,
+    // dB^T += c s Q^T dy, on the row kernels (cpu/skinny_rows.h; MKL took 26-155 us for each
+    // of these rank-8 products at M = 256, n = 256, k = 682, several times a GEMM's rate per
+    // product), M split over the threads, per-thread partials of P^T x and Q^T dy.
     const double cs = (1.0 - f) * scale;
     const at::Tensor Bt = B_acc.t().contiguous();                                   // [r, n]
-    const at::Tensor Q = at::mm(x_acc, A_acc.t());                                  // x A^T [M, r]
-    const at::Tensor P = at::mm(dy_acc, Bt.t());                                    // dy B  [M, r]
-    dA.addmm_(P.t(), x_acc, 1.0, cs);                                               // c s P^T x
-    dB.add_(at::mm(Q.t(), dy_acc).t(), cs);                                         // c s dy^T Q
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M / 64));
+    const int64_t per = (M + chunks - 1) / chunks;
+    at::Tensor dAa = at::zeros({chunks, r, k}, opts), dBa = at::zeros({chunks, r, n}, opts);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      AT_DISPATCH_FLOATING_TYPES(acc, "jump_bwd_lora", [&] {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t m0 = c * per, mb = std::min(per, M - m0);
+          if (mb <= 0) continue;
+          std::vector<scalar_t> q(mb * r), pp(mb * r);
+          const scalar_t* xp = x_acc.data_ptr<scalar_t>() + m0 * k;
+          const scalar_t* gp = dy_acc.data_ptr<scalar_t>() + m0 * n;
+          cpu::rows_dot(q.data(), xp, k, A_acc.data_ptr<scalar_t>(), mb, r, k);     // x A^T
+          cpu::rows_dot(pp.data(), gp, n, Bt.data_ptr<scalar_t>(), mb, r, n);       // dy B
+          cpu::outer_acc(dAa[c].data_ptr<scalar_t>(), pp.data(), xp, k, mb, r, k);  // P^T x
+          cpu::outer_acc(dBa[c].data_ptr<scalar_t>(), q.data(), gp, n, mb, r, n);   // Q^T dy
+        }
+      });
+    });
+    dA.add_(dAa.sum(0), cs);
+    dB.add_(dBa.sum(0).t(), cs);
   }
   at::Tensor dx = need_dx ? at::mm(grad_y, weff) : at::empty({0}, x.options());
   const double denom = mean ? static_cast<double>(n) * static_cast<double>(k) : 1.0;

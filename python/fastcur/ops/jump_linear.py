@@ -115,8 +115,9 @@ class _EagerJumpLinear(torch.autograd.Function):
     """The same forward op and autograd formula as the registration above, for eager calls of
     the C++ op: the generic autograd kernel of a Python-registered custom op costs about 150 us
     per forward + backward on the host (measured here: argument defaulting and redispatch in
-    torch._library), as much as the whole layer's adapter work at d = 256. torch.compile and
-    direct `torch.ops.fastcur.jump_linear` calls keep the registered formula."""
+    torch._library), as much as the whole layer's adapter work at d = 256. torch.compile,
+    torch.func transforms and direct `torch.ops.fastcur.jump_linear` calls keep the registered
+    formula."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, log_theta, scale, f, bandwidth, mean):
@@ -139,9 +140,10 @@ def _eager_backward():
 
 
 def _eager_cpp(*tensors) -> bool:
-    """Run the C++ op through `_EagerJumpLinear`: eager (not traced) and some input needs a grad."""
-    return (not torch.compiler.is_compiling() and torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in tensors))
+    """Run the C++ op through `_EagerJumpLinear`: eager (not traced, no torch.func transform: those
+    keep the registered op's path) and some input needs a grad."""
+    return (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 @functools.lru_cache(maxsize=None)
