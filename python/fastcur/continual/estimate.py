@@ -34,9 +34,11 @@ def seconds(cfg) -> dict:
         pre = 0.0 if cached else steps * c["pretrain_step"]
     n_tasks = len(cfg.task_files) if cfg.task_files else 5
     batch = cfg.batch_size / REFERENCE_BATCH[cfg.size]
-    train = cfg.seeds * n_tasks * cfg.steps * c["train_step"] * batch * sum(METHOD_FACTOR.get(m, 1.0)
-                                                                             for m in cfg.methods)
-    evaluation = cfg.seeds * n_tasks * (len(cfg.methods) + 1) * c["evaluation"] * (cfg.n_test / 64)
+    # the methods run in `workers` processes, each on its share of the cores
+    share = 1.0 / max(1, min(getattr(cfg, "workers", 1) or 1, len(cfg.methods)))
+    train = share * cfg.seeds * n_tasks * cfg.steps * c["train_step"] * batch * sum(
+        METHOD_FACTOR.get(m, 1.0) for m in cfg.methods)
+    evaluation = c["evaluation"] * (cfg.n_test / 64) * cfg.seeds * n_tasks * (1 + share * len(cfg.methods))
     return {"pretraining": pre, "training": train, "evaluation": evaluation, "total": pre + train + evaluation}
 
 

@@ -28,7 +28,7 @@ SIZES = {
     "tiny": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
              "steps": 50, "batch_size": 8, "lr": 5e-3, "n_entities": 8},
     "quick": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 384,
-              "steps": 2000, "batch_size": 16, "lr": 3e-3, "n_entities": 48},
+              "steps": 2400, "batch_size": 16, "lr": 3e-3, "n_entities": 48},
     "full": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 768,
              "steps": 3000, "batch_size": 16, "lr": 2e-3, "n_entities": 96},
 }
