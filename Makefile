@@ -30,8 +30,10 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # The continual-learning benchmark, quick mode (`fastcur continual --help` for the options;
-# DEMO_ARGS adds some). The small CUR-LoRA MLP demo stays as `fastcur demo`.
-demo: setup
+# DEMO_ARGS adds some). Runs `make setup` first only when fastcur is not installed yet (setup
+# rebuilds the C++ extension). The small CUR-LoRA MLP demo stays as `fastcur demo`.
+demo:
+	@$(PY) -c "import fastcur._C" 2>/dev/null || $(MAKE) setup
 	$(PY) -m fastcur.cli continual --quick $(DEMO_ARGS)
 
 bench: setup

@@ -1,24 +1,28 @@
 """The time a `fastcur continual` run will take, printed before it starts.
 
-Measured in the session that built the quick mode, on a 2-core machine shared with other
-builds (load average 5-18): pretraining the quick base took 19 CPU-minutes for 2000 steps
-(0.57 CPU-s per step; on 2 idle cores about 0.35 s of wall time per step). The full base's
-costs are the quick ones scaled by its compute per step (8x the layers' parameters; twice the
-batch when fine-tuning): about 6x per pretraining step and 16x per training step; the small
-models are overhead-bound, so this errs long. A cached base model costs no pretraining.
+Measured on a 2-core AMD EPYC VM, idle, with the cold `--quick` run committed in
+benchmarks/results/continual-quick/ (2026-12-07): pretraining the quick base took 180 s for
+2400 steps on 2 threads (0.075 s per step); a LoRA training step 0.083 s and an evaluation
+after a task 4.3 s in a worker process on 1 thread; the methods ran in 2 such workers. The full
+base's costs are the quick ones scaled by its compute per step (8x the layers' parameters;
+twice the batch when fine-tuning): about 6x per pretraining step and 16x per training step;
+the small models are overhead-bound, so this errs long. A cached base model costs no pretraining.
 """
 from __future__ import annotations
 
-# seconds of wall time on 2 idle CPU cores: per pretraining step, per training step of a
-# LoRA-style method (batch 16 for quick), per evaluation after a task (64 test examples per
-# task, the probe twice over 192 facts, perplexity)
+# seconds of wall time: per pretraining step (2 threads), per training step of LoRA (batch 16
+# for quick) and per evaluation after a task (64 test examples per task, the probe twice,
+# perplexity), both in one worker on 1 thread
 COSTS = {
     "tiny": {"pretrain_step": 0.01, "train_step": 0.01, "evaluation": 0.2},
-    "quick": {"pretrain_step": 0.35, "train_step": 0.06, "evaluation": 3.0},
-    "full": {"pretrain_step": 2.1, "train_step": 1.0, "evaluation": 36.0},
+    "quick": {"pretrain_step": 0.075, "train_step": 0.083, "evaluation": 4.3},
+    "full": {"pretrain_step": 0.45, "train_step": 1.3, "evaluation": 50.0},
 }
-# cost of a training step relative to LoRA's (measured in the quick run)
-METHOD_FACTOR = {"seq": 1.1, "imsm-lora": 1.8, "secura-released": 1.6, "lora-ewc": 1.2, "jumplora-ella": 1.3}
+# a method's time per task (training + evaluation) relative to LoRA's, measured in the quick run
+METHOD_FACTOR = {"seq": 0.80, "lora-er": 1.0, "lora-ewc": 0.98, "curlora": 0.74, "secura": 0.82,
+                 "secura-released": 0.82, "inclora": 0.64, "ella": 0.75, "jumplora-inclora": 0.74,
+                 "jumplora-ella": 0.78, "lalora-diag-1e2": 0.84, "lalora-diag-1e3": 0.90,
+                 "lalora-diag-1e4": 0.94, "lalora-kfac-1e3": 0.93, "imsm-lora": 1.78}
 REFERENCE_BATCH = {"tiny": 4, "quick": 16, "full": 32}
 
 
@@ -36,9 +40,9 @@ def seconds(cfg) -> dict:
     batch = cfg.batch_size / REFERENCE_BATCH[cfg.size]
     # the methods run in `workers` processes, each on its share of the cores
     share = 1.0 / max(1, min(getattr(cfg, "workers", 1) or 1, len(cfg.methods)))
-    train = share * cfg.seeds * n_tasks * cfg.steps * c["train_step"] * batch * sum(
-        METHOD_FACTOR.get(m, 1.0) for m in cfg.methods)
-    evaluation = c["evaluation"] * (cfg.n_test / 64) * cfg.seeds * n_tasks * (1 + share * len(cfg.methods))
+    factor = sum(METHOD_FACTOR.get(m, 1.0) for m in cfg.methods)
+    train = share * cfg.seeds * n_tasks * cfg.steps * c["train_step"] * batch * factor
+    evaluation = c["evaluation"] * (cfg.n_test / 64) * cfg.seeds * n_tasks * (1 + share * factor)
     return {"pretraining": pre, "training": train, "evaluation": evaluation, "total": pre + train + evaluation}
 
 

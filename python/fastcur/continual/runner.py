@@ -38,7 +38,7 @@ from .tasks import Example, Task
 
 # Defaults per mode; any of them can be overridden in RunConfig (the CLI's options).
 MODES = {
-    "quick": dict(size="quick", steps=100, n_train=256, n_test=64, n_probe=192, n_heldout=48, batch_size=16, seeds=1),
+    "quick": dict(size="quick", steps=100, n_train=256, n_test=64, n_probe=96, n_heldout=48, batch_size=16, seeds=1),
     "full": dict(size="full", steps=300, n_train=1024, n_test=128, n_probe=384, n_heldout=96, batch_size=32,
                  seeds=3),
 }
@@ -587,8 +587,12 @@ def _run_methods_in_workers(cfg: RunConfig, base: dict, out: str, ft_seed: int, 
 
         with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init,
                                  initargs=(threads,)) as pool:
+            from .estimate import METHOD_FACTOR
+
+            # the longest first, so no long method starts last while the other workers idle
+            order = sorted(cfg.methods, key=lambda m: -METHOD_FACTOR.get(m, 1.0))
             pending = {pool.submit(_worker_run_method, worker_cfg, name, base, out, ft_seed, updates): name
-                       for name in cfg.methods}
+                       for name in order}
             try:
                 while pending:
                     done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
