@@ -1,8 +1,13 @@
 """The `fastcur continual` run: every method trained on the same task sequence, evaluated after
 each task, its state and results written atomically so `--resume` continues where it stopped.
 
-    cfg = RunConfig(methods=["lora", "curlora"], quick=True, out="runs/demo")
-    results = run(cfg)            # the `results` dict of report.py; also results.json, plots, report.md
+    if __name__ == "__main__":    # the methods run in spawned worker processes (RunConfig.workers)
+        cfg = RunConfig(methods=["lora", "curlora"], quick=True, out="runs/demo")
+        results = run(cfg)        # the `results` dict of report.py; also results.json, plots, report.md
+
+Workers: with `workers` > 1 (the default on a CPU with 2 or more threads) each method trains in
+its own spawned process, which imports the caller's main module again: call `run` under an
+`if __name__ == "__main__":` guard in a script (or pass workers=1).
 
 Fairness: every method starts from the same pretrained base and sees the same batches (drawn
 from a generator seeded by the fine-tuning seed and the task index, never by the method's name,
