@@ -58,3 +58,17 @@ def _seed_and_reset_backend():
     torch.manual_seed(0)
     yield
     fastcur.set_backend("auto")
+
+
+@pytest.fixture
+def cpu_level(request):
+    """Runs the test with the C++ CPU kernels at x86-64 level request.param (parametrize it with
+    `indirect=True` over cpu_levels.cpu_levels()); restores the level and the schedule after."""
+    from fastcur.info import cpu_isa, cpu_schedule, set_cpu_isa, set_cpu_schedule
+
+    before_isa, before_mode = cpu_isa()["active"], cpu_schedule()["mode"]
+    assert set_cpu_isa(request.param)
+    assert cpu_isa()["active"] == request.param
+    yield request.param
+    set_cpu_isa(before_isa)
+    set_cpu_schedule(before_mode)

@@ -19,10 +19,11 @@ import torch
 
 import fastcur
 from fastcur import _extension
-from fastcur.info import cpu_isa, cpu_schedule, set_cpu_isa, set_cpu_schedule
+from fastcur.info import cpu_schedule, set_cpu_isa, set_cpu_schedule
 from fastcur.ops import reference
 from fastcur.testing import check_against_reference
 
+from cpu_levels import cpu_levels
 from jump_inputs import rank_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,28 +73,6 @@ def test_row_kernels_every_level_of_the_multilevel_build(tmp_path):
 
 
 # -- the ops at each level, both schedules ---------------------------------------------------------
-def _levels_here():
-    isa = cpu_isa() if _extension.available() else None
-    if not isa or not isa["clones"]:
-        return [isa["active"]] if isa else []
-    order = ["baseline", "avx2", "avx512"]
-    return order[: order.index(isa["cpu_max"]) + 1]
-
-
-@pytest.fixture
-def at_level(request):
-    """Runs the test at x86-64 level request.param with 2 threads; restores everything after."""
-    before_isa, before_mode = cpu_isa()["active"], cpu_schedule()["mode"]
-    threads = torch.get_num_threads()
-    assert set_cpu_isa(request.param)
-    assert cpu_isa()["active"] == request.param
-    torch.set_num_threads(2)
-    yield request.param
-    torch.set_num_threads(threads)
-    set_cpu_isa(before_isa)
-    set_cpu_schedule(before_mode)
-
-
 def _fisher(x, go, A, B):
     with fastcur.use_backend("cpp"):
         FA, FB = fastcur.ops.lora_fisher_diag(x, go, A, B, 0.5)
@@ -130,18 +109,18 @@ FISHER = [(5, 37, 45, 33, 16), (3, 150, 520, 490, 13), (2, 150, 520, 490, 32), (
 
 
 @needs_ext
-@pytest.mark.parametrize("at_level", _levels_here(), indirect=True)
+@pytest.mark.parametrize("cpu_level", cpu_levels(), indirect=True)
 @pytest.mark.parametrize("mode", ["kernel", "aten", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", FISHER, ids=str)
-def test_fisher_each_level_each_schedule(at_level, mode, dtype, shape):
+def test_fisher_each_level_each_schedule(cpu_level, mode, dtype, shape):
     set_cpu_schedule(mode)
     inputs = _fisher_inputs(*shape, seed=sum(shape))
     with torch.no_grad():
         check_against_reference(_fisher, _fisher_ref, inputs, dtype)
     chosen = [c for c in cpu_schedule()["choices"] if c["op"] == "lora_fisher_diag"]
     if mode == "auto":   # one measured choice for this shape, level and thread count
-        assert len(chosen) == 1 and chosen[0]["isa"] == at_level and chosen[0]["threads"] == 2
+        assert len(chosen) == 1 and chosen[0]["isa"] == cpu_level and chosen[0]["threads"] == 2
         assert chosen[0]["choice"] in ("kernel", "aten") and chosen[0]["how"] == "measured"
         assert chosen[0]["kernel_ms"] > 0 and chosen[0]["aten_ms"] > 0
     else:                # forced: nothing measured
@@ -149,11 +128,11 @@ def test_fisher_each_level_each_schedule(at_level, mode, dtype, shape):
 
 
 @needs_ext
-@pytest.mark.parametrize("at_level", _levels_here(), indirect=True)
+@pytest.mark.parametrize("cpu_level", cpu_levels(), indirect=True)
 @pytest.mark.parametrize("mode", ["kernel", "aten", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("rank", [6, 13])
-def test_jump_rank_linear_each_level_each_schedule(at_level, mode, dtype, rank):
+def test_jump_rank_linear_each_level_each_schedule(cpu_level, mode, dtype, rank):
     # 303 rows at n + k = 2100: blocks of 124 rows, the last ragged, split between 2 threads;
     # ranks 6 = 4 + 1 + 1 and 13 = 8 + 4 + 1 (4 + 4 + 4 + 1 below AVX-512) reach every channel
     # tile of rows_dot / outer_acc at each level.
@@ -166,7 +145,7 @@ def test_jump_rank_linear_each_level_each_schedule(at_level, mode, dtype, rank):
 
 @needs_ext
 def test_env_var_picks_the_level_at_first_use(tmp_path):
-    levels = _levels_here()
+    levels = cpu_levels()
     lowest = levels[0]
     code = ("import fastcur, torch\nfrom fastcur.info import cpu_isa\n"
             "x = torch.randn(2, 3, 16); g = torch.randn(2, 3, 8)\n"

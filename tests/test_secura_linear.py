@@ -11,6 +11,7 @@ from fastcur.testing import check_against_reference, check_as_given, check_doubl
 
 from compile_check import assert_compiled_like_eager
 from conftest import available_backends
+from cpu_levels import cpu_levels
 from cur_inputs import base_inputs, c_and_r
 
 BACKENDS = available_backends("secura_linear")
@@ -271,29 +272,6 @@ def test_double_backward_is_refused_clearly(backend):
 
 
 # -- the float32 fused epilogue (Δ's row formed on the fly, cpu::signorm_epilogue_f32) ------------
-def _cpu_levels():
-    from fastcur import _extension
-    from fastcur.info import cpu_isa
-
-    isa = cpu_isa() if _extension.available() else None
-    if not isa:
-        return []
-    if not isa["clones"]:
-        return [isa["active"]]
-    order = ["baseline", "avx2", "avx512"]
-    return order[: order.index(isa["cpu_max"]) + 1]
-
-
-@pytest.fixture
-def cpu_level(request):
-    from fastcur.info import cpu_isa, set_cpu_isa
-
-    before = cpu_isa()["active"]
-    assert set_cpu_isa(request.param)
-    yield request.param
-    set_cpu_isa(before)
-
-
 # (leading dims, k, n, r, a): M = 1, n off every vector width, r past the inline limit (32: then
 # Δ's row block is one GEMM), M = 300 rows that split over the two test threads.
 FUSED_SHAPES = [((1,), 9, 1, 1, 2), ((1,), 20, 17, 3, 5), ((4, 5), 23, 33, 5, 7), ((300,), 18, 47, 4, 9),
@@ -301,7 +279,7 @@ FUSED_SHAPES = [((1,), 9, 1, 1, 2), ((1,), 20, 17, 3, 5), ((4, 5), 23, 33, 5, 7)
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
-@pytest.mark.parametrize("cpu_level", _cpu_levels(), indirect=True)
+@pytest.mark.parametrize("cpu_level", cpu_levels(), indirect=True)
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
 @pytest.mark.parametrize("norm,scope", [("max", "token"), ("raw", "token"), ("max", "tensor"), ("raw", "tensor")])
 def test_float32_fused_epilogue_every_level(cpu_level, shape, norm, scope):

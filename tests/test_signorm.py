@@ -9,6 +9,7 @@ from fastcur.testing import check_against_reference, check_as_given
 
 from compile_check import assert_compiled_like_eager
 from conftest import available_backends
+from cpu_levels import cpu_levels
 
 BACKENDS = available_backends("signorm")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -208,32 +209,8 @@ def test_two_threads_row_blocks_split(backend, norm, scope):
 
 
 # -- the float32 fast path of the C++ epilogue (cpu::signorm_epilogue_f32) at every x86-64 level --
-def _cpu_levels():
-    from fastcur import _extension
-    from fastcur.info import cpu_isa
-
-    isa = cpu_isa() if _extension.available() else None
-    if not isa:
-        return []
-    if not isa["clones"]:
-        return [isa["active"]]
-    order = ["baseline", "avx2", "avx512"]
-    return order[: order.index(isa["cpu_max"]) + 1]
-
-
-@pytest.fixture
-def cpu_level(request):
-    """Runs the test with the C++ CPU kernels at x86-64 level request.param; restores it after."""
-    from fastcur.info import cpu_isa, set_cpu_isa
-
-    before = cpu_isa()["active"]
-    assert set_cpu_isa(request.param)
-    yield request.param
-    set_cpu_isa(before)
-
-
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
-@pytest.mark.parametrize("cpu_level", _cpu_levels(), indirect=True)
+@pytest.mark.parametrize("cpu_level", cpu_levels(), indirect=True)
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5), (3, 16), (2, 17), (1, 31), (130, 33), (300, 70), (5, 100)],
                          ids=str)
 @pytest.mark.parametrize("norm,scope", OPTIONS)
@@ -247,7 +224,7 @@ def test_float32_fast_path_every_level(cpu_level, shape, norm, scope):
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
-@pytest.mark.parametrize("cpu_level", _cpu_levels(), indirect=True)
+@pytest.mark.parametrize("cpu_level", cpu_levels(), indirect=True)
 @pytest.mark.parametrize("norm", ["max", "raw"])
 def test_float32_fast_path_extreme_ratios(cpu_level, norm):
     """Ratios from 0 to ~1e12 (y0 near 0, zero Δ entries): the sigmoid's exp saturates at both
