@@ -96,23 +96,23 @@ def test_accuracy_exact_match_on_a_scripted_model(batch_size):
     assert accuracy(model, exs[:2], TOK, batch_size=batch_size) == 1.0
 
 
-@pytest.mark.parametrize("use_hf_generate", [False, True])
-def test_greedy_generate_batched_equals_one_unpadded_row_at_a_time(use_hf_generate):
+@pytest.mark.parametrize("use_model_generate", [False, True])
+def test_greedy_generate_batched_equals_one_unpadded_row_at_a_time(use_model_generate):
     model = tiny_llama()
     prompts = [Example("a", "x"), Example("Q: Where does Zorvak live?\nA:", "x"), Example("Hello there:", "x")]
     batch = training_batch(prompts, TOK, 64, include_answer=False)
     args = (model, batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"])
-    out = greedy_generate(*args, 6, [300], use_hf_generate=use_hf_generate)  # 300: a stop id never produced
+    out = greedy_generate(*args, 6, [300], use_model_generate=use_model_generate)  # 300: a stop id never produced
     for row, ex in enumerate(prompts):
         ids = TOK.encode(ex.prompt)
         with torch.no_grad():
             for _ in range(6):
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
         assert out[row] == ids[-6:]
-    assert greedy_generate(*args, [1, 3, 2], [300], use_hf_generate=use_hf_generate) == [
+    assert greedy_generate(*args, [1, 3, 2], [300], use_model_generate=use_model_generate) == [
         out[0][:1], out[1][:3], out[2][:2]]
     stop = out[1][2]  # stopping at a token includes it and ends only the rows that produced it
-    stopped = greedy_generate(*args, 6, [stop], use_hf_generate=use_hf_generate)
+    stopped = greedy_generate(*args, 6, [stop], use_model_generate=use_model_generate)
     for row in range(3):
         k = out[row].index(stop) + 1 if stop in out[row] else 6
         assert stopped[row] == out[row][:k]

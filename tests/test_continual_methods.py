@@ -13,6 +13,7 @@ from torch import nn
 pytest.importorskip("transformers")
 
 import fastcur  # noqa: E402
+from fastcur.continual.evaluate import greedy_generate  # noqa: E402
 from fastcur.continual.ewc import EWC  # noqa: E402
 from fastcur.continual.methods import (MethodContext, available_methods, build_method, linear_targets,  # noqa: E402
                                        lm_loss, parse_methods)
@@ -207,6 +208,25 @@ def test_imsm_perplexity_uses_a_causal_query():
         whole_changed = method.imsm(changed).logits
     torch.testing.assert_close(a[:, :-1], b[:, :-1], rtol=0, atol=0)  # the past never sees the future
     assert (whole[:, :-1] - whole_changed[:, :-1]).abs().max() > 0
+
+
+def test_imsm_evaluation_generates_with_the_cache_as_without():
+    model, ctx = tiny_llama(), context()
+    method = build_method("imsm-lora")
+    method.setup(model, ctx)
+    _run("imsm-lora", model, method, TASKS[:1], ctx)         # a trained gate, nonzero W_B
+    evaluated = method.evaluation_model().eval()
+    batch = make_batch(TASKS[0].train[:3] + TASKS[0].train[-2:])   # rows of different lengths
+    lengths = batch["prompt_lengths"]
+    ids = batch["input_ids"] * (torch.arange(batch["input_ids"].shape[1]) < lengths[:, None])
+    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    args = (evaluated, ids, mask, lengths)
+    loop = greedy_generate(*args, [5, 3, 5, 4, 5], [300], use_model_generate=False)  # 300: never produced
+    assert greedy_generate(*args, [5, 3, 5, 4, 5], [300]) == loop                    # the KV-cached path
+    stop = [loop[0][1], loop[3][0]]                 # several stop ids: each row ends at its first one
+    stopped = greedy_generate(*args, 5, stop)
+    assert stopped == greedy_generate(*args, 5, stop, use_model_generate=False)
+    assert stopped[0] == loop[0][:min(loop[0].index(t) for t in stop if t in loop[0]) + 1]
 
 
 def test_secura_released_is_the_released_codes_recipe():

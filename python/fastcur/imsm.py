@@ -27,6 +27,7 @@ import inspect
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -271,15 +272,17 @@ class IMSM(nn.Module):
     # -- generation ---------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 20, eos_token_id: int | None = None) -> torch.Tensor:
+                 max_new_tokens: int = 20, eos_token_id: int | Sequence[int] | None = None) -> torch.Tensor:
         """Greedy decoding with one KV cache for both streams (the doubled batch).
 
         input_ids [B, T] (left padding with `attention_mask` [B, T]; every attended token is
-        prompt); q, q' are computed once from the prompt. Returns [B, T + n], n <= max_new_tokens
-        (rows that produced `eos_token_id` continue with it until every row has).
+        prompt); q, q' are computed once from the prompt. `eos_token_id`: one stop id or several.
+        Returns [B, T + n], n <= max_new_tokens (a row that produced a stop id continues with
+        that id until every row has stopped).
         """
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"fastcur.IMSM.generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        stops = _stop_ids(eos_token_id)
         input_ids, attention_mask = self._check_ids(input_ids, attention_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -295,14 +298,15 @@ class IMSM(nn.Module):
             h, h_tuned, cache = self.streams(input_ids, mask, position_ids, self._new_cache(), use_cache=True)
             q, q_tuned = _masked_mean(h, pm), _masked_mean(h_tuned, pm)
             done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            stops = stops.to(input_ids.device)
             for step in range(max_new_tokens):
                 logits = self.interweave(h[:, -1:], h_tuned[:, -1:], q, q_tuned)[:, -1]
                 tok = logits.argmax(-1)
-                if eos_token_id is not None:
-                    tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
-                    done |= tok == eos_token_id
+                if stops.numel():
+                    tok = torch.where(done, out[:, -1], tok)
+                    done |= torch.isin(tok, stops)
                 out = torch.cat([out, tok[:, None]], dim=1)
-                if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                if step == max_new_tokens - 1 or (stops.numel() and bool(done.all())):
                     break
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 position_ids = position_ids[:, -1:] + 1
@@ -424,6 +428,15 @@ def _active_dropout(backbone: nn.Module) -> str | None:
             if attr.endswith("dropout") and isinstance(value, float) and value > 0:
                 return f"{name}.{attr} = {value}"
     return None
+
+
+def _stop_ids(eos_token_id) -> torch.Tensor:
+    """generate()'s `eos_token_id` (None, an int or a sequence of ints) as a 1-D int64 tensor."""
+    ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"fastcur.IMSM.generate: eos_token_id must be None, an int or a sequence of ints, "
+                         f"got {eos_token_id!r}")
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def _masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

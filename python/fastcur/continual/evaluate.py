@@ -2,7 +2,8 @@
 the likeliest of `choices`), and perplexity on held-out text.
 
 Every model call goes through two small functions, `model_logits` (one forward) and
-`greedy_generate` (built on `model_logits`), so any causal LM works: a `transformers` model, or a
+`greedy_generate` (a model's own KV-cached `generate` where it has one, else a loop of
+`model_logits`), so any causal LM works: a `transformers` model, or a
 wrapper such as IMSM's whose forward takes `(input_ids, attention_mask, prompt_lengths, labels)`
 (`prompt_lengths` is passed when the forward accepts it) and returns logits or an object with
 `.logits`.
@@ -130,7 +131,16 @@ def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return logits.float()
 
 
-def _is_hf_generator(model) -> bool:
+def _has_cached_generate(model) -> bool:
+    """Whether `model.generate(input_ids=, attention_mask=, max_new_tokens=, eos_token_id=)` decodes
+    greedily with a KV cache from left-padded rows: a `transformers` model, fastcur.IMSM, or a
+    wrapper that declares it with `kv_cache_generate = True` (the benchmark's IMSM evaluation)."""
+    if getattr(model, "kv_cache_generate", False):
+        return True
+    from ..imsm import IMSM
+
+    if isinstance(model, IMSM):
+        return True
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover
@@ -140,24 +150,24 @@ def _is_hf_generator(model) -> bool:
 
 def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
                     max_new_tokens: int | Sequence[int], stop_ids: Sequence[int],
-                    use_hf_generate: bool | None = None) -> list[list[int]]:
+                    use_model_generate: bool | None = None) -> list[list[int]]:
     """Greedy continuation of each right-padded prompt row.
 
     Stops a row at the first of `stop_ids` (included in its output) or after max_new_tokens (one
-    int, or one per row). Returns the new token ids per row. A `transformers` model
-    (use_hf_generate=None or True) runs `model.generate` on the rows moved to left padding (KV
-    cache, positions from the mask); any other model runs a loop of `model_logits` without cache:
-    row b's next token comes from the logits at its own last position and is written right after
-    it, so rows of different lengths advance together.
+    int, or one per row). Returns the new token ids per row. A model with a KV-cached `generate`
+    (`transformers` models, fastcur.IMSM; use_model_generate=None or True) decodes with it on the
+    rows moved to left padding (positions from the mask); any other model runs a loop of
+    `model_logits` without cache: row b's next token comes from the logits at its own last
+    position and is written right after it, so rows of different lengths advance together.
     """
     B, L = input_ids.shape
     limits = [max_new_tokens] * B if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
     if len(limits) != B or min(limits) < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1 or {B} of them, got {max_new_tokens!r}")
-    if use_hf_generate is None:
-        use_hf_generate = _is_hf_generator(model)
-    if use_hf_generate:
-        return _hf_greedy(model, input_ids, attention_mask, limits, stop_ids)
+    if use_model_generate is None:
+        use_model_generate = _has_cached_generate(model)
+    if use_model_generate:
+        return _cached_greedy(model, input_ids, attention_mask, limits, stop_ids)
     max_new_tokens = max(limits)
     device = input_ids.device
     lengths = attention_mask.sum(1).long()
@@ -185,10 +195,10 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return outputs
 
 
-def _hf_greedy(model, input_ids, attention_mask, limits: list[int], stop_ids: Sequence[int]) -> list[list[int]]:
+def _cached_greedy(model, input_ids, attention_mask, limits: list[int], stop_ids: Sequence[int]) -> list[list[int]]:
     B, L = input_ids.shape
     lengths = attention_mask.sum(1).tolist()
-    pad = getattr(model.config, "pad_token_id", None)
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     if not isinstance(pad, int):  # any id in the vocabulary will do: padded positions are masked
         pad = int(input_ids[0, 0])
     left = torch.full_like(input_ids, pad)
@@ -196,8 +206,11 @@ def _hf_greedy(model, input_ids, attention_mask, limits: list[int], stop_ids: Se
     for b, n in enumerate(lengths):
         left[b, L - n:] = input_ids[b, :n]
         left_mask[b, L - n:] = 1
-    out = model.generate(input_ids=left, attention_mask=left_mask, max_new_tokens=max(limits), do_sample=False,
-                         num_beams=1, eos_token_id=list(stop_ids), pad_token_id=pad)
+    kwargs = {"input_ids": left, "attention_mask": left_mask, "max_new_tokens": max(limits),
+              "eos_token_id": [int(i) for i in stop_ids]}
+    if hasattr(model, "config"):   # transformers: greedy, and the pad id it fills finished rows with
+        kwargs.update(do_sample=False, num_beams=1, pad_token_id=pad)
+    out = model.generate(**kwargs)
     stop = set(int(i) for i in stop_ids)
     outputs = []
     for b, row in enumerate(out[:, L:].tolist()):

@@ -420,10 +420,16 @@ class _IMSMForEvaluation(nn.Module):
     generation) it is IMSM's own forward: the query means run over the prompt tokens. Without
     them (perplexity of plain text) the query of position t is the mean over positions <= t,
     so no token's prediction sees the tokens after it (a mean over the whole text would)."""
+    kv_cache_generate = True    # generate() below: evaluate.greedy_generate decodes with IMSM's KV cache
 
     def __init__(self, imsm):
         super().__init__()
         self.imsm = imsm
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=20, eos_token_id=None):
+        """IMSM's greedy decoding with a KV cache (left padding; the query over the prompt, as
+        forward with `prompt_lengths`): evaluate.greedy_generate uses it."""
+        return self.imsm.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
 
     def forward(self, input_ids, attention_mask=None, prompt_lengths=None):
         from ..imsm import IMSMOutput
