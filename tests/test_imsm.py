@@ -222,6 +222,10 @@ def test_generate_stops_at_eos():
     out = imsm.generate(ids, max_new_tokens=6, eos_token_id=eos)
     assert torch.equal(out[0, 5:7], free[0, 5:7])
     assert (out[0, 7:] == eos).all()
+    never = int(free.max()) + 1                  # several stop ids: the same as the one produced
+    assert torch.equal(imsm.generate(ids, max_new_tokens=6, eos_token_id=[never, eos]), out)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        imsm.generate(ids, max_new_tokens=6, eos_token_id=[1.5])
 
 
 def test_save_and_load_reproduce_outputs(tmp_path):
