@@ -1,5 +1,5 @@
-"""fastcur.continual.lr_grid: the learning-rate rule picks the rate of highest mean validation
-accuracy (ties: the smaller rate), validates on the last training examples of each task (never
+"""fastcur.continual.lr_grid: the learning-rate rule picks the smallest rate within 90 % of the
+best mean validation accuracy, validates on the last training examples of each task (never
 the test set, never what it trained on), and the CLI writes its report."""
 import json
 
@@ -10,11 +10,26 @@ from fastcur.continual import lr_grid  # noqa: E402
 from fastcur.continual.runner import RunConfig  # noqa: E402
 
 
-def test_choose_takes_the_best_mean_and_the_smaller_rate_on_ties():
+def test_choose_takes_the_smallest_rate_within_the_tolerance_of_the_best_mean():
     scores = [{"family": "lora", "lr": 1e-3, "mean": 0.5}, {"family": "lora", "lr": 3e-3, "mean": 0.7},
               {"family": "lora", "lr": 1e-2, "mean": 0.6}, {"family": "seq", "lr": 3e-4, "mean": 0.8},
-              {"family": "seq", "lr": 1e-4, "mean": 0.8}, {"family": "seq", "lr": 1e-3, "mean": 0.2}]
-    assert lr_grid.choose(scores) == {"lora": 3e-3, "seq": 1e-4}
+              {"family": "seq", "lr": 1e-4, "mean": 0.8}, {"family": "seq", "lr": 1e-3, "mean": 0.2},
+              {"family": "cur", "lr": 0.3, "mean": 0.9}, {"family": "cur", "lr": 0.1, "mean": 0.82},
+              {"family": "cur", "lr": 0.03, "mean": 0.8}]
+    assert lr_grid.choose(scores, tolerance=1.0) == {"lora": 3e-3, "seq": 1e-4, "cur": 0.3}   # the best
+    assert lr_grid.choose(scores, tolerance=0.9) == {"lora": 3e-3, "seq": 1e-4, "cur": 0.1}   # 0.82 >= 0.81
+    assert lr_grid.choose(scores, tolerance=0.7) == {"lora": 1e-3, "seq": 1e-4, "cur": 0.03}
+
+
+def test_the_committed_grid_gives_the_rates_in_methods():
+    import os
+
+    from fastcur.continual import methods
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "continual-lr-grid", "results.json")
+    with open(path) as fh:
+        committed = json.load(fh)
+    assert lr_grid.choose(committed["scores"]) == committed["best"] == methods.FAMILY_LR
 
 
 def test_every_method_family_has_a_grid_and_its_rate_in_methods():

@@ -1,5 +1,6 @@
-"""The learning-rate rule of `fastcur continual`: the best of a small grid, per parameterization
-family, on a validation split of the tasks' training data.
+"""The learning-rate rule of `fastcur continual`: from a small grid per parameterization family, the
+smallest rate that learns nearly as well as the best, on a validation split of the tasks' training
+data.
 
 The papers' learning rates are for 1.5-8 B models and thousands of steps (CURLoRA's released runs:
 2.5e-4) and none transfers to the benchmark's 0.5 M-parameter base and 100 steps per task. So every
@@ -11,11 +12,16 @@ method gets the rate of its family, chosen the same way for each family:
 - for each rate of the family's grid and each built-in task: a fresh copy of the base trained on
   that task alone with the run's recipe (steps, batch, warm-up, cosine decay, clipping) on the
   training examples but the last `n_val`, then scored on those last `n_val` (never the test set);
-- the family's rate is the one of highest mean validation accuracy over the tasks (ties: the
-  smaller rate).
+- the family's rate is the smallest one whose mean validation accuracy over the tasks is at
+  least `TOLERANCE` (90 %) of the family's best mean.
 
-The rule picks for plasticity (how well a task is learnt), as the papers tune their rates for
-task accuracy; forgetting is what the benchmark then measures.
+The rule looks at plasticity only (how well a task is learnt: never at retention, which is what
+the benchmark then measures), as the papers tune their rates for task accuracy. It takes the
+smallest rate that learns nearly as well as the best one rather than the best one itself,
+because near the top of the grid validation accuracy is flat while the damage to the base grows
+steeply: on the quick base LoRA at 1e-2 (the best mean, 96.2 %) learnt the sequence no better
+than at 3e-3 (89.1 %) but kept 0.16 of the base's facts against 0.60. Methods are compared at
+rates that learn about equally well.
 
     fastcur continual-lr-grid --out benchmarks/results/continual-lr-grid     # results.json + report.md
 """
@@ -37,6 +43,7 @@ GRIDS = {   # each family's best sits inside its grid (a first grid that ended a
     "secura": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
 }
 N_VAL = 64
+TOLERANCE = 0.9   # a family's rate: the smallest whose mean validation accuracy is >= 90 % of its best
 
 
 def _score(cfg, family: str, lr: float, n_val: int) -> dict:
@@ -105,17 +112,17 @@ def run_grid(cfg, grids: dict | None = None, n_val: int = N_VAL, workers: int = 
                     scores.append(future.result())
                     bar.update(1)
     return {"config": {**cfg.identity(), "workers": workers}, "n_val": n_val, "seconds": time.perf_counter() - start,
-            "scores": scores, "best": choose(scores)}
+            "scores": scores, "tolerance": TOLERANCE, "best": choose(scores)}
 
 
-def choose(scores: list[dict]) -> dict:
-    """{family: the rate of highest mean validation accuracy (ties: the smaller rate)}."""
+def choose(scores: list[dict], tolerance: float = TOLERANCE) -> dict:
+    """{family: the smallest rate whose mean validation accuracy is at least `tolerance` times the
+    family's best mean}, families in the order they first appear in `scores`."""
     best: dict = {}
     for s in scores:
-        held = best.get(s["family"])
-        if held is None or (s["mean"], -s["lr"]) > (held["mean"], -held["lr"]):
-            best[s["family"]] = s
-    return {family: s["lr"] for family, s in best.items()}
+        best[s["family"]] = max(best.get(s["family"], s["mean"]), s["mean"])
+    return {family: min(s["lr"] for s in scores if s["family"] == family and s["mean"] >= tolerance * top)
+            for family, top in best.items()}
 
 
 def format_report(result: dict) -> str:
@@ -123,7 +130,8 @@ def format_report(result: dict) -> str:
     lines = ["# fastcur continual: learning-rate grid", "",
              f"Validation split: the last {result['n_val']} training examples of each task; each rate trains a "
              f"fresh copy of the base on each task alone ({result['config']['steps']} steps, batch "
-             f"{result['config']['batch_size']}, warm-up, cosine decay, clipping). Chosen: the highest mean.", ""]
+             f"{result['config']['batch_size']}, warm-up, cosine decay, clipping). Chosen (bold): the smallest rate "
+             f"whose mean is at least {100 * result.get('tolerance', TOLERANCE):.0f} % of the family's best mean.", ""]
     for family, lr in result["best"].items():
         rows = [s for s in result["scores"] if s["family"] == family]
         tasks = list(rows[0]["accuracy"])
