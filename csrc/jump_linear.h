@@ -40,15 +40,28 @@ inline at::ScalarType jump_acc_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
+// log_theta is kept in the acc dtype (float32 for a float32/bfloat16/float16 weight, float64 for
+// float64): in bfloat16, log θ ≈ -4.7 has spacing 2^-5, a 3 % step in θ that flips gates.
+inline void check_log_theta(const at::Tensor& log_theta, const at::Tensor& weight_like,
+                            const char* ref_name) {
+  const auto want = jump_acc_type(weight_like.scalar_type());
+  TORCH_CHECK(log_theta.scalar_type() == want, "fastcur: log_theta must be ", want, " for a ",
+              weight_like.scalar_type(), " ", ref_name, " (the gate compares in ", want, "), got ",
+              log_theta.scalar_type());
+  TORCH_CHECK(log_theta.device() == weight_like.device(), "fastcur: log_theta must be on the device of ",
+              ref_name, " (", weight_like.device(), "), got ", log_theta.device());
+}
+
 inline void check_jump_factors(const at::Tensor& weight_like, int64_t n, int64_t k,
                                const at::Tensor& A, const at::Tensor& B,
-                               const at::Tensor& log_theta, int64_t theta_len) {
+                               const at::Tensor& log_theta, int64_t theta_len,
+                               const char* ref_name = "weight") {
   check_matrix(A, "A", -1, k);
   const int64_t r = A.size(0);
   check_matrix(B, "B", n, r);
-  check_like(A, "A", weight_like, "weight");
-  check_like(B, "B", weight_like, "weight");
-  check_like(log_theta, "log_theta", weight_like, "weight");
+  check_like(A, "A", weight_like, ref_name);
+  check_like(B, "B", weight_like, ref_name);
+  check_log_theta(log_theta, weight_like, ref_name);
   if (theta_len < 0) {
     TORCH_CHECK(log_theta.numel() == 1 && log_theta.dim() <= 1,
                 "fastcur: log_theta must be a scalar (shape [] or [1]), got ", shape_str(log_theta));
@@ -165,7 +178,7 @@ inline void check_ella_args(const at::Tensor& A, const at::Tensor& B, const at::
                             const at::Tensor& W_past) {
   check_floating(W_past, "W_past");
   check_matrix(W_past, "W_past", -1, -1);
-  check_jump_factors(W_past, W_past.size(0), W_past.size(1), A, B, log_theta, -1);
+  check_jump_factors(W_past, W_past.size(0), W_past.size(1), A, B, log_theta, -1, "W_past");
 }
 
 // ‖s Z e ⊙ W_past‖² (e of ELLA's delta above, fe = ella_f), and (when want_grad) its gradients

@@ -142,3 +142,66 @@ def rank_inputs(lead, k, n, r, *, gap: bool, seed: int = 0, bias: bool = True, g
     bw = min(bws) if gap else max(bws)
     _require_grads(dict(x=x, W=W, b=b, A=A, B=B, t=lt), grads)
     return [x, W, b, A, B, lt], bw
+
+
+def theta_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of log_theta the jump ops take next to tensors of `dtype` (float32; float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def theta_as_op_takes(fn):
+    """fn(x, W, b, A, B, lt, ...) with lt cast to `theta_dtype(W.dtype)`: `check_against_reference`
+    casts every input to the test's dtype, and the ops take log θ in float32 next to half
+    tensors (the inputs' log θ here are bfloat16-exact, so the cast changes no value)."""
+    def wrapped(x, W, b, A, B, lt, *rest):
+        return fn(x, W, b, A, B, lt.to(theta_dtype(W.dtype)), *rest)
+    return wrapped
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def theta_off_the_half_grid(values, dtype: torch.dtype, *, lo: float = 0.5, hi: float = 0.97,
+                            margin: float | None = None, edges: float | None = None,
+                            candidates: int = 20000):
+    """(log_theta [] float64 holding a float32 value, achieved margin, flips) for the
+    non-negative |Z| `values` (a tensor, or a list of tensors: every variant of Z some backend
+    or the reference may gate, e.g. from float32 and from half A, B, rounded to half or not).
+
+    The float32 θ = exp(log_theta) lies between the `lo` and `hi` quantiles, at least `margin`
+    (relative; default 2 unit roundoffs of `dtype`) away from every value, and log_theta is not
+    representable in `dtype`: rounded to it, θ moves past at least one value of every variant
+    (`flips`, the smallest count), so a path that rounds log θ to the half dtype gates
+    differently. `edges`: with a
+    bandwidth ε, (ε, relative margin) also keeps every value that far from θ ± ε/2 (the
+    straight-through window's edges). Of the candidates, the one with the most flips.
+    """
+    variants = [torch.as_tensor(v).flatten().double() for v in
+                (values if isinstance(values, (list, tuple)) else [values])]
+    v = torch.cat(variants).sort().values
+    margin = 2 * _unit_roundoff(dtype) if margin is None else margin
+    a, b = v[int(lo * (v.numel() - 1))], v[int(hi * (v.numel() - 1))]
+    lts = torch.linspace(a.log().item(), b.log().item(), candidates, dtype=torch.float64)
+    lts = lts.float().double().unique()
+    lts = lts[lts.to(dtype).double() != lts]                    # off the half grid
+    th = lts.exp()
+
+    def nearest(points):
+        pos = torch.searchsorted(v, points).clamp(1, v.numel() - 1)
+        return torch.minimum((v[pos] - points).abs(), (v[pos - 1] - points).abs()) / th
+
+    near = nearest(th)
+    th_half = lts.to(dtype).double().exp()
+    flips = torch.stack([(torch.searchsorted(u, th_half) - torch.searchsorted(u, th)).abs()
+                         for u in (w.sort().values for w in variants)]).amin(0)
+    ok = (near >= margin) & (flips >= 1)
+    if edges is not None:
+        eps, edge_margin = edges
+        ok &= (nearest(th - eps / 2) >= edge_margin) & (nearest(th + eps / 2) >= edge_margin)
+    if not ok.any():
+        raise RuntimeError(f"no float32 log θ off the {dtype} grid with a margin of {margin:.2e} in |Z|")
+    # the most flips (the most sensitive to a rounded θ), then the widest gap
+    score = torch.where(ok, flips.double() + near.clamp(max=0.5), torch.full_like(near, -1.0))
+    i = int(score.argmax())
+    return lts[i], near[i].item(), int(flips[i])

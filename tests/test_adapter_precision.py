@@ -126,23 +126,26 @@ def test_bf16_tiny_llama_trains_float32_adapters(config):
 
 # -- JumpLoRA (weight gate): float32 A, B, θ on a half base, the C++ path at M = 1 -----------------
 def _jump_layer(dtype):
-    """A JumpLoRA layer on a half base with float32 adapters, log θ exact in `dtype`, chosen on
-    that grid so that no |Z| lies within 1.5 % of θ (more than the rounding of Z from half A, B
-    and of θ itself can move one; a small layer, whose upper |Z| have such gaps): the gate is
-    the same in every precision, so what is compared is the arithmetic (the kernels accumulate
-    in float32 for half inputs)."""
+    """A JumpLoRA layer on a half base with float32 adapters and a float32 log θ that is not
+    representable in `dtype` (rounded to it, θ would move past at least one |Z|: the layer
+    gates with the float32 θ). θ sits in a gap of |Z| judged against the float32 θ, over every
+    Z a path may gate (from the float32 A, B of the truth, from the half A, B the layer passes
+    to the op, and that product rounded to `dtype` as the reference computes it), and the
+    straight-through window's edges θ ± ε/2 in gaps too: so what is compared is the arithmetic
+    (the kernels accumulate Z in float32 for half inputs and compare it with the float32 θ)."""
+    from jump_inputs import theta_off_the_half_grid
     torch.manual_seed(0)
     m = fastcur.JumpLoRALinear.from_linear(nn.Linear(24, 20).to(dtype), rank=2, alpha=4, f=0.5)
     with torch.no_grad():
         m.lora_A.weight.normal_(std=0.1)
         m.lora_B.weight.normal_(std=0.1)
-        z = (m.lora_B.weight.double() @ m.lora_A.weight.double()).abs().flatten().sort().values
-        grid = torch.linspace(z[int(0.6 * z.numel())].log().item(), z[int(0.97 * z.numel())].log().item(),
-                              4000).to(dtype).double().unique()
-        margins = torch.stack([((z - lt.exp()).abs() / lt.exp()).min() for lt in grid])
-        lt = grid[int(margins.argmax())]
-        assert margins.max() > 0.015, "no gap in |Z|"
+        A, B = m.lora_A.weight, m.lora_B.weight
+        zs = [(B.double() @ A.double()).abs(), (B.to(dtype).double() @ A.to(dtype).double()).abs(),
+              (B.to(dtype) @ A.to(dtype)).double().abs()]
+        lt, _, flips = theta_off_the_half_grid(zs, dtype, lo=0.6, edges=(m.bandwidth, 1e-3))
+        assert flips >= 1
         m.threshold.log_theta.fill_(lt.item())
+        assert m.threshold.log_theta.to(dtype).float() != m.threshold.log_theta
     return m
 
 
@@ -161,16 +164,19 @@ def test_jumplora_half_base_float32_adapters_match_float64(backend, lead, dtype)
     with fastcur.use_backend(backend):
         y = m(x)
         y.backward(grad_y.to(dtype))
-    names = ["lora_A.weight", "lora_B.weight"]
-    trainable = {n: p for n, p in m.named_parameters() if n in names}
+    names = ["lora_A.weight", "lora_B.weight", "log_theta"]
+    trainable = {"lora_A.weight": m.lora_A.weight, "lora_B.weight": m.lora_B.weight,
+                 "log_theta": m.threshold.log_theta}
     assert all(p.grad.dtype == torch.float32 for p in trainable.values())
 
     def math(xx, t, mod):
         return reference.jump_linear(xx, t["weight"], t["bias"], t["lora_A.weight"], t["lora_B.weight"],
                                      t["log_theta"], mod.scaling, mod.f, mod.bandwidth, mod.reduction)
-    tensors = {"weight": m.weight, "bias": m.bias, **trainable, "log_theta": m.threshold.log_theta.detach()}
+    tensors = {"weight": m.weight, "bias": m.bias, **{k: v.detach() for k, v in trainable.items()}}
     truth_y, truth_g = run(math, m, x.double(), {k: v.double() for k, v in tensors.items()}, grad_y, names)
-    low_y, low_g = run(math, m, x, {k: v.to(dtype) for k, v in tensors.items()}, grad_y, names)
+    # the reference at the layer's own precision: half tensors, log θ float32 (the ops' contract)
+    low = {k: (v if k == "log_theta" else v.to(dtype)) for k, v in tensors.items()}
+    low_y, low_g = run(math, m, x, low, grad_y, names)
     assert_close_to_reference(y, low_y, truth_y, "y")
     assert_close_to_reference(x.grad, low_g[0], truth_g[0], "grad x")
     for (n, p), lg, tg in zip(trainable.items(), low_g[1:], truth_g[1:]):

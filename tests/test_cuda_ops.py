@@ -24,7 +24,7 @@ import test_lalora as lal
 import test_secura_linear as sec
 import test_signorm as sig
 import test_signorm_merge as merge
-from jump_inputs import jump_inputs, rank_inputs
+from jump_inputs import jump_inputs, rank_inputs, theta_as_op_takes
 
 pytestmark = pytest.mark.cuda
 DEVICE = "cuda"
@@ -137,10 +137,11 @@ def jump_case(case, dtype):
     kernel window, so the θ gradient is exercised (as the CPU tests do)."""
     inputs, bw, _ = jump_inputs(*case, gap=dtype in LOWP, seed=sum(case[1:]))
     run = lambda backend: _jump_run(backend, bw)  # noqa: E731
-    return run, (lambda *a: reference.jump_linear(*a, 1.5, 0.6, bw)), inputs
+    return run, theta_as_op_takes(lambda *a: reference.jump_linear(*a, 1.5, 0.6, bw)), inputs
 
 
 def _jump_run(backend, bw):
+    @theta_as_op_takes
     def fn(x, W, b, A, B, lt):
         with fastcur.use_backend(backend):
             return fastcur.ops.jump_linear(x, W, b, A, B, lt, 1.5, 0.6, bw)
@@ -151,11 +152,12 @@ def rank_case(case, dtype):
     inputs, bw = rank_inputs(*case, gap=dtype in LOWP, seed=sum(case[1:]))
 
     def run(backend):
+        @theta_as_op_takes
         def fn(x, W, b, A, B, lt):
             with fastcur.use_backend(backend):
                 return fastcur.ops.jump_rank_linear(x, W, b, A, B, lt, 1.5, bw)
         return fn
-    return run, (lambda *a: reference.jump_rank_linear(*a, 1.5, bw)), inputs
+    return run, theta_as_op_takes(lambda *a: reference.jump_rank_linear(*a, 1.5, bw)), inputs
 
 
 JUMP_NAMES = "x W b A B log_theta".split()
@@ -188,7 +190,7 @@ def test_jump_rank_linear(backend, dtype, case):
 def test_ella_penalty(backend, dtype, shape, f, ella_delta):
     inputs = ella.inputs_for(*shape, seed=sum(shape))
     inputs[3].requires_grad_(True)
-    _check(ella.run_backend(backend, 1.5, f, ella_delta), lambda *a: reference.ella_penalty(*a, 1.5, f, ella_delta),
+    _check(ella.run_backend(backend, 1.5, f, ella_delta), ella.ref_fn(1.5, f, ella_delta),
            inputs, dtype, names="A B log_theta W_past".split())
 
 

@@ -10,7 +10,7 @@ from fastcur.ops import reference
 from fastcur.testing import check_against_reference
 
 from conftest import available_backends
-from jump_inputs import jump_inputs
+from jump_inputs import jump_inputs, theta_dtype
 
 BACKENDS = available_backends("ella_penalty")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -29,8 +29,15 @@ def inputs_for(k, n, r, seed=0):
 def run_backend(backend, scale, f=1.0, ella_delta="interpolated"):
     def fn(A, B, lt, Wp):
         with fastcur.use_backend(backend):
-            return fastcur.ops.ella_penalty(A, B, lt, Wp, scale, f, ella_delta)
+            return fastcur.ops.ella_penalty(A, B, lt.to(theta_dtype(Wp.dtype)), Wp, scale, f, ella_delta)
     return fn
+
+
+def ref_fn(scale, f, ella_delta):
+    # log θ float32 next to half tensors, as the op takes it (check_against_reference casts it
+    # to the test's dtype; its values are bfloat16-exact)
+    return lambda A, B, lt, Wp: reference.ella_penalty(A, B, lt.to(theta_dtype(Wp.dtype)), Wp, scale, f,
+                                                       ella_delta)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -41,7 +48,7 @@ def test_matches_reference(backend, dtype, shape, f, ella_delta):
     inputs = inputs_for(*shape, seed=sum(shape))
     inputs[3].requires_grad_(True)
     check_against_reference(run_backend(backend, 1.5, f, ella_delta),
-                            lambda *a: reference.ella_penalty(*a, 1.5, f, ella_delta), inputs,
+                            ref_fn(1.5, f, ella_delta), inputs,
                             dtype, names="A B log_theta W_past".split())
 
 
@@ -125,6 +132,9 @@ BAD = [
     (dict(B=torch.randn(9, 3)), "argument 'B' must have shape (10, 3)"),
     (dict(log_theta=torch.zeros(3)), "argument 'log_theta' must be a scalar tensor"),
     (dict(A=torch.randn(3, 12, dtype=torch.float64)), "argument 'A' must have the dtype of 'W_past'"),
+    (dict(A=torch.randn(3, 12).half(), B=torch.randn(10, 3).half(), W_past=torch.randn(10, 12).half(),
+          log_theta=torch.zeros((), dtype=torch.float16)),
+     "argument 'log_theta' must be torch.float32 next to a torch.float16 'W_past'"),
     (dict(W_past=torch.randn(10)), "argument 'W_past' must have shape ('*', '*')"),
     (dict(ella_delta="hard"), "argument 'ella_delta' must be one of 'interpolated', 'masked', 'sparse'"),
     (dict(f=1.5), "argument 'f' must be a float in [0, 1]"),

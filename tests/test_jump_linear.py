@@ -10,7 +10,7 @@ from fastcur.testing import check_against_reference
 
 from compile_check import assert_compiled_like_eager
 from conftest import available_backends
-from jump_inputs import jump_inputs, reset_inputs
+from jump_inputs import jump_inputs, reset_inputs, theta_as_op_takes, theta_off_the_half_grid
 
 BACKENDS = available_backends("jump_linear")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -20,6 +20,7 @@ NAMES = "x W b A B log_theta".split()
 
 
 def run_backend(backend, scale, f, bw, reduction="mean"):
+    @theta_as_op_takes
     def fn(x, W, b, A, B, lt):
         with fastcur.use_backend(backend):
             return fastcur.ops.jump_linear(x, W, b, A, B, lt, scale, f, bw, reduction)
@@ -27,7 +28,8 @@ def run_backend(backend, scale, f, bw, reduction="mean"):
 
 
 def ref_fn(scale, f, bw, reduction="mean"):
-    return lambda x, W, b, A, B, lt: reference.jump_linear(x, W, b, A, B, lt, scale, f, bw, reduction)
+    return theta_as_op_takes(
+        lambda x, W, b, A, B, lt: reference.jump_linear(x, W, b, A, B, lt, scale, f, bw, reduction))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -66,6 +68,31 @@ def test_straight_through_gradients_match_spec_formulas(backend, reduction, f):
     torch.testing.assert_close(dA, B.detach().T @ dZ, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(dB, dZ @ A.detach().T, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(dlt, theta * dtheta, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_inputs_gate_at_the_float32_theta(backend, dtype):
+    """Half x, W, A, B and a float32 log θ the half dtype cannot hold: with x = I, W = 0 and
+    f = 1 the layer returns s J(Z)^T, nonzero exactly where |Z| > the float32 θ (Z of the half
+    A, B; θ 2 unit roundoffs of the half dtype away from every |Z|, the reference's half-rounded
+    Z included), although the θ rounded to the half dtype gates at least one entry otherwise.
+    The gradient of log θ comes back in float32."""
+    k, n = 40, 36
+    (_, _, _, A, B, _), _, _ = jump_inputs((1,), k, n, 4, gap=False, seed=11, grads="params")
+    # |Z| about 0.01 (θ's init e^-4.7): log θ in [-8, -4), where the half grids are coarsest
+    Ah, Bh = A.detach().to(dtype), (0.05 * B.detach()).to(dtype)
+    Z = Bh.double() @ Ah.double()
+    lt64, _, flips = theta_off_the_half_grid([Z.abs(), (Bh @ Ah).double().abs()], dtype)
+    lt = lt64.float().requires_grad_()
+    with fastcur.use_backend(backend):
+        y = fastcur.ops.jump_linear(torch.eye(k, dtype=dtype), torch.zeros(n, k, dtype=dtype), None,
+                                    Ah, Bh, lt, 2.0, 1.0, 1e-3)
+    on = Z.abs() > lt64.exp()
+    assert flips >= 1 and not torch.equal(on, Z.abs() > lt.detach().to(dtype).double().exp())
+    assert torch.equal(y.T != 0, on)
+    dlt, = torch.autograd.grad(y.float().sum(), lt)
+    assert dlt.dtype == torch.float32 and dlt.shape == ()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -173,7 +200,14 @@ BAD = [
     (dict(log_theta=torch.zeros(2)), "argument 'log_theta' must be a scalar tensor"),
     (dict(bias=torch.randn(11)), "argument 'bias' must have shape (10,)"),
     (dict(x=torch.randn(4, 12, dtype=torch.float64)), "argument 'x' must have the dtype of 'weight'"),
-    (dict(log_theta=torch.zeros((), dtype=torch.float64)), "argument 'log_theta' must have the dtype of 'weight'"),
+    (dict(log_theta=torch.zeros((), dtype=torch.float64)),
+     "argument 'log_theta' must be torch.float32 next to a torch.float32 'weight'"),
+    (dict(x=torch.randn(4, 12).bfloat16(), weight=torch.randn(10, 12).bfloat16(), bias=None,
+          A=torch.randn(3, 12).bfloat16(), B=torch.randn(10, 3).bfloat16(),
+          log_theta=torch.zeros((), dtype=torch.bfloat16)),
+     "argument 'log_theta' must be torch.float32 next to a torch.bfloat16 'weight'"),
+    (dict(log_theta=torch.zeros((), dtype=torch.float32, device="meta")),
+     "argument 'log_theta' must be on the device of 'weight'"),
     (dict(weight=torch.randint(0, 3, (10, 12))), "argument 'weight' must be float32"),
     (dict(x=torch.randn(4, 12, device="meta")), "argument 'x' must be on the device of 'weight'"),
     (dict(f=1.5), "argument 'f' must be a float in [0, 1]"),
@@ -205,6 +239,11 @@ def test_cpp_kernel_checks_direct_calls():
         torch.ops.fastcur.jump_linear(x, W, None, A, torch.randn(9, 3), lt, 1.0, 1.0, 1e-3, True)
     with pytest.raises(RuntimeError, match="log_theta must be a scalar"):
         torch.ops.fastcur.jump_linear(x, W, None, A, torch.randn(10, 3), torch.zeros(3), 1.0, 1.0, 1e-3, True)
+    h = lambda t: t.bfloat16()  # noqa: E731
+    with pytest.raises(RuntimeError, match="log_theta must be Float for a BFloat16 weight"):
+        torch.ops.fastcur.jump_linear(h(x), h(W), None, h(A), h(torch.randn(10, 3)), h(lt), 1.0, 1.0, 1e-3, True)
+    with pytest.raises(RuntimeError, match="log_theta must be Float for a BFloat16 W_past"):
+        torch.ops.fastcur.ella_penalty(h(A), h(torch.randn(10, 3)), h(lt), h(W), 1.0, 1.0)
 
 
 # -- jump_linear_ella: the layer and ELLA's penalty in one pass ---------------------------------
@@ -215,6 +254,7 @@ def _w_past(n, k, seed):
 
 
 def run_ella(backend, scale, f, bw, W_past, ella_delta="interpolated"):
+    @theta_as_op_takes
     def fn(x, W, b, A, B, lt):
         with fastcur.use_backend(backend):
             y, p = fastcur.ops.jump_linear_ella(x, W, b, A, B, lt, scale, W_past.to(W.dtype), f, bw,
@@ -224,6 +264,7 @@ def run_ella(backend, scale, f, bw, W_past, ella_delta="interpolated"):
 
 
 def ref_ella(scale, f, bw, W_past, ella_delta="interpolated"):
+    @theta_as_op_takes
     def fn(x, W, b, A, B, lt):
         y, p = reference.jump_linear_ella(x, W, b, A, B, lt, scale, W_past.to(W.dtype), f, bw,
                                           ella_delta=ella_delta)

@@ -10,7 +10,7 @@ from fastcur.testing import check_against_reference, check_as_given, check_doubl
 
 from compile_check import assert_compiled_like_eager
 from conftest import available_backends
-from jump_inputs import rank_inputs
+from jump_inputs import rank_inputs, theta_as_op_takes, theta_off_the_half_grid
 
 BACKENDS = available_backends("jump_rank_linear")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -19,6 +19,7 @@ NAMES = "x W b A B log_theta".split()
 
 
 def run_backend(backend, scale, bw):
+    @theta_as_op_takes
     def fn(x, W, b, A, B, lt):
         with fastcur.use_backend(backend):
             return fastcur.ops.jump_rank_linear(x, W, b, A, B, lt, scale, bw)
@@ -26,7 +27,34 @@ def run_backend(backend, scale, bw):
 
 
 def ref_fn(scale, bw):
-    return lambda x, W, b, A, B, lt: reference.jump_rank_linear(x, W, b, A, B, lt, scale, bw)
+    return theta_as_op_takes(lambda x, W, b, A, B, lt: reference.jump_rank_linear(x, W, b, A, B, lt, scale, bw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_inputs_gate_at_the_float32_theta(backend, dtype):
+    """Half x, A and float32 log θ_j the half dtype cannot hold: with W = 0, B = I (n = r) the
+    layer returns s g, nonzero exactly where h_tj > the float32 θ_j (h = x A^T of the half x, A;
+    each θ_j 2 unit roundoffs of the half dtype away from every h of its channel, rounded to
+    the half dtype or not), although the θ_j rounded to the half dtype gate at least one entry
+    of each channel otherwise. The gradient of log θ comes back in float32."""
+    M, k, r = 200, 24, 3
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(M, k, generator=g, dtype=torch.float64).to(dtype)
+    A = (0.01 / k ** 0.5 * torch.randn(r, k, generator=g, dtype=torch.float64)).to(dtype)  # h ~ 0.01
+    h = x.double() @ A.double().T
+    h_low = (x @ A.T).double()
+    lts = torch.stack([theta_off_the_half_grid([h[:, j][h[:, j] > 0], h_low[:, j][h_low[:, j] > 0]], dtype,
+                                               lo=0.3, hi=0.9)[0] for j in range(r)])
+    lt = lts.float().requires_grad_()
+    with fastcur.use_backend(backend):
+        y = fastcur.ops.jump_rank_linear(x, torch.zeros(r, k, dtype=dtype), None, A,
+                                         torch.eye(r, dtype=dtype), lt, 2.0, 1e-3)
+    on = h > lts.exp()
+    assert not torch.equal(on, h > lt.detach().to(dtype).double().exp())
+    assert torch.equal(y != 0, on)
+    dlt, = torch.autograd.grad(y.float().sum(), lt)
+    assert dlt.dtype == torch.float32 and dlt.shape == (r,)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -136,7 +164,8 @@ BAD = [
     (dict(x=torch.randn(4, 11)), "argument 'x' must have last dimension k = 12"),
     (dict(B=torch.randn(10, 4)), "argument 'B' must have shape (10, 3)"),
     (dict(log_theta=torch.zeros(())), "argument 'log_theta' must have shape (3,)"),
-    (dict(log_theta=torch.zeros(3, dtype=torch.float16)), "argument 'log_theta' must have the dtype of 'weight'"),
+    (dict(log_theta=torch.zeros(3, dtype=torch.float16)),
+     "argument 'log_theta' must be torch.float32 next to a torch.float32 'weight'"),
     (dict(bias=torch.randn(11)), "argument 'bias' must have shape (10,)"),
     (dict(bandwidth=-1.0), "argument 'bandwidth' must be a float > 0"),
     (dict(bandwidth=None), "argument 'bandwidth' must be a float > 0, got None"),
@@ -161,6 +190,9 @@ def test_cpp_kernel_checks_direct_calls():
     x, W, A, B = torch.randn(4, 12), torch.randn(10, 12), torch.randn(3, 12), torch.randn(10, 3)
     with pytest.raises(RuntimeError, match=r"log_theta must have shape \[3\]"):
         torch.ops.fastcur.jump_rank_linear(x, W, None, A, B, torch.zeros(2), 1.0, 1e-3)
+    h = lambda t: t.bfloat16()  # noqa: E731
+    with pytest.raises(RuntimeError, match="log_theta must be Float for a BFloat16 weight"):
+        torch.ops.fastcur.jump_rank_linear(h(x), h(W), None, h(A), h(B), h(torch.zeros(3)), 1.0, 1e-3)
 
 
 # -- hostile inputs (issue 19) ------------------------------------------------------------------

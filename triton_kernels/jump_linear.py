@@ -2,8 +2,9 @@
 `torch.ops.fastcur.jump_linear_triton` and `torch.ops.fastcur.ella_penalty_triton`.
 
 Shapes (2-D; the caller flattens leading dimensions into M):
-    x [M, k], weight W [n, k], bias [n] or None, A [r, k], B [n, r], log_theta [] or [1],
-    W_past [n, k]; θ = exp(log_theta) is read on the device (no host sync).
+    x [M, k], weight W [n, k], bias [n] or None, A [r, k], B [n, r], log_theta [] or [1]
+    (float32, float64 for float64 inputs), W_past [n, k]; θ = exp(log_theta) is read on the
+    device (no host sync) and the gate compares in the acc dtype.
 
 Forward `jump_linear_fwd`:
     Weff = W + s (f J(Z) + (1 - f) Z)      `_jump_weff_kernel`: each [BN, BK] tile of Z = B A
@@ -299,7 +300,7 @@ def jump_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Ten
     dB = db.sum(0)[:, :r].to(dtype)
     theta = log_theta.to(acc).exp().reshape(())
     denom = float(n) * float(k) if mean else 1.0
-    dlog = (th.sum() * (f / float(bandwidth)) * theta * theta / denom).to(dtype).reshape(log_theta.shape)
+    dlog = (th.sum() * (f / float(bandwidth)) * theta * theta / denom).to(log_theta.dtype).reshape(log_theta.shape)
     return dx, dA, dB, dlog
 
 

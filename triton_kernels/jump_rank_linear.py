@@ -1,7 +1,7 @@
 """jump_rank_linear (docs/methods.md, JumpLoRA, rank-gated) in Triton: the launchers behind
 `torch.ops.fastcur.jump_rank_linear_triton`.
 
-Forward  (x [M, k], W [n, k], A [r, k], B [n, r], log_theta [r]):
+Forward  (x [M, k], W [n, k], A [r, k], B [n, r], log_theta [r] float32, float64 for float64 x):
     h = x A^T                    the skinny projection kernel of cur_linear
     g = h 1[h > θ_j]             `_rank_gate_kernel` (one pass over [M, r], θ read on device)
     y = x W^T + b + s g B^T      cur_linear's GEMM with the rank-r term in its accumulator

@@ -19,10 +19,10 @@ constexpr int64_t kTileElems = int64_t{1} << 22;
 
 template <typename scalar_t, typename acc_t>
 __global__ void ella_tile_kernel(const acc_t* __restrict__ Z, const scalar_t* __restrict__ Wp,
-                                 const scalar_t* __restrict__ lt, acc_t s, acc_t fe,
+                                 const acc_t* __restrict__ lt, acc_t s, acc_t fe,
                                  acc_t* __restrict__ val,
                                  acc_t* __restrict__ dZ, int64_t N) {
-  const acc_t th = exp(static_cast<acc_t>(lt[0]));
+  const acc_t th = exp(lt[0]);   // log_theta in the acc dtype
   const acc_t two_s2 = acc_t(2) * s * s, soft = acc_t(1) - fe;
   acc_t local = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -47,7 +47,7 @@ void ella_tile_cuda(const at::Tensor& Z, const at::Tensor& Wp, const at::Tensor&
     using acc_t = at::opmath_type<scalar_t>;
     ella_tile_kernel<scalar_t, acc_t><<<jump_cuda::grid_for(N), kThreads, 0,
                                         at::cuda::getCurrentCUDAStream()>>>(
-        Z.data_ptr<acc_t>(), Wp.data_ptr<scalar_t>(), lt.data_ptr<scalar_t>(),
+        Z.data_ptr<acc_t>(), Wp.data_ptr<scalar_t>(), lt.data_ptr<acc_t>(),
         static_cast<acc_t>(s), static_cast<acc_t>(fe), val.data_ptr<acc_t>(), dZ.defined() ? dZ.data_ptr<acc_t>() : nullptr,
         N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

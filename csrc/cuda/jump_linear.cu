@@ -1,6 +1,6 @@
 // jump_linear on CUDA (docs/methods.md, JumpLoRA): the row-block schedule of csrc/jump_linear.h with cuBLAS
 // GEMMs through ATen and two elementwise tile kernels; θ = exp(log_theta) is read on the
-// device (no host sync), the θ gradient is a block reduction plus one atomicAdd per block.
+// device (no host sync; log_theta in the acc dtype, float32 for half inputs), the θ gradient is a block reduction plus one atomicAdd per block.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,10 +24,10 @@ constexpr int64_t kTileElems = int64_t{1} << 22;
 // Wp / val are null without ELLA (uniform over the grid, so the block sum is safe to skip).
 template <typename scalar_t, typename acc_t>
 __global__ void build_weff_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ W,
-                                  const acc_t* __restrict__ Z, const scalar_t* __restrict__ lt,
+                                  const acc_t* __restrict__ Z, const acc_t* __restrict__ lt,
                                   acc_t s, acc_t f, const scalar_t* __restrict__ Wp,
                                   acc_t* __restrict__ val, acc_t fe, int64_t N) {
-  const acc_t th = exp(static_cast<acc_t>(lt[0]));
+  const acc_t th = exp(lt[0]);
   const acc_t soft = s * (acc_t(1) - f);
   const acc_t ella_soft = s * (acc_t(1) - fe);   // ELLA's delta s Z (fe m + 1 - fe)
   acc_t local = 0;
@@ -48,11 +48,11 @@ __global__ void build_weff_kernel(scalar_t* __restrict__ out, const scalar_t* __
 
 template <typename scalar_t, typename acc_t>
 __global__ void grad_tile_kernel(acc_t* __restrict__ dZ, const scalar_t* __restrict__ T,
-                                 const acc_t* __restrict__ Z, const scalar_t* __restrict__ lt,
+                                 const acc_t* __restrict__ Z, const acc_t* __restrict__ lt,
                                  acc_t s, acc_t f, acc_t inv_eps, acc_t* __restrict__ th_acc,
                                  const scalar_t* __restrict__ Wp, const acc_t* __restrict__ coef,
                                  acc_t fe, int64_t N) {
-  const acc_t th = exp(static_cast<acc_t>(lt[0]));
+  const acc_t th = exp(lt[0]);
   const acc_t soft = acc_t(1) - f;
   // ELLA (Wp, coef non-null): dZ += c 2 s² e² Z Wp², e = fe m + 1 - fe, c read on the device
   // (no host sync).
@@ -90,7 +90,7 @@ void build_weff_cuda(at::Tensor& out, const at::Tensor& W, const at::Tensor& Z,
     build_weff_kernel<scalar_t, acc_t><<<jump_cuda::grid_for(N), kThreads, 0,
                                          at::cuda::getCurrentCUDAStream()>>>(
         out.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), Z.data_ptr<acc_t>(),
-        lt.data_ptr<scalar_t>(), static_cast<acc_t>(s), static_cast<acc_t>(f),
+        lt.data_ptr<acc_t>(), static_cast<acc_t>(s), static_cast<acc_t>(f),
         Wp.defined() ? Wp.data_ptr<scalar_t>() : nullptr,
         (Wp.defined() && val.defined()) ? val.data_ptr<acc_t>() : nullptr, static_cast<acc_t>(fe), N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -108,7 +108,7 @@ void grad_tile_cuda(at::Tensor& dZ, const at::Tensor& T, const at::Tensor& Z,
     using acc_t = at::opmath_type<scalar_t>;
     grad_tile_kernel<scalar_t, acc_t><<<jump_cuda::grid_for(N), kThreads, 0,
                                         at::cuda::getCurrentCUDAStream()>>>(
-        dZ.data_ptr<acc_t>(), T.data_ptr<scalar_t>(), Z.data_ptr<acc_t>(), lt.data_ptr<scalar_t>(),
+        dZ.data_ptr<acc_t>(), T.data_ptr<scalar_t>(), Z.data_ptr<acc_t>(), lt.data_ptr<acc_t>(),
         static_cast<acc_t>(s), static_cast<acc_t>(f), static_cast<acc_t>(1.0 / eps),
         th_acc.data_ptr<acc_t>(), Wp.defined() ? Wp.data_ptr<scalar_t>() : nullptr,
         Wp.defined() ? coef.data_ptr<acc_t>() : nullptr, static_cast<acc_t>(fe), N);

@@ -1,6 +1,6 @@
 // jump_rank_linear on CUDA (docs/methods.md, JumpLoRA, rank-gated): cuBLAS GEMMs through ATen
 // (csrc/jump_rank_linear.h) plus the gate epilogues on the skinny [M, r] projection; θ_j is
-// read on the device, the window sums go through one atomicAdd per block and channel.
+// read on the device (log_theta in the acc dtype), the window sums go through one atomicAdd per block and channel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,12 +19,12 @@ namespace {
 using jump_cuda::kThreads;
 
 template <typename scalar_t, typename acc_t>
-__global__ void rank_gate_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ lt,
+__global__ void rank_gate_kernel(const scalar_t* __restrict__ h, const acc_t* __restrict__ lt,
                                  scalar_t* __restrict__ g, int64_t M, int64_t r) {
   const int64_t N = M * r;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
-    const acc_t th = exp(static_cast<acc_t>(lt[i % r]));
+    const acc_t th = exp(lt[i % r]);
     g[i] = static_cast<acc_t>(h[i]) > th ? h[i] : scalar_t(0);
   }
 }
@@ -33,14 +33,14 @@ __global__ void rank_gate_kernel(const scalar_t* __restrict__ h, const scalar_t*
 // entries inside the narrow kernel window contribute, so contention is low).
 template <typename scalar_t, typename acc_t>
 __global__ void rank_gate_bwd_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ dg,
-                                     const scalar_t* __restrict__ lt, scalar_t* __restrict__ g,
+                                     const acc_t* __restrict__ lt, scalar_t* __restrict__ g,
                                      scalar_t* __restrict__ dh, acc_t* __restrict__ win,
                                      acc_t inv_eps, int64_t M, int64_t r) {
   const int64_t N = M * r;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
     const int64_t j = i % r;
-    const acc_t th = exp(static_cast<acc_t>(lt[j]));
+    const acc_t th = exp(lt[j]);
     const acc_t hv = static_cast<acc_t>(h[i]);
     const bool on = hv > th;
     g[i] = on ? h[i] : scalar_t(0);
@@ -59,7 +59,7 @@ at::Tensor rank_gate_cuda(const at::Tensor& h_in, const at::Tensor& log_theta) {
     using acc_t = at::opmath_type<scalar_t>;
     rank_gate_kernel<scalar_t, acc_t><<<jump_cuda::grid_for(M * r), kThreads, 0,
                                         at::cuda::getCurrentCUDAStream()>>>(
-        h.data_ptr<scalar_t>(), lt.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), M, r);
+        h.data_ptr<scalar_t>(), lt.data_ptr<acc_t>(), g.data_ptr<scalar_t>(), M, r);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return g;
@@ -80,13 +80,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rank_gate_bwd_cuda(const at::Tens
       using acc_t = at::opmath_type<scalar_t>;
       rank_gate_bwd_kernel<scalar_t, acc_t><<<jump_cuda::grid_for(M * r), kThreads, 0,
                                               at::cuda::getCurrentCUDAStream()>>>(
-          h.data_ptr<scalar_t>(), dg.data_ptr<scalar_t>(), lt.data_ptr<scalar_t>(),
+          h.data_ptr<scalar_t>(), dg.data_ptr<scalar_t>(), lt.data_ptr<acc_t>(),
           g.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(), win.data_ptr<acc_t>(),
           static_cast<acc_t>(1.0 / eps), M, r);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  const at::Tensor theta = lt.to(acc).exp();
+  const at::Tensor theta = lt.exp();
   at::Tensor dlog = (-(theta * theta) / eps * win).to(log_theta.scalar_type());
   return {g, dh, dlog};
 }

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.ella_penalty import ella_penalty as _ella_op
-from ..ops.jump_linear import REDUCTIONS, jump_linear, jump_linear_ella
+from ..ops.jump_linear import REDUCTIONS, jump_linear, jump_linear_ella, theta_dtype
 from ..ops.jump_rank_linear import jump_rank_linear
 from ..ops.reference import ELLA_DELTAS
 from .adapter_linear import AdapterLinear, LinearTap, LowRankTap
@@ -360,11 +360,14 @@ class JumpLoRALinear(AdapterLinear):
         return jump_rank_linear(x, self.weight, self.bias, A, B, lt, self.scaling, self.bandwidth)
 
     def _compute_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A, B, log_theta) in the base's dtype: the float32 tensors of a bfloat16/float16 base
-        cast at the fused op's edge (differentiably: their gradients arrive in float32)."""
+        """(A, B, log_theta) as the ops take them: A, B in the base's dtype (the float32 factors
+        of a bfloat16/float16 base cast at the fused op's edge, differentiably: their gradients
+        arrive in float32); log_theta float32 (float64 on a float64 base), never rounded to a
+        half dtype (docs/methods.md, JumpLoRA, precision)."""
         dtype = self.weight.dtype
-        return tuple(t if t.dtype == dtype else t.to(dtype)
-                     for t in (self.lora_A.weight, self.lora_B.weight, self.threshold.log_theta))
+        A, B = (t if t.dtype == dtype else t.to(dtype) for t in (self.lora_A.weight, self.lora_B.weight))
+        lt, want = self.threshold.log_theta, theta_dtype(dtype)
+        return A, B, (lt if lt.dtype == want else lt.to(want))
 
     def _training_adapter(self) -> bool:
         return (torch.is_grad_enabled() and not torch.compiler.is_compiling()

@@ -4,7 +4,8 @@ Autocast casts the inputs of the ops it knows (`F.linear`, `matmul`, ...) but no
 custom op, so each fused linear op casts its own floating inputs here, before its checks, the
 way autocast casts nn.Linear's: to the autocast dtype of the input's device, differentiably
 (gradients reach the float32 parameters in float32), float64 left alone. The op then runs
-unchanged in that dtype and returns it, as `F.linear` does under autocast.
+unchanged in that dtype and returns it, as `F.linear` does under autocast. The JumpLoRA ops
+pass their log θ around this (it stays float32: their gate compares in float32).
 """
 from __future__ import annotations
 

@@ -86,7 +86,8 @@ def ella_penalty(A: Tensor, B: Tensor, log_theta: Tensor, W_past: Tensor, scale:
     """ELLA penalty of one layer (docs/methods.md, JumpLoRA): `‖D ⊙ W_past‖_F²`.
 
     Args:
-        A: [r, k], B: [n, r] the current task's factors; log_theta: [] (or [1]).
+        A: [r, k], B: [n, r] the current task's factors; log_theta: [] (or [1]), float32
+            (float64 for a float64 W_past), as for `fastcur.ops.jump_linear`.
         W_past: [n, k] the sum of the earlier tasks' merged updates.
         scale: s; f: the layer's schedule value in [0, 1].
         ella_delta: "interpolated" (default, as released: D = s (f J(Z) + (1 − f) Z), the

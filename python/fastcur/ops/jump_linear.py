@@ -192,8 +192,28 @@ def _triton_ella_op():
     return torch.ops.fastcur.jump_linear_ella_triton.default
 
 
+def theta_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype log_theta must have next to tensors of `dtype`: float32 (float64 for float64).
+    The gate |Z| > θ compares in it: in bfloat16, log θ ≈ -4.7 has spacing 2^-5, a 3 % step in θ
+    that flips gates (docs/methods.md, JumpLoRA, precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_theta(c: ArgChecker, log_theta, shape=None, dims=None) -> None:
+    """log_theta: a floating tensor of `theta_dtype` of the anchor's dtype, on its device."""
+    c.tensor("log_theta", log_theta, shape, dims=dims, floating=False)
+    want = theta_dtype(c.dtype)
+    if log_theta.dtype != want:
+        c.fail(f"argument 'log_theta' must be {want} next to a {c.dtype} '{c.anchor_name}' (θ is "
+               f"compared in {want}; do not round log θ to the base's dtype), got {log_theta.dtype}",
+               TypeError)
+    if log_theta.device != c.device:
+        c.fail(f"argument 'log_theta' must be on the device of '{c.anchor_name}' ({c.device}), "
+               f"got {log_theta.device}")
+
+
 def check_scalar_theta(c: ArgChecker, log_theta) -> None:
-    c.tensor("log_theta", log_theta)
+    check_theta(c, log_theta)
     if log_theta.dim() > 1 or log_theta.numel() != 1:
         c.fail(f"argument 'log_theta' must be a scalar tensor (shape () or (1,)), got {tuple(log_theta.shape)}")
 
@@ -244,16 +264,21 @@ def jump_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
         x: [..., k] activations (any leading dimensions).
         weight: [n, k] frozen base weight W; bias: [n] or None.
         A: [r, k], B: [n, r] the LoRA factors, Z = B A (never stored whole by the kernels).
-        log_theta: [] (or [1]) the threshold's log, θ = exp(log_theta).
+        log_theta: [] (or [1]) the threshold's log, θ = exp(log_theta): float32 for a
+            float32/bfloat16/float16 weight, float64 for a float64 one (any other dtype is a
+            TypeError; the gate |Z| > θ compares in that dtype, Z accumulated in float32 for
+            half inputs, so θ is never rounded to a half dtype). Under torch.autocast it is
+            not cast.
         scale: s; f: the schedule value in [0, 1] (0: plain LoRA, 1: exactly sparse),
             ΔW = s (f J(Z) + (1 - f) Z), J(Z) = Z 1[|Z| > θ].
         bandwidth: ε of the straight-through rectangle kernel K(u) = 1[|u| < 1/2].
         reduction: "mean" (the released code: the θ term averaged over the n k entries) or
             "sum" (the Jumping-Ahead convention).
     Returns:
-        [..., n] in x's dtype. Differentiable in x, weight, bias, A, B and log_theta.
+        [..., n] in x's dtype. Differentiable in x, weight, bias, A, B and log_theta (its
+        gradient in log_theta's dtype).
     """
-    x, weight, bias, A, B, log_theta = autocast_inputs(x, weight, bias, A, B, log_theta)
+    x, weight, bias, A, B = autocast_inputs(x, weight, bias, A, B)   # (log θ stays float32)
     _check(x, weight, bias, A, B, log_theta)
     check_options("jump_linear", scale, f, bandwidth, reduction)
     backend = resolve("jump_linear", x.device)
@@ -283,7 +308,7 @@ def jump_linear_ella(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, 
         gradient into each tile's dL/dZ before the one contraction with A and B, so ELLA costs
         one extra read of W_past per pass instead of a second walk over Z.
     """
-    x, weight, bias, A, B, log_theta, W_past = autocast_inputs(x, weight, bias, A, B, log_theta, W_past)
+    x, weight, bias, A, B, W_past = autocast_inputs(x, weight, bias, A, B, W_past)   # (not log θ)
     _check(x, weight, bias, A, B, log_theta)
     check_options("jump_linear_ella", scale, f, bandwidth, reduction, ella_delta)
     c = ArgChecker("jump_linear_ella")

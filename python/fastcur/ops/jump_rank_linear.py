@@ -16,7 +16,7 @@ from . import reference
 from ._autocast import autocast_inputs, autocast_off
 from ._checks import ArgChecker, flat_rows
 from ._registry import register_with_backward
-from .jump_linear import check_factors, check_options
+from .jump_linear import check_factors, check_options, check_theta
 
 
 def _fwd_fake(x, weight, bias, A, B, log_theta, scale, bandwidth):
@@ -91,7 +91,7 @@ def _check(x, weight, bias, A, B, log_theta) -> None:
         c.fail(f"argument 'x' must have last dimension k = {k} (weight is {tuple(weight.shape)}), "
                f"got shape {tuple(x.shape)}")
     r = check_factors(c, A, B, n, k)
-    c.tensor("log_theta", log_theta, (r,), dims="(r,)")
+    check_theta(c, log_theta, (r,), dims="(r,)")
     c.tensor("bias", bias, (n,), dims="(n,)", optional=True)
 
 
@@ -101,12 +101,15 @@ def jump_rank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, 
 
     Args:
         x: [..., k]; weight: [n, k]; bias: [n] or None; A: [r, k]; B: [n, r].
-        log_theta: [r], one threshold per rank channel, θ_j = exp(log_theta_j).
+        log_theta: [r], one threshold per rank channel, θ_j = exp(log_theta_j); float32
+            (float64 for a float64 weight) whatever the base's dtype, not cast by autocast
+            (see `fastcur.ops.jump_linear`).
         scale: s; bandwidth: ε of the one-sided straight-through kernel (summed over tokens).
     Returns:
-        [..., n] in x's dtype. Differentiable in x, weight, bias, A, B and log_theta.
+        [..., n] in x's dtype. Differentiable in x, weight, bias, A, B and log_theta (its
+        gradient in log_theta's dtype).
     """
-    x, weight, bias, A, B, log_theta = autocast_inputs(x, weight, bias, A, B, log_theta)
+    x, weight, bias, A, B = autocast_inputs(x, weight, bias, A, B)   # (log θ stays float32)
     _check(x, weight, bias, A, B, log_theta)
     check_options("jump_rank_linear", scale, bandwidth=bandwidth)
     backend = resolve("jump_rank_linear", x.device)

@@ -151,6 +151,14 @@ def _window(u: torch.Tensor) -> torch.Tensor:
     return (u.abs() < 0.5).to(u.dtype)
 
 
+def _z(A: torch.Tensor, B: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    """Z = B A in log θ's dtype (float32 next to half A, B; the ops' contract), as the kernels
+    accumulate it: the gate |Z| > θ then compares in float32 (Z rounded to bfloat16 would move
+    by up to 0.4 % and flip gates next to θ)."""
+    acc = torch.promote_types(A.dtype, log_theta.dtype)
+    return B.to(acc) @ A.to(acc)
+
+
 class _SymmetricJumpReLU(torch.autograd.Function):
     """J(Z) = Z ⊙ 1[|Z| > θ] with the straight-through gradients of docs/methods.md, JumpLoRA.
 
@@ -199,8 +207,9 @@ def jump_delta_weight(A: torch.Tensor, B: torch.Tensor, log_theta: torch.Tensor,
                       f: float = 1.0, bandwidth: float = 1e-3,
                       reduction: str = "mean") -> torch.Tensor:
     """ΔW = scale · (f · J(B A) + (1 − f) · B A), [n, k] (docs/methods.md, JumpLoRA), differentiable with the
-    straight-through estimator. A [r, k], B [n, r], log_theta [] (θ = exp(log_theta))."""
-    Z = B @ A
+    straight-through estimator. A [r, k], B [n, r], log_theta [] (θ = exp(log_theta); float32 next
+    to half A, B). ΔW in log_theta's dtype (`_z`)."""
+    Z = _z(A, B, log_theta)
     J = _SymmetricJumpReLU.apply(Z, log_theta.exp().reshape(()), bandwidth, reduction)
     return scale * (f * J + (1.0 - f) * Z)
 
@@ -213,7 +222,7 @@ def jump_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x [..., k], weight [n, k], bias [n] or None, A [r, k], B [n, r], log_theta [] -> [..., n]
     """
     dW = jump_delta_weight(A, B, log_theta, scale, f, bandwidth, reduction)
-    return F.linear(x, weight + dW.reshape(weight.shape).to(weight.dtype), bias)
+    return F.linear(x, (weight + dW.reshape(weight.shape)).to(weight.dtype), bias)
 
 
 def jump_linear_ella(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -262,12 +271,12 @@ def ella_penalty(A: torch.Tensor, B: torch.Tensor, log_theta: torch.Tensor, W_pa
     """`‖D ⊙ W_past‖_F²`, ELLA's delta `D = scale (f_e J(Z) + (1 − f_e) Z)`, `Z = B A`, with
     f_e = `ella_interpolation(f, ella_delta)` and the hard mask: no gradient reaches log_theta.
 
-    A [r, k], B [n, r], log_theta [], W_past [n, k] -> [] (a scalar)
+    A [r, k], B [n, r], log_theta [], W_past [n, k] -> [] (a scalar in W_past's dtype)
     """
     fe = ella_interpolation(f, ella_delta)
-    Z = B @ A
+    Z = _z(A, B, log_theta)
     mask = (Z.abs() > log_theta.detach().exp().reshape(())).to(Z.dtype)
-    return (scale * Z * (fe * mask + (1.0 - fe)) * W_past).square().sum()
+    return (scale * Z * (fe * mask + (1.0 - fe)) * W_past).square().sum().to(W_past.dtype)
 
 
 # -- IMSM (docs/methods.md, IMSM) -----------------------------------------------------------------------------
