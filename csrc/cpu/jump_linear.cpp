@@ -435,6 +435,26 @@ BlockPlan plan(int64_t n, int64_t k) {
   return {rows, (n + rows - 1) / rows};
 }
 
+// The opening of one block of W's rows in both backwards: rows [i0, i0 + b) of block `blk`, their
+// Z tile (into z_buf) and, when dx is needed (`weff` defined), their rows of W + ΔW.
+struct BlockTile {
+  int64_t i0, b;
+  at::Tensor z, B_blk;   // Z tile [b, k] (a view of z_buf), B's rows [b, r]
+};
+
+BlockTile open_block(const BlockPlan& p, int64_t blk, const at::Tensor& z_buf,
+                     const at::Tensor& A_acc, const at::Tensor& B_acc, const at::Tensor& W,
+                     const at::Tensor& weff, const at::Tensor& log_theta, double scale, double f) {
+  const int64_t i0 = blk * p.rows, b = std::min(p.rows, W.size(0) - i0);
+  BlockTile t{i0, b, z_buf.narrow(0, 0, b), B_acc.narrow(0, i0, b)};
+  z_tile(t.z, t.B_blk, A_acc);
+  if (weff.defined()) {
+    at::Tensor out = weff.narrow(0, i0, b);
+    build_weff_cpu(out, W.narrow(0, i0, b), t.z, log_theta, scale, f);
+  }
+  return t;
+}
+
 // W + ΔW assembled block by block; with `Wp` (ELLA's W_past) also Σ (s J(Z) ⊙ Wp)² into `ella`
 // (a [] tensor in the acc dtype), from the same Z tiles.
 at::Tensor build_weff_blocks(const at::Tensor& W, const at::Tensor& A_acc, const at::Tensor& B_acc,
@@ -525,14 +545,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_impl(
       at::Tensor dA_local = dA_parts[b0];
       at::Tensor th_local = th_parts.select(0, b0);
       for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t i0 = blk * p.rows, b = std::min(p.rows, n - i0);
-        at::Tensor z = z_buf.narrow(0, 0, b);
-        const at::Tensor B_blk = B_acc.narrow(0, i0, b);
-        z_tile(z, B_blk, A_acc);                                     // Z tile      [b, k]
-        if (need_dx) {
-          at::Tensor out = weff.narrow(0, i0, b);
-          build_weff_cpu(out, W.narrow(0, i0, b), z, log_theta, scale, f);
-        }
+        const BlockTile bt = open_block(p, blk, z_buf, A_acc, B_acc, W, weff, log_theta, scale, f);
+        const int64_t i0 = bt.i0, b = bt.b;
+        const at::Tensor &z = bt.z, &B_blk = bt.B_blk;
         if (!need_adapter) continue;
         at::Tensor t = t_buf.narrow(0, 0, b), dz = dz_buf.narrow(0, 0, b);
         at::mm_out(t, dy.narrow(1, i0, b).t(), xc);                  // dy^T x tile [b, k]
@@ -613,14 +628,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_sampl
       AT_DISPATCH_FLOATING_TYPES(acc, "jump_bwd_sampled", [&] {
         std::vector<scalar_t> g;
         for (int64_t blk = b0; blk < b1; ++blk) {
-          const int64_t i0 = blk * p.rows, b = std::min(p.rows, n - i0);
-          at::Tensor z = z_buf.narrow(0, 0, b);
-          const at::Tensor B_blk = B_acc.narrow(0, i0, b);
-          z_tile(z, B_blk, A_acc);                                          // Z tile [b, k]
-          if (need_dx) {
-            at::Tensor out = weff.narrow(0, i0, b);
-            build_weff_cpu(out, W.narrow(0, i0, b), z, log_theta, scale, f);
-          }
+          const BlockTile bt = open_block(p, blk, z_buf, A_acc, B_acc, W, weff, log_theta, scale, f);
+          const int64_t i0 = bt.i0, b = bt.b;
+          const at::Tensor &z = bt.z, &B_blk = bt.B_blk;
           if (!masked) continue;
           at::Tensor dB_blk = dB.narrow(0, i0, b);
           const at::Tensor dyT_blk = dyT.narrow(0, i0, b);
