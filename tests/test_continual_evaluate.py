@@ -137,6 +137,43 @@ def test_choice_scores_match_one_row_log_likelihoods():
         assert accuracy(model, [ex], TOK) == float(best == ex.answer)
 
 
+class _PlainLM(nn.Module):
+    """A transformers model behind a plain module: choice_scores scores it one full row per choice."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 64])
+def test_choice_scores_on_a_shared_prompt_cache_equal_one_row_per_choice(batch_size, monkeypatch):
+    from fastcur.continual import evaluate
+
+    shared, real = [], evaluate._shared_prompt_scores
+
+    def spy(model, items, *args):
+        shared.extend(i for i, _ in items)
+        return real(model, items, *args)
+
+    monkeypatch.setattr(evaluate, "_shared_prompt_scores", spy)
+    model = tiny_llama(3)
+    exs = [Example("Q: Where does Zorvak live?\nA:", "Plimt", ("Plimt", "Oss", "Vardenholm", "")),
+           Example("Review: dull\nSentiment:", "negative", ("positive", "negative")),
+           Example("x" * 40 + "\nAnswer:", "bb", ("aa", "bb")),         # cut by max_len: the same cut for both
+           Example("y" * 45 + "\nAnswer:", "no", ("no", "a much longer choice")),   # cut differently per choice
+           Example("Premise: all A are B.\nConclusion:", "yes", ("yes", "no", "maybe"))]
+    got = choice_scores(model, exs, TOK, batch_size=batch_size, max_len=48)
+    want = choice_scores(_PlainLM(model), exs, TOK, batch_size=batch_size, max_len=48)
+    assert [len(g) for g in got] == [len(e.choices) for e in exs]
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-4)
+    assert got[0][3] == 0.0                                         # an empty choice has no tokens to score
+    assert sorted(shared) == [0, 1, 2, 4]          # the cache for every example but the one cut per choice
+
+
 def test_perplexity_uniform_model_is_vocab_size_and_matches_hf_loss():
     class Uniform(nn.Module):
         def forward(self, input_ids, attention_mask):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._atomic import atomic_folder
+from ._hf_compat import cache_keyword
 from .modules.adapter_linear import AdapterLinear
 from .ops.imsm_gate import imsm_gate
 
@@ -174,7 +174,7 @@ class IMSM(nn.Module):
         B = input_ids.shape[0]
         two = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
         backbone = self.backbone
-        cache_kw = _cache_keyword(type(backbone))
+        cache_kw = cache_keyword(type(backbone))
         with self._frozen_rows(B):
             out = backbone(input_ids=two(input_ids), attention_mask=two(attention_mask),
                            position_ids=two(position_ids), use_cache=use_cache, **{cache_kw: past_key_values})
@@ -404,13 +404,6 @@ class IMSM(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_keyword(backbone_type: type) -> str:
-    """The keyword the decoder's forward takes its KV cache by: `cache` (transformers >= 5.25,
-    where `past_key_values` is deprecated) or `past_key_values` (earlier releases)."""
-    params = inspect.signature(backbone_type.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _active_dropout(backbone: nn.Module) -> str | None:
     """The first module of the base model (adapters excluded: the frozen rows bypass them) whose
     dropout acts in its current mode, as 'name (p=...)', or None: nn.Dropout modules and the

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .._hf_compat import cache_keyword
 from .tasks import Example
 
 DEFAULT_MAX_LEN = 256
@@ -139,8 +140,10 @@ def _has_cached_generate(model) -> bool:
         return True
     from ..imsm import IMSM
 
-    if isinstance(model, IMSM):
-        return True
+    return isinstance(model, IMSM) or _is_transformers_model(model)
+
+
+def _is_transformers_model(model) -> bool:
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover
@@ -268,24 +271,93 @@ def clean_generation(text: str) -> str:
 
 def choice_scores(model, examples: Sequence[Example], tokenizer, batch_size: int = 32,
                   max_len: int = DEFAULT_MAX_LEN) -> list[list[float]]:
-    """Summed log-likelihood of each choice's tokens after its prompt, per example (EOS not scored)."""
+    """Summed log-likelihood of each choice's tokens after its prompt, per example (EOS not scored).
+
+    A `transformers` model runs each prompt once and its choices on copies of the prompt's KV
+    cache (`_shared_prompt_scores`); any other model, and an example whose choices cut its
+    prompt differently (`max_len`), runs one full row per choice. Both give the same sums (up to
+    float rounding: the cached rows attend to the same keys in another order of operations)."""
     examples = _check_examples(examples)
-    pairs = [(i, c) for i, ex in enumerate(examples) for c in (ex.choices or ())]
-    scores: list[list[float]] = [[] for _ in examples]
+    encoded = [[_encode(ex.prompt, c, tokenizer, max_len, add_eos=False) for c in (ex.choices or ())]
+               for ex in examples]
+    scores: list[list[float]] = [[0.0] * len(e) for e in encoded]
+    shared = [i for i, e in enumerate(encoded) if e and len({tuple(seq[:n]) for seq, n in e}) == 1]
+    if not _is_transformers_model(model):
+        shared = []
+    rest = sorted(set(range(len(examples))) - set(shared))
     device = _device(model)
     with _EvalMode(model):
+        _shared_prompt_scores(model, [(i, encoded[i]) for i in shared], batch_size, tokenizer.pad_token_id, device,
+                              scores)
+        pairs = [(i, c) for i in rest for c in range(len(encoded[i]))]
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
-            seqs, lens = zip(*(_encode(examples[i].prompt, c, tokenizer, max_len, add_eos=False) for i, c in chunk))
+            seqs, lens = zip(*(encoded[i][c] for i, c in chunk))
             batch = _to(_collate(list(seqs), list(lens), tokenizer.pad_token_id), device)
             logp = torch.log_softmax(model_logits(model, batch["input_ids"], batch["attention_mask"],
                                                   batch["prompt_lengths"]), dim=-1)
             labels = batch["labels"][:, 1:]
             picked = logp[:, :-1].gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
             totals = (picked * (labels != -100)).sum(1).tolist()
-            for (i, _), total in zip(chunk, totals):
-                scores[i].append(total)
+            for (i, c), total in zip(chunk, totals):
+                scores[i][c] = total
     return scores
+
+
+def _shared_prompt_scores(model, items: list[tuple[int, list[tuple[list[int], int]]]], batch_size: int,
+                          pad_id: int, device, scores: list[list[float]]) -> None:
+    """choice_scores for a `transformers` model: per chunk of examples (at most `batch_size`
+    choice rows), one pass over the left-padded prompts with a KV cache, then one over every
+    choice's tokens on its prompt's cache rows. items: (example index, [(ids, prompt length)
+    per choice]) with one prompt per example; fills scores[i][c]."""
+    start = 0
+    while start < len(items):
+        chunk, rows = [], 0
+        while start < len(items) and (not chunk or rows + len(items[start][1]) <= batch_size):
+            chunk.append(items[start])
+            rows += len(items[start][1])
+            start += 1
+        prompts = [enc[0][0][:enc[0][1]] for _, enc in chunk]
+        answers = [[seq[n:] for seq, n in enc] for _, enc in chunk]
+        B, Lp = len(chunk), max(len(p) for p in prompts)
+        ids = torch.full((B, Lp), pad_id, dtype=torch.long)
+        mask = torch.zeros((B, Lp), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, Lp - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[b, Lp - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)        # predicts each answer's 1st token
+        owner = [b for b, a in enumerate(answers) for _ in a]
+        flat = [a for per in answers for a in per]
+        La = max(len(a) for a in flat)
+        totals = [float(first[b, a[0]]) if a else 0.0 for b, a in zip(owner, flat)]
+        if La > 1:
+            kw = cache_keyword(type(model))
+            cache = getattr(out, kw)
+            index = torch.tensor(owner, dtype=torch.long, device=device)
+            cache.batch_select_indices(index)
+            a_ids = torch.full((len(flat), La - 1), pad_id, dtype=torch.long)
+            a_mask = torch.zeros((len(flat), La - 1), dtype=torch.long)
+            for j, a in enumerate(flat):
+                if len(a) > 1:
+                    a_ids[j, :len(a) - 1] = torch.tensor(a[:-1], dtype=torch.long)
+                    a_mask[j, :len(a) - 1] = 1
+            a_ids, a_mask = a_ids.to(device), a_mask.to(device)
+            a_pos = position_ids[index, -1:] + 1 + torch.arange(La - 1, device=device)
+            out = model(input_ids=a_ids, attention_mask=torch.cat([mask[index], a_mask], 1), position_ids=a_pos,
+                        use_cache=True, **{kw: cache})
+            logp = torch.log_softmax(out.logits.float(), dim=-1)            # row t predicts answer token t + 1
+            for j, a in enumerate(flat):
+                if len(a) > 1:
+                    nxt = torch.tensor(a[1:], dtype=torch.long, device=device)
+                    totals[j] += float(logp[j, :len(a) - 1].gather(-1, nxt[:, None]).sum())
+        j = 0
+        for i, enc in chunk:
+            for c in range(len(enc)):
+                scores[i][c] = totals[j]
+                j += 1
 
 
 def predict(model, examples: Sequence[Example], tokenizer, batch_size: int = 32, max_new_tokens: int | None = None,
