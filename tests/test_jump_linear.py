@@ -10,6 +10,7 @@ from fastcur.testing import check_against_reference
 
 from compile_check import assert_compiled_like_eager
 from conftest import available_backends
+from cpu_levels import cpu_levels
 from jump_inputs import jump_inputs, reset_inputs, theta_as_op_takes, theta_off_the_half_grid
 
 BACKENDS = available_backends("jump_linear")
@@ -413,6 +414,22 @@ def test_sampled_backward_matches_reference(monkeypatch, mode, f, dtype, shape):
     inputs, bw, counts = reset_inputs(*shape, seed=sum(shape[1:]))
     assert counts["kept"] > 0 and counts["band"] > 0
     check_against_reference(run_backend("cpp", 1.5, f, bw), ref_fn(1.5, f, bw), inputs, dtype, names=NAMES)
+
+
+@CPP
+@pytest.mark.parametrize("cpu_level", cpu_levels(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SAMPLED_SHAPES, ids=str)
+def test_sampled_backward_each_level(monkeypatch, cpu_level, dtype, shape):
+    """The hand-written pieces of the sampled backward (the candidate scan, the sampled product,
+    W + ΔW, the dy^T and x^T transposes: M and k of no multiple of 8 reach its tails) at each
+    x86-64 level this CPU runs, against the float64 reference. Other inputs at each level: the
+    kernels' scratch buffers persist, so a piece that skipped an entry could otherwise read the
+    previous level's right value."""
+    monkeypatch.setenv("FASTCUR_JUMP_BWD", "sparse")
+    inputs, bw, counts = reset_inputs(*shape, seed=sum(shape[1:]) + cpu_levels().index(cpu_level))
+    assert counts["kept"] > 0 and counts["band"] > 0
+    check_against_reference(run_backend("cpp", 1.5, 0.3, bw), ref_fn(1.5, 0.3, bw), inputs, dtype, names=NAMES)
 
 
 @CPP
