@@ -138,3 +138,16 @@ def test_markdown_report_references_its_plots(tmp_path):
     assert "| translation | 50.0 | 90.0 | 20.0 |" in lora
     ewc = text[text.index("### ewc"):]
     assert "| largest | 70.0 | 20.0 | 30.0 |" in ewc and "\n| translation |" not in ewc
+
+
+def test_label_offsets_move_labels_of_close_markers_apart():
+    from fastcur.continual.report import label_offsets
+
+    # two pairs of markers on top of each other, a fifth near the second pair, one alone
+    points = [(0.67, 1.0), (0.675, 1.0), (0.97, 0.24), (0.98, 0.23), (0.99, 0.25), (0.4, 0.1)]
+    offsets = label_offsets(points)
+    assert offsets[0] == (4, 4) and offsets[1] == (4, -6)        # the second of a pair: a line lower
+    assert offsets[2] == (4, 4) and offsets[3] == (4, -6)
+    assert offsets[4] == (4, -16)                                 # near both of the second pair
+    assert offsets[5] == (4, 4) and label_offsets([]) == []
+

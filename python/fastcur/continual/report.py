@@ -275,22 +275,41 @@ def plot_accuracy_matrices(results: dict, path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
+def label_offsets(points: list[tuple[float, float]], near: float = 0.04) -> list[tuple[int, int]]:
+    """Label offsets (points) for markers at `points` (x, y): (4, 4), up and right, unless the
+    marker is within `near` of the span of each axis of earlier ones: then its label goes down
+    by the first whole number of lines (10 points) that none of theirs took, so that labels of
+    close markers do not overlap."""
+    if not points:
+        return []
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    sx, sy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    lines: list[int] = []
+    for i, (x, y) in enumerate(points):
+        taken = {lines[j] for j in range(i) if abs(x - xs[j]) < near * sx and abs(y - ys[j]) < near * sy}
+        lines.append(min(set(range(len(taken) + 1)) - taken))
+    return [(4, 4 - 10 * k) for k in lines]
+
+
 def plot_stability_plasticity(results: dict, path: str | os.PathLike) -> Path:
     """Retention (y) against plasticity (x), one point per finished method (error bars: the
     spread over seeds); LaLoRA's λ sweep joined by a line in the order of λ."""
     results = _check_results(results)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    sweep = []
+    sweep, points = [], []
     for name, m in results["methods"].items():
         x, y = m.get("plasticity"), m.get("retention")
         if x is None or y is None:
             continue
         spread = m.get("spread") or {}
         ax.errorbar(x, y, xerr=spread.get("plasticity"), yerr=spread.get("retention"), fmt="o", capsize=3)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        points.append((name, x, y))
         if name.startswith("lalora-diag-"):
             sweep.append((x, y))
+    for (name, x, y), offset in zip(points, label_offsets([(x, y) for _, x, y in points])):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=offset, fontsize=7,
+                    arrowprops=None if offset[1] == 4 else {"arrowstyle": "-", "lw": 0.4, "color": "grey"})
     if len(sweep) > 1:
         ax.plot(*zip(*sweep), color="grey", lw=0.8, ls="--", label="LaLoRA diag: λ sweep")
         ax.legend(fontsize=8)
