@@ -1,28 +1,30 @@
 """The time a `fastcur continual` run will take, printed before it starts.
 
 Measured on a 2-core AMD EPYC VM, idle, with the cold `--quick` run committed in
-benchmarks/results/continual-quick/ (2026-12-07): pretraining the quick base took 180 s for
-2400 steps on 2 threads (0.075 s per step); a LoRA training step 0.083 s and an evaluation
-after a task 4.3 s in a worker process on 1 thread; the methods ran in 2 such workers. The full
-base's costs are the quick ones scaled by its compute per step (8x the layers' parameters;
-twice the batch when fine-tuning): about 6x per pretraining step and 16x per training step;
-the small models are overhead-bound, so this errs long. A cached base model costs no pretraining.
+benchmarks/results/continual-quick/ (2026-12-07, 585 s in all): pretraining the quick base took
+168 s for 2400 steps on 2 threads (0.070 s per step); a LoRA training step 0.072 s and an
+evaluation after a task 1.6 s in a worker process on 1 thread; the methods ran in 2 such
+workers. The full base's costs are the quick ones scaled by its compute per step (8x the
+layers' parameters; twice the batch when fine-tuning): about 6x per pretraining step and 16x
+per training step; the small models are overhead-bound, so this errs long. A cached base model
+costs no pretraining.
 """
 from __future__ import annotations
 
 # seconds of wall time: per pretraining step (2 threads), per training step of LoRA (batch 16
 # for quick) and per evaluation after a task (64 test examples per task, the probe twice,
-# perplexity), both in one worker on 1 thread
+# perplexity), both in one worker on 1 thread; `fixed`: once per run (starting the workers,
+# the base model's evaluation, the report and plots)
 COSTS = {
-    "tiny": {"pretrain_step": 0.01, "train_step": 0.01, "evaluation": 0.2},
-    "quick": {"pretrain_step": 0.075, "train_step": 0.083, "evaluation": 4.3},
-    "full": {"pretrain_step": 0.45, "train_step": 1.3, "evaluation": 50.0},
+    "tiny": {"pretrain_step": 0.01, "train_step": 0.01, "evaluation": 0.2, "fixed": 2.0},
+    "quick": {"pretrain_step": 0.070, "train_step": 0.072, "evaluation": 1.6, "fixed": 20.0},
+    "full": {"pretrain_step": 0.42, "train_step": 1.15, "evaluation": 19.0, "fixed": 20.0},
 }
 # a method's time per task (training + evaluation) relative to LoRA's, measured in the quick run
-METHOD_FACTOR = {"seq": 0.80, "lora-er": 1.0, "lora-ewc": 0.98, "curlora": 0.74, "secura": 0.82,
-                 "secura-released": 0.82, "inclora": 0.64, "ella": 0.75, "jumplora-inclora": 0.74,
-                 "jumplora-ella": 0.78, "lalora-diag-1e2": 0.84, "lalora-diag-1e3": 0.90,
-                 "lalora-diag-1e4": 0.94, "lalora-kfac-1e3": 0.93, "imsm-lora": 1.78}
+METHOD_FACTOR = {"seq": 0.94, "lora-er": 1.16, "lora-ewc": 1.14, "curlora": 0.91, "secura": 0.96,
+                 "secura-released": 1.10, "inclora": 0.85, "ella": 1.08, "jumplora-inclora": 1.09,
+                 "jumplora-ella": 1.08, "lalora-diag-1e2": 1.07, "lalora-diag-1e3": 1.07,
+                 "lalora-diag-1e4": 1.11, "lalora-kfac-1e3": 1.26, "imsm-lora": 1.72}
 REFERENCE_BATCH = {"tiny": 4, "quick": 16, "full": 32}
 
 
@@ -43,6 +45,7 @@ def seconds(cfg) -> dict:
     factor = sum(METHOD_FACTOR.get(m, 1.0) for m in cfg.methods)
     train = share * cfg.seeds * n_tasks * cfg.steps * c["train_step"] * batch * factor
     evaluation = c["evaluation"] * (cfg.n_test / 64) * cfg.seeds * n_tasks * (1 + share * factor)
+    evaluation += c["fixed"]
     return {"pretraining": pre, "training": train, "evaluation": evaluation, "total": pre + train + evaluation}
 
 
