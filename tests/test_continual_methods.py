@@ -193,12 +193,17 @@ def test_ewc_fisher_and_penalty_match_explicit_per_example_gradients():
     assert all(torch.all(ewc.fisher[n] >= expect[n] - 1e-12) for n in params)
 
 
-def test_imsm_perplexity_uses_a_causal_query():
+def _trained_imsm():
+    """An imsm-lora method after the first task (a trained gate, nonzero W_B) and its evaluated model."""
     model, ctx = tiny_llama(), context()
     method = build_method("imsm-lora")
     method.setup(model, ctx)
-    _run("imsm-lora", model, method, TASKS[:1], ctx)         # a trained gate, nonzero W_B
-    evaluated = method.evaluation_model().eval()
+    _run("imsm-lora", model, method, TASKS[:1], ctx)
+    return method, method.evaluation_model().eval()
+
+
+def test_imsm_perplexity_uses_a_causal_query():
+    method, evaluated = _trained_imsm()
     ids = make_batch(TASKS[0].train[:2])["input_ids"]
     changed = ids.clone()
     changed[:, -1] = (changed[:, -1] + 1) % 256
@@ -211,11 +216,7 @@ def test_imsm_perplexity_uses_a_causal_query():
 
 
 def test_imsm_evaluation_generates_with_the_cache_as_without():
-    model, ctx = tiny_llama(), context()
-    method = build_method("imsm-lora")
-    method.setup(model, ctx)
-    _run("imsm-lora", model, method, TASKS[:1], ctx)         # a trained gate, nonzero W_B
-    evaluated = method.evaluation_model().eval()
+    _, evaluated = _trained_imsm()
     batch = make_batch(TASKS[0].train[:3] + TASKS[0].train[-2:])   # rows of different lengths
     lengths = batch["prompt_lengths"]
     ids = batch["input_ids"] * (torch.arange(batch["input_ids"].shape[1]) < lengths[:, None])
