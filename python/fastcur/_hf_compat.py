@@ -12,3 +12,15 @@ def cache_keyword(model_type: type) -> str:
     `past_key_values` (earlier releases)."""
     params = inspect.signature(model_type.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(config):
+    """An empty DynamicCache for a model of `config`. Passing one in (rather than letting the
+    model make it) keeps the cache object on the output: releases before 5 convert a cache they
+    made themselves to the legacy tuple format, which has no batch_select_indices."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:
+        return DynamicCache()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._atomic import atomic_folder
-from ._hf_compat import cache_keyword
+from ._hf_compat import cache_keyword, new_cache
 from .modules.adapter_linear import AdapterLinear
 from .ops.imsm_gate import imsm_gate
 
@@ -295,7 +295,7 @@ class IMSM(nn.Module):
         was_training = self.training
         self.eval()  # no dropout anywhere while decoding
         try:
-            h, h_tuned, cache = self.streams(input_ids, mask, position_ids, self._new_cache(), use_cache=True)
+            h, h_tuned, cache = self.streams(input_ids, mask, position_ids, new_cache(self.model.config), use_cache=True)
             q, q_tuned = _masked_mean(h, pm), _masked_mean(h_tuned, pm)
             done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             stops = stops.to(input_ids.device)
@@ -314,13 +314,6 @@ class IMSM(nn.Module):
         finally:
             self.train(was_training)
         return out
-
-    def _new_cache(self):
-        from transformers import DynamicCache
-        try:
-            return DynamicCache(config=self.model.config)
-        except TypeError:
-            return DynamicCache()
 
     # -- save / load ----------------------------------------------------------------------------
     def save_adapter(self, directory: str) -> None:

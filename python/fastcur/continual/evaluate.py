@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .._hf_compat import cache_keyword
+from .._hf_compat import cache_keyword, new_cache
 from .tasks import Example
 
 DEFAULT_MAX_LEN = 256
@@ -327,14 +327,15 @@ def _shared_prompt_scores(model, items: list[tuple[int, list[tuple[list[int], in
             mask[b, Lp - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+        kw = cache_keyword(type(model))
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                    **{kw: new_cache(model.config)})
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)        # predicts each answer's 1st token
         owner = [b for b, a in enumerate(answers) for _ in a]
         flat = [a for per in answers for a in per]
         La = max(len(a) for a in flat)
         totals = [float(first[b, a[0]]) if a else 0.0 for b, a in zip(owner, flat)]
         if La > 1:
-            kw = cache_keyword(type(model))
             cache = getattr(out, kw)
             index = torch.tensor(owner, dtype=torch.long, device=device)
             cache.batch_select_indices(index)
