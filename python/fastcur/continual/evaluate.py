@@ -330,35 +330,28 @@ def _shared_prompt_scores(model, items: list[tuple[int, list[tuple[list[int], in
         kw = cache_keyword(type(model))
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                     **{kw: new_cache(model.config)})
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)        # predicts each answer's 1st token
         owner = [b for b, a in enumerate(answers) for _ in a]
         flat = [a for per in answers for a in per]
-        La = max(len(a) for a in flat)
-        totals = [float(first[b, a[0]]) if a else 0.0 for b, a in zip(owner, flat)]
-        if La > 1:
+        index = torch.tensor(owner, dtype=torch.long, device=device)
+        La = max(1, max(len(a) for a in flat))
+        labels = torch.zeros((len(flat), La), dtype=torch.long)      # the answers' tokens, 0-padded
+        valid = torch.zeros((len(flat), La), dtype=torch.bool)
+        for j, a in enumerate(flat):
+            labels[j, :len(a)] = torch.tensor(a, dtype=torch.long)
+            valid[j, :len(a)] = True
+        labels, valid = labels.to(device), valid.to(device)
+        logits = out.logits[index, -1:]                              # [P, 1, V]: each answer's 1st token
+        if La > 1:                          # the answers' tokens but the last, on their prompt's cache rows
             cache = getattr(out, kw)
-            index = torch.tensor(owner, dtype=torch.long, device=device)
             cache.batch_select_indices(index)
-            a_ids = torch.full((len(flat), La - 1), pad_id, dtype=torch.long)
-            a_mask = torch.zeros((len(flat), La - 1), dtype=torch.long)
-            for j, a in enumerate(flat):
-                if len(a) > 1:
-                    a_ids[j, :len(a) - 1] = torch.tensor(a[:-1], dtype=torch.long)
-                    a_mask[j, :len(a) - 1] = 1
-            a_ids, a_mask = a_ids.to(device), a_mask.to(device)
             a_pos = position_ids[index, -1:] + 1 + torch.arange(La - 1, device=device)
-            out = model(input_ids=a_ids, attention_mask=torch.cat([mask[index], a_mask], 1), position_ids=a_pos,
-                        use_cache=True, **{kw: cache})
-            logp = torch.log_softmax(out.logits.float(), dim=-1)            # row t predicts answer token t + 1
-            for j, a in enumerate(flat):
-                if len(a) > 1:
-                    nxt = torch.tensor(a[1:], dtype=torch.long, device=device)
-                    totals[j] += float(logp[j, :len(a) - 1].gather(-1, nxt[:, None]).sum())
-        j = 0
+            out = model(input_ids=labels[:, :-1], attention_mask=torch.cat([mask[index], valid[:, :-1].long()], 1),
+                        position_ids=a_pos, use_cache=True, **{kw: cache})
+            logits = torch.cat([logits, out.logits], 1)              # [P, La, V]: row t predicts token t
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+        totals = iter((logp * valid).sum(1).tolist())               # one host sync per chunk
         for i, enc in chunk:
-            for c in range(len(enc)):
-                scores[i][c] = totals[j]
-                j += 1
+            scores[i] = [next(totals) for _ in enc]
 
 
 def predict(model, examples: Sequence[Example], tokenizer, batch_size: int = 32, max_new_tokens: int | None = None,
