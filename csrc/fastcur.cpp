@@ -80,6 +80,11 @@ TORCH_LIBRARY(fastcur, m) {
       "Tensor log_theta, float scale, float f, float bandwidth, bool mean, bool need_dx, "
       "bool need_adapter) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // jump_linear with its autograd formula as a C++ node (csrc/jump_linear_eager.cpp): what eager
+  // calls that need a grad run; torch.compile and torch.func keep jump_linear's registered one.
+  m.def(
+      "jump_linear_eager(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, "
+      "Tensor log_theta, float scale, float f, float bandwidth, bool mean) -> Tensor");
   // Weight-gated with ELLA fused: (y, ‖D ⊙ W_past‖²) from the same Z tiles, ELLA's delta
   // D = scale (ella_f J(Z) + (1 - ella_f) Z) (ella_f = f: "interpolated", 1: "masked"); the
   // backward adds grad_ella times ELLA's dL/dZ (hard mask: nothing to θ) into each tile's dL/dZ

@@ -304,6 +304,14 @@ FASTCUR_INLINE void small_k_rows_impl(T* out, int64_t ldo, const T* lhs, const T
         store(o + c + 2 * L, v2);
         store(o + c + 3 * L, v3);
       }
+      // The chunk's tail a vector at a time, then the last < L columns (682 = 42 x 16 + 10
+      // columns: column by column from 640 on, the tail took as long as the vector part).
+      for (; c + L <= c1; c += L) {
+        W v0 = {};
+        for (int64_t j = 0; j < K; ++j)
+          if (a[j] != T(0)) v0 += a[j] * load<W>(rhs + j * n + c);
+        store(o + c, v0);
+      }
       for (; c < c1; ++c) {
         T v = T(0);
         for (int64_t j = 0; j < K; ++j)

@@ -111,37 +111,12 @@ if _extension.available():
     _register_ella("fastcur::jump_linear_ella", "fastcur::jump_linear_ella_bwd")
 
 
-class _EagerJumpLinear(torch.autograd.Function):
-    """The same forward op and autograd formula as the registration above, for eager calls of
-    the C++ op: the generic autograd kernel of a Python-registered custom op costs about 150 us
-    per forward + backward on the host (measured here: argument defaulting and redispatch in
-    torch._library), as much as the whole layer's adapter work at d = 256. torch.compile,
-    torch.func transforms and direct `torch.ops.fastcur.jump_linear` calls keep the registered
-    formula."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, log_theta, scale, f, bandwidth, mean):
-        with torch._C._AutoDispatchBelowAutograd():
-            y = torch.ops.fastcur.jump_linear.default(x, weight, bias, A, B, log_theta, scale, f,
-                                                      bandwidth, mean)
-        _setup_context(ctx, (x, weight, bias, A, B, log_theta, scale, f, bandwidth, mean), y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        return _eager_backward()(ctx, grad_y)
-
-
-@functools.lru_cache(maxsize=None)
-def _eager_backward():
-    from ._registry import once_differentiable
-
-    return once_differentiable("jump_linear", _make_backward(torch.ops.fastcur.jump_linear_bwd.default))
-
-
 def _eager_cpp(*tensors) -> bool:
-    """Run the C++ op through `_EagerJumpLinear`: eager (not traced, no torch.func transform: those
-    keep the registered op's path) and some input needs a grad."""
+    """Run `torch.ops.fastcur.jump_linear_eager` (the same op with its autograd formula as a C++
+    node, csrc/jump_linear_eager.cpp): eager (not traced, no torch.func transform: those keep the
+    registered formula) and some input needs a grad. The Python-registered formula costs host
+    time per call (about 150 us through torch.library's autograd kernel, 90 us through a Python
+    autograd.Function) as large as the whole layer's adapter work at d = 256."""
     return (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
             and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
@@ -285,7 +260,7 @@ def jump_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     if backend == "reference":
         return reference.jump_linear(x, weight, bias, A, B, log_theta, scale, f, bandwidth, reduction)
     if backend == "cpp" and _eager_cpp(x, weight, bias, A, B, log_theta):
-        op = _EagerJumpLinear.apply
+        op = torch.ops.fastcur.jump_linear_eager.default
     else:
         op = torch.ops.fastcur.jump_linear.default if backend == "cpp" else _triton_op()
     y = op(flat_rows(x), weight, bias, A, B, log_theta, float(scale), float(f),
