@@ -438,10 +438,10 @@ double grad_tile_cpu(at::Tensor& dZ, const at::Tensor& T, const at::Tensor& Z,
   return f != 0.0 ? total * f * th / eps : 0.0;
 }
 
-at::Tensor finish_theta(const at::Tensor& th_acc, const at::Tensor& log_theta, double denom) {
-  return (th_acc * log_theta.to(th_acc.scalar_type()).reshape({}).exp() / denom)
-      .to(log_theta.scalar_type())
-      .reshape(log_theta.sizes());
+// d/d log θ = θ d/dθ from the kernels' d/dθ sum, in double on the host and one tensor op (the
+// several small ATen ops of a tensor formula were a visible share of a small layer's backward).
+at::Tensor finish_theta(double total, const at::Tensor& log_theta, double denom) {
+  return at::full(log_theta.sizes(), total * theta_of(log_theta) / denom, log_theta.options());
 }
 
 
@@ -638,7 +638,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_impl(
   }
   at::Tensor dx = need_dx ? at::mm(grad_y, weff) : at::empty({0}, x.options());
   const double denom = mean ? static_cast<double>(n) * static_cast<double>(k) : 1.0;
-  at::Tensor dlog = finish_theta(th_parts.sum(), log_theta, denom);
+  at::Tensor dlog = finish_theta(th_parts.sum().item<double>(), log_theta, denom);
   return {dx, dA_parts.sum(0).to(dtype), dB.to(dtype), dlog};
 }
 
@@ -755,11 +755,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_sampl
     });
   }
   double th_total = 0.0;
-  for (int64_t blk = 0; blk < p.blocks; ++blk) {   // fixed order: deterministic
-    if (used_dA[blk]) dA.add_(dA_parts[blk]);
-    if (used_dAT[blk]) dA.add_(dAT_parts[blk].t());
-    th_total += th_parts[blk];
-  }
+  for (int64_t blk = 0; blk < p.blocks; ++blk) th_total += th_parts[blk];   // fixed order
+  AT_DISPATCH_FLOATING_TYPES(acc, "jump_bwd_reduce", [&] {
+    scalar_t* da = dA.data_ptr<scalar_t>();
+    const scalar_t* pa = dA_parts.data_ptr<scalar_t>();
+    const scalar_t* pt = dAT_parts.data_ptr<scalar_t>();
+    for (int64_t blk = 0; blk < p.blocks; ++blk) {   // fixed order: deterministic
+      if (used_dA[blk])
+        for (int64_t i = 0; i < r * k; ++i) da[i] += pa[blk * r * k + i];
+      if (used_dAT[blk])
+        for (int64_t j = 0; j < k; ++j)
+          for (int64_t q = 0; q < r; ++q) da[q * k + j] += pt[(blk * k + j) * r + q];
+    }
+  });
   if (lora) {
     // (a): (1 - f) G contracted the LoRA way: Q = x A^T, P = dy B, dA += c s P^T x,
     // dB^T += c s Q^T dy, on the row kernels (cpu/skinny_rows.h; MKL took 26-155 us for each
@@ -770,6 +778,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_sampl
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M / 64));
     const int64_t per = (M + chunks - 1) / chunks;
     at::Tensor dAa = at::zeros({chunks, r, k}, opts), dBa = at::zeros({chunks, r, n}, opts);
+    // (raw offsets and the reduction below in loops: per-chunk selects and sums were a dozen
+    // more ATen calls per backward)
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       AT_DISPATCH_FLOATING_TYPES(acc, "jump_bwd_lora", [&] {
         for (int64_t c = c0; c < c1; ++c) {
@@ -780,17 +790,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jump_linear_bwd_sampl
           const scalar_t* gp = dy_acc.data_ptr<scalar_t>() + m0 * n;
           cpu::rows_dot(q.data(), xp, k, A_acc.data_ptr<scalar_t>(), mb, r, k);     // x A^T
           cpu::rows_dot(pp.data(), gp, n, Bt.data_ptr<scalar_t>(), mb, r, n);       // dy B
-          cpu::outer_acc(dAa[c].data_ptr<scalar_t>(), pp.data(), xp, k, mb, r, k);  // P^T x
-          cpu::outer_acc(dBa[c].data_ptr<scalar_t>(), q.data(), gp, n, mb, r, n);   // Q^T dy
+          cpu::outer_acc(dAa.data_ptr<scalar_t>() + c * r * k, pp.data(), xp, k, mb, r, k);  // P^T x
+          cpu::outer_acc(dBa.data_ptr<scalar_t>() + c * r * n, q.data(), gp, n, mb, r, n);   // Q^T dy
         }
       });
     });
-    dA.add_(dAa.sum(0), cs);
-    dB.add_(dBa.sum(0).t(), cs);
+    AT_DISPATCH_FLOATING_TYPES(acc, "jump_bwd_lora_reduce", [&] {
+      const scalar_t c = static_cast<scalar_t>(cs);
+      scalar_t* da = dA.data_ptr<scalar_t>();
+      scalar_t* db = dB.data_ptr<scalar_t>();
+      const scalar_t* pa = dAa.data_ptr<scalar_t>();
+      const scalar_t* pb = dBa.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < r * k; ++i) {
+        scalar_t v = 0;
+        for (int64_t ch = 0; ch < chunks; ++ch) v += pa[ch * r * k + i];
+        da[i] += c * v;
+      }
+      for (int64_t q = 0; q < r; ++q)
+        for (int64_t j = 0; j < n; ++j) {
+          scalar_t v = 0;
+          for (int64_t ch = 0; ch < chunks; ++ch) v += pb[(ch * r + q) * n + j];
+          db[j * r + q] += c * v;
+        }
+    });
   }
   at::Tensor dx = need_dx ? at::mm(grad_y, weff) : at::empty({0}, x.options());
   const double denom = mean ? static_cast<double>(n) * static_cast<double>(k) : 1.0;
-  at::Tensor dlog = finish_theta(at::scalar_tensor(th_total, opts), log_theta, denom);
+  at::Tensor dlog = finish_theta(th_total, log_theta, denom);
   return {dx, dA.to(dtype), dB.to(dtype), dlog};
 }
 
