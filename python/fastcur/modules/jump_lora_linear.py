@@ -349,7 +349,10 @@ class JumpLoRALinear(AdapterLinear):
             self.threshold.attach(self)
         if self.gate == "weight" and f == 1.0 and not self._gate_checked and training:
             self._warn_dead_gate()
-        if self.gate == "weight" and self._fuse_ella():
+        # With a W_past, a training forward also computes the ELLA penalty from the same Z tiles
+        # (fastcur.ops.jump_linear_ella) for `ella_penalty()` to pick up; its gradient then joins
+        # the layer's backward contraction instead of a second walk over Z.
+        if self.gate == "weight" and self.W_past is not None and training:
             y, p = jump_linear_ella(x, self.weight, self.bias, A, B, lt, self.scaling, self.W_past,
                                     f, self.bandwidth, self.reduction, self.ella_delta)
             self._ella_cache = (p, self._adapter_versions())
@@ -407,12 +410,6 @@ class JumpLoRALinear(AdapterLinear):
             raise ValueError(f"fastcur.JumpLoRALinear.curvature_taps: the weight gate with f = {self.f:g} > 0 "
                              f"has no low-rank per-example gradient; collect curvature at f = 0 or use gate='rank'")
         return [LowRankTap("lora_A.weight", "lora_B.weight", x, grad_y, A, B, s)]
-
-    def _fuse_ella(self) -> bool:
-        # With a W_past, a training forward also computes the ELLA penalty from the same Z tiles
-        # (fastcur.ops.jump_linear_ella) for `ella_penalty()` to pick up; its gradient then joins
-        # the layer's backward contraction instead of a second walk over Z.
-        return self.W_past is not None and self._training_adapter()
 
     def _adapter_versions(self) -> tuple:
         return (self.lora_A.weight._version, self.lora_B.weight._version,
