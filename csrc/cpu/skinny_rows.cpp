@@ -89,12 +89,16 @@ FASTCUR_INLINE void narrow_tile(T* out, int64_t ldo, const T* X, int64_t ldx, co
   for (int i = 0; i < R; ++i) store(out + i * ldo, acc[i]);
 }
 
-// Channel groups of one vector, rows sixteen at a time with AVX-512's 32 registers (twelve
-// with 16: AVX2, SSE2), then one.
+// Channel groups of one vector, rows eight at a time, then one. The R rows are read a column
+// at a time, k elements apart: at k = 1024 (4 KB rows) they all fall in one set of the 8-way
+// L1, so R > 8 rows evicted each other. Fisher case (E 32, T 128, n = k = 1024, r 16, 2
+// threads), three alternating process pairs: AVX2 5.67-5.77 ms with 12 rows, 4.58-4.73 with 8;
+// AVX-512 3.77-4.15 ms with 16 rows, 3.33-3.89 with 8 (8 accumulators still cover the FMA
+// latency at two per cycle).
 template <int VB, typename T>
 FASTCUR_INLINE void narrow_rows_impl(T* out, const T* X, int64_t ldx, const T* Vt, int64_t mb,
                                      int64_t r, int64_t n) {
-  constexpr int R = VB == 64 ? 16 : 12;
+  constexpr int R = 8;
   for (int64_t g = 0; g < r; g += lanes<T, VB>) {
     T* o = out + g;
     int64_t m = 0;
