@@ -7,8 +7,13 @@ FASTCUR_CPU_ISA names (csrc/cpu/simd.h), so an AVX-512 machine can run every lev
 Each run is a fresh `fastcur bench` process per level and benchmark, with FASTCUR_CPU_ISA set
 and, unless --no-emulate, the libraries the baselines run on held to the same level
 (ATEN_CPU_CAPABILITY for ATen's vectorized loops, MKL_ENABLE_INSTRUCTIONS for MKL's GEMMs,
-ONEDNN_MAX_CPU_ISA for oneDNN): on a real AVX2 machine torch.func and nn.Linear run AVX2 code
-too, and the ratios below are what such a machine would see, up to its memory system.
+ONEDNN_MAX_CPU_ISA for oneDNN; at the baseline also MKL_CBWR=COMPATIBLE, MKL's SSE2 code
+path): on a real AVX2 machine torch.func and nn.Linear run AVX2 code too, and the ratios below
+are what such a machine would see, up to its memory system. On AMD CPUs MKL ignores
+MKL_ENABLE_INSTRUCTIONS and runs its AVX2 ("zen") kernels at every setting (a 2048^3 SGEMM
+on 2 EPYC threads: 127.8 / 127.8 / 128.4 ms at SSE4_2 / AVX2 / AVX512); only MKL_CBWR=
+COMPATIBLE holds it to SSE2 there (338 ms), so without it the baseline level would pit
+fastcur's SSE2 code against AVX2 GEMMs.
 Levels run interleaved (run 1 of every level, then run 2, ...), so a load change on the shared
 machine hits every level alike. Cases (the targets of issue 18, benchmarks/README.md):
   lalora part 1   lora_fisher_diag vs torch.func, E 32, T 128, n = k = 1024, r 16, float32
@@ -35,7 +40,7 @@ EMULATE = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
              "ONEDNN_MAX_CPU_ISA": "AVX2"},
     "baseline": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
-                 "ONEDNN_MAX_CPU_ISA": "SSE41"},
+                 "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"},
 }
 
 CASES = {

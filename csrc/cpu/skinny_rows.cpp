@@ -157,12 +157,15 @@ FASTCUR_INLINE int64_t dual_rows(T* H, T* D, const T* X, int64_t ldx, const T* V
 }
 
 // Channel groups of one vector; tiles of 8 rows x 4 columns of D with AVX-512's 32 registers
-// (8 + 8 + 4 + 4 vectors), of 4 x 2 with 16 (AVX2, SSE2: 4 + 4 + 2 + 2); then single rows.
+// (8 + 8 + 4 + 4 vectors), of 4 x 2 with AVX2's 16 (4 + 4 + 2 + 2), of 4 x 1 with SSE2's 16
+// (no FMA: each product needs a register of its own, and 4 x 2 spilled to the stack; Fisher
+// case at the baseline, three alternating process pairs: 11.3-13.3 ms -> 11.1-11.6 ms); then
+// single rows.
 template <int VB, typename T>
 FASTCUR_INLINE void narrow_pass_impl(T* H, T* D, const T* X, int64_t ldx, const T* Vt,
                                      const T* coef, int64_t mb, int64_t r, int64_t n, bool add) {
   using W = typename VecN<T, VB>::type;
-  constexpr int R = VB == 64 ? 8 : 4, U = VB == 64 ? 4 : 2;
+  constexpr int R = VB == 64 ? 8 : 4, U = VB == 64 ? 4 : VB == 32 ? 2 : 1;
   for (int64_t g = 0; g < r; g += lanes<T, VB>) {
     if (mb == 0 && !add)
       for (int64_t c = 0; c < n; ++c) store(D + c * r + g, W{});
