@@ -143,6 +143,23 @@ def test_x_only_grad(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("wants", ["x", "W", "b", "A", "B", "log_theta", "x b B", "W A log_theta"])
+def test_each_subset_of_gradients(backend, bias, wants):
+    """Any subset of the inputs needing a gradient, with and without a bias: the eager C++
+    autograd node (csrc/jump_linear_eager.cpp) maps its gradients to inputs by position, and
+    the bias shifts the tensor inputs after it."""
+    if "b" in wants.split() and not bias:
+        pytest.skip("no bias to differentiate")
+    inputs, bw, _ = jump_inputs((6,), 19, 17, 3, gap=False, seed=5, bias=bias)
+    for name, t in zip(NAMES, inputs):
+        if t is not None:
+            t.requires_grad_(name in wants.split())
+    check_against_reference(run_backend(backend, 1.5, 0.5, bw), ref_fn(1.5, 0.5, bw), inputs,
+                            torch.float64, names=NAMES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     (x, W, b, A, B, lt), bw, _ = jump_inputs((0,), 12, 10, 3, gap=True)
     y = run_backend(backend, 1.0, 1.0, bw)(x.float(), W.float(), b.float(), A.float(), B.float(), lt.float())

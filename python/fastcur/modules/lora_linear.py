@@ -67,13 +67,21 @@ class LoRALinear(AdapterLinear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + self.adapter_delta(x).to(y.dtype)
+        delta = self._unscaled_delta(x)
+        if delta.dtype == y.dtype:
+            # y + s delta into the GEMMs' fresh outputs (their backwards keep inputs, not
+            # outputs): no [..., out] buffer allocated per call, and the same roundings as
+            # PEFT's `result + lora_B(lora_A(x)) * scaling`.
+            return y.add_(delta.mul_(self.scaling))
+        return y + (delta * self.scaling).to(y.dtype)
 
     def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
         """s (dropout(x) A^T) B^T, x [..., in] -> [..., out] in the adapter's dtype (LoRA is
         additive); x is cast to A's dtype first (float32 on a bf16/fp16 base, as PEFT)."""
-        x = x.to(self.lora_A.weight.dtype)
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return self._unscaled_delta(x) * self.scaling
+
+    def _unscaled_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
 
     def merge(self) -> None:
         """Fold ΔW into W (forward then runs the plain linear); undo with `unmerge`."""
