@@ -34,12 +34,13 @@ def build_info() -> dict:
 
 
 def _kernel_table() -> dict[str, frozenset[str]]:
-    """{op name: dispatch keys with a C++ kernel} for every op the extension registered."""
+    """{op name: dispatch keys with a C++ kernel} for every op the extension registered (not the
+    `_eager` ops: C++ autograd nodes around another op's kernels, with no kernel of their own)."""
     if _C is None:
         return {}
     table = {}
     for name in torch._C._dispatch_get_all_op_names():
-        if name.startswith("fastcur::") and not name.endswith(("_triton", "_triton_bwd")):
+        if name.startswith("fastcur::") and not name.endswith(("_triton", "_triton_bwd", "_eager")):
             table[name.split("::", 1)[1]] = frozenset(
                 key for key in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(name, key))
     return table
