@@ -73,20 +73,27 @@ FASTCUR_INLINE void rows_dot_impl(T* out, const T* X, int64_t ldx, const T* V, i
   for (; m < mb; ++m) dot_rows<VB, 1>(out + m * r, X + m * ldx, ldx, V, r, n);
 }
 
-// out[i, :] = Σ_c X[i, c] Vt[c, :] for R rows and one vector of channels: R accumulators,
-// each Vt load feeding R rows, X's elements broadcast from memory. No lane sums, against
-// rows_dot's; one example's X A^T at r = 16 (128 x 1024 rows, in L2): 27 us against 43-52.
-template <int VB, int R, typename T>
+// out[i, :] = Σ_c X[i, c] Vt[c, :] for R rows and G vectors of channels: R x G accumulators,
+// each Vt load feeding R rows, each X element broadcast once for G vectors. No lane sums,
+// against rows_dot's; one example's X A^T at r = 16 (128 x 1024 rows, in L2): 27 us against
+// 43-52.
+template <int VB, int R, int G, typename T>
 FASTCUR_INLINE void narrow_tile(T* out, int64_t ldo, const T* X, int64_t ldx, const T* Vt,
                                 int64_t ldv, int64_t n) {
   using W = typename VecN<T, VB>::type;
-  W acc[R] = {};
+  constexpr int64_t L = lanes<T, VB>;
+  W acc[R][G] = {};
   for (int64_t c = 0; c < n; ++c) {
-    const W v = load<W>(Vt + c * ldv);
+    W v[G];
+    for (int g = 0; g < G; ++g) v[g] = load<W>(Vt + c * ldv + g * L);
 #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) acc[i] += X[i * ldx + c] * v;
+    for (int i = 0; i < R; ++i) {
+      const T xs = X[i * ldx + c];
+      for (int g = 0; g < G; ++g) acc[i][g] += xs * v[g];
+    }
   }
-  for (int i = 0; i < R; ++i) store(out + i * ldo, acc[i]);
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < G; ++g) store(out + i * ldo + g * L, acc[i][g]);
 }
 
 // Channel groups of one vector, rows eight at a time, then one. The R rows are read a column
@@ -98,13 +105,20 @@ FASTCUR_INLINE void narrow_tile(T* out, int64_t ldo, const T* X, int64_t ldx, co
 template <int VB, typename T>
 FASTCUR_INLINE void narrow_rows_impl(T* out, const T* X, int64_t ldx, const T* Vt, int64_t mb,
                                      int64_t r, int64_t n) {
-  constexpr int R = 8;
-  for (int64_t g = 0; g < r; g += lanes<T, VB>) {
+  // SSE2 (no broadcast load: each broadcast is a shuffle, on the ports the multiplies and adds
+  // use): 4 rows x 2 vectors, each broadcast feeding two vectors (Fisher case at the baseline,
+  // three alternating process pairs: 10.6-11.1 ms with 8 x 1 tiles, 9.7-10.7 ms)
+  constexpr int R = VB == 16 ? 4 : 8, G = VB == 16 ? 2 : 1;
+  constexpr int64_t L = lanes<T, VB>;
+  int64_t g = 0;
+  for (; g + G * L <= r; g += G * L) {
     T* o = out + g;
     int64_t m = 0;
-    for (; m + R <= mb; m += R) narrow_tile<VB, R>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
-    for (; m < mb; ++m) narrow_tile<VB, 1>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
+    for (; m + R <= mb; m += R) narrow_tile<VB, R, G>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
+    for (; m < mb; ++m) narrow_tile<VB, 1, G>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
   }
+  for (; g < r; g += L)
+    for (int64_t m = 0; m < mb; ++m) narrow_tile<VB, 1, 1>(out + g + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
 }
 
 // Columns c..c+U of one pass of dual_tile: U rows of D through registers.
