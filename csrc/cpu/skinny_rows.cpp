@@ -110,84 +110,97 @@ FASTCUR_INLINE void narrow_rows_impl(T* out, const T* X, int64_t ldx, const T* V
   // three alternating process pairs: 10.6-11.1 ms with 8 x 1 tiles, 9.7-10.7 ms)
   constexpr int R = VB == 16 ? 4 : 8, G = VB == 16 ? 2 : 1;
   constexpr int64_t L = lanes<T, VB>;
-  int64_t g = 0;
-  for (; g + G * L <= r; g += G * L) {
+  static_assert(vector_lanes<T> % (G * L) == 0, "r (a multiple of vector_lanes) in whole groups");
+  for (int64_t g = 0; g < r; g += G * L) {
     T* o = out + g;
     int64_t m = 0;
     for (; m + R <= mb; m += R) narrow_tile<VB, R, G>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
     for (; m < mb; ++m) narrow_tile<VB, 1, G>(o + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
   }
-  for (; g < r; g += L)
-    for (int64_t m = 0; m < mb; ++m) narrow_tile<VB, 1, 1>(out + g + m * r, r, X + m * ldx, ldx, Vt + g, r, n);
+
 }
 
-// Columns c..c+U of one pass of dual_tile: U rows of D through registers.
-template <int R, int U, typename T, typename W>
-FASTCUR_INLINE void dual_step(W* h, const W* p, T* D, int64_t ldd, const T* X, int64_t ldx,
-                              const T* Vt, int64_t ldv, int64_t c, bool first) {
-  W v[U], d[U];
-  for (int u = 0; u < U; ++u) {
-    v[u] = load<W>(Vt + (c + u) * ldv);
-    d[u] = first ? W{} : load<W>(D + (c + u) * ldd);
-  }
+// Columns c..c+U of one pass of dual_tile: U rows of D (G vectors each) through registers.
+template <int R, int U, int G, int64_t L, typename T, typename W>
+FASTCUR_INLINE void dual_step(W (*h)[G], const W (*p)[G], T* D, int64_t ldd, const T* X,
+                              int64_t ldx, const T* Vt, int64_t ldv, int64_t c, bool first) {
+  W v[U][G], d[U][G];
+  for (int u = 0; u < U; ++u)
+    for (int g = 0; g < G; ++g) {
+      v[u][g] = load<W>(Vt + (c + u) * ldv + g * L);
+      d[u][g] = first ? W{} : load<W>(D + (c + u) * ldd + g * L);
+    }
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
       const T xb = X[i * ldx + c + u];
-      h[i] += xb * v[u];
-      d[u] += xb * p[i];
+      for (int g = 0; g < G; ++g) {
+        h[i][g] += xb * v[u][g];
+        d[u][g] += xb * p[i][g];
+      }
     }
-  for (int u = 0; u < U; ++u) store(D + (c + u) * ldd, d[u]);
+  for (int u = 0; u < U; ++u)
+    for (int g = 0; g < G; ++g) store(D + (c + u) * ldd + g * L, d[u][g]);
 }
 
-// One pass over R rows of X for two products on one vector of channels, each X element
-// broadcast once and used twice: H[i, :] = Σ_c X[i, c] Vt[c, :] (R register accumulators) and
-// D[c, :] += Σ_i X[i, c] coef[i, :] (U rows of D through registers per step, from L1/L2; set,
-// not added, when `first`). The Fisher's two products of one example's G_e at r = 16 (128 x
-// 1024 rows, in L2): 48 us, against 58 us for narrow_rows + outer_square_acc.
-template <int VB, int R, int U, typename T>
+// One pass over R rows of X for two products on G vectors of channels, each X element
+// broadcast once and used 2 G times: H[i, :] = Σ_c X[i, c] Vt[c, :] (R x G register
+// accumulators) and D[c, :] += Σ_i X[i, c] coef[i, :] (U rows of D through registers per step,
+// from L1/L2; set, not added, when `first`). The Fisher's two products of one example's G_e at
+// r = 16 (128 x 1024 rows, in L2): 48 us, against 58 us for narrow_rows + outer_square_acc.
+template <int VB, int R, int U, int G, typename T>
 FASTCUR_INLINE void dual_tile(T* H, int64_t ldh, T* D, int64_t ldd, const T* X, int64_t ldx,
                               const T* Vt, int64_t ldv, const T* coef, int64_t ldc, int64_t n,
                               bool first) {
   using W = typename VecN<T, VB>::type;
-  W h[R] = {}, p[R];
-  for (int i = 0; i < R; ++i) p[i] = load<W>(coef + i * ldc);
+  constexpr int64_t L = lanes<T, VB>;
+  W h[R][G] = {}, p[R][G];
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < G; ++g) p[i][g] = load<W>(coef + i * ldc + g * L);
   int64_t c = 0;
-  for (; c + U <= n; c += U) dual_step<R, U>(h, p, D, ldd, X, ldx, Vt, ldv, c, first);
-  for (; c < n; ++c) dual_step<R, 1>(h, p, D, ldd, X, ldx, Vt, ldv, c, first);
-  for (int i = 0; i < R; ++i) store(H + i * ldh, h[i]);
+  for (; c + U <= n; c += U) dual_step<R, U, G, L>(h, p, D, ldd, X, ldx, Vt, ldv, c, first);
+  for (; c < n; ++c) dual_step<R, 1, G, L>(h, p, D, ldd, X, ldx, Vt, ldv, c, first);
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < G; ++g) store(H + i * ldh + g * L, h[i][g]);
 }
 
 // Rows R at a time from row m on, while R fit; returns the next row.
-template <int VB, int R, int U, typename T>
+template <int VB, int R, int U, int G, typename T>
 FASTCUR_INLINE int64_t dual_rows(T* H, T* D, const T* X, int64_t ldx, const T* Vt,
                                  const T* coef, int64_t m, int64_t mb, int64_t r, int64_t n,
                                  bool add) {
   for (; m + R <= mb; m += R)
-    dual_tile<VB, R, U>(H + m * r, r, D, r, X + m * ldx, ldx, Vt, r, coef + m * r, r, n,
-                    m == 0 && !add);
+    dual_tile<VB, R, U, G>(H + m * r, r, D, r, X + m * ldx, ldx, Vt, r, coef + m * r, r, n,
+                           m == 0 && !add);
   return m;
 }
 
-// Channel groups of one vector; tiles of 8 rows x 4 columns of D with AVX-512's 32 registers
-// (8 + 8 + 4 + 4 vectors), of 4 x 2 with AVX2's 16 (4 + 4 + 2 + 2), of 4 x 1 with SSE2's 16
-// (no FMA: each product needs a register of its own, and 4 x 2 spilled to the stack; Fisher
-// case at the baseline, three alternating process pairs: 11.3-13.3 ms -> 11.1-11.6 ms); then
-// single rows.
+// Channel groups of G vectors; tiles of 8 rows x 4 columns of D with AVX-512's 32 registers
+// (8 + 8 + 4 + 4 vectors), of 4 x 2 with AVX2's 16 (4 + 4 + 2 + 2), of 2 rows x 1 column x 2
+// vectors with SSE2's 16 (no FMA, no broadcast load: each product needs a register of its
+// own, 4 x 2 spilled to the stack, and a broadcast is a shuffle on the arithmetic ports, here
+// shared by two vectors; Fisher case at the baseline, alternating process pairs: 4 x 2 tiles
+// 11.3-13.3 ms, 4 x 1 11.1-11.6 ms, then 9.7-11.6 ms against 9.4-9.6 ms for 2 x 1 x 2 after
+// narrow_rows' change); then single rows.
 template <int VB, typename T>
 FASTCUR_INLINE void narrow_pass_impl(T* H, T* D, const T* X, int64_t ldx, const T* Vt,
                                      const T* coef, int64_t mb, int64_t r, int64_t n, bool add) {
   using W = typename VecN<T, VB>::type;
-  constexpr int R = VB == 64 ? 8 : 4, U = VB == 64 ? 4 : VB == 32 ? 2 : 1;
-  for (int64_t g = 0; g < r; g += lanes<T, VB>) {
+  constexpr int R = VB == 64 ? 8 : VB == 32 ? 4 : 2, U = VB == 64 ? 4 : VB == 32 ? 2 : 1;
+  constexpr int G = VB == 16 ? 2 : 1;
+  constexpr int64_t L = lanes<T, VB>;
+  static_assert(vector_lanes<T> % (G * L) == 0, "r (a multiple of vector_lanes) in whole groups");
+  for (int64_t g = 0; g < r; g += G * L) {
     if (mb == 0 && !add)
-      for (int64_t c = 0; c < n; ++c) store(D + c * r + g, W{});
+      for (int64_t c = 0; c < n; ++c)
+        for (int q = 0; q < G; ++q) store(D + c * r + g + q * L, W{});
     T *h = H + g, *d = D + g;
     const T *v = Vt + g, *p = coef + g;
-    const int64_t m = dual_rows<VB, R, U>(h, d, X, ldx, v, p, 0, mb, r, n, add);
-    dual_rows<VB, 1, U>(h, d, X, ldx, v, p, m, mb, r, n, add);
+    const int64_t m = dual_rows<VB, R, U, G>(h, d, X, ldx, v, p, 0, mb, r, n, add);
+    dual_rows<VB, 1, U, G>(h, d, X, ldx, v, p, m, mb, r, n, add);
   }
+
 }
 
 // One strip's update of F from its sum g over the rows: F + s g^2 when SQUARE, else F + g when
